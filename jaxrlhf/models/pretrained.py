@@ -1,0 +1,237 @@
+"""`from_pretrained` / `save_pretrained` / `load_tokenizer`: Hugging Face checkpoints in and out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxrlhf.models.config import ModelConfig, from_hf_config
+from jaxrlhf.models.decoder import CausalLM
+from jaxrlhf.models.hf_io import CheckpointError, load_params, write_safetensors
+from jaxrlhf.parallel.partition import DEFAULT_RULES, Rule, param_sharding
+
+log = logging.getLogger(__name__)
+
+_HF_ARCH = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gpt2": "GPT2",
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_checkpoint(path_or_hub_id: str, *, allow_patterns: Sequence[str] | None = None) -> str:
+    """A local directory for `path_or_hub_id`: the path itself, or the hub snapshot (through
+    huggingface_hub's cache; `HF_HUB_OFFLINE=1` is respected)."""
+    path = os.path.expanduser(str(path_or_hub_id))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise CheckpointError(f"{path_or_hub_id}: not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    patterns = list(allow_patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    try:
+        return snapshot_download(path_or_hub_id, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo, no network: all are "cannot get it"
+        raise CheckpointError(
+            f"{path_or_hub_id}: not a local directory and not available from the Hugging Face hub "
+            f"or its cache ({type(e).__name__}: {e})"
+        ) from e
+
+
+def read_hf_config(directory: str) -> dict[str, Any]:
+    file = os.path.join(directory, "config.json")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read the model config ({e})") from e
+
+
+def _as_dtype(dtype: Any) -> Any:
+    return _DTYPES[dtype] if isinstance(dtype, str) else dtype
+
+
+def from_pretrained(
+    path_or_hub_id: str,
+    *,
+    head: str = "lm",
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    rules: Sequence[Rule] = DEFAULT_RULES,
+    remat: bool = False,
+    init_score_head: bool = False,
+    seed: int = 0,
+) -> CausalLM:
+    """Load a Hugging Face checkpoint (safetensors only) as a Flax NNX `CausalLM`.
+
+    Args:
+      path_or_hub_id: a local directory with `config.json` and `model.safetensors` (or sharded with
+        `model.safetensors.index.json`), or a hub ID resolved through huggingface_hub.
+      head: `"lm"` for logits `[B, T, V]`, `"score"` for scalar scores `[B, T]` (reward models,
+        critics), read from `score.weight` as in `*ForSequenceClassification`.
+      dtype: compute dtype (`jnp.float32` or `jnp.bfloat16`); param_dtype: storage dtype of parameters.
+      mesh: place each parameter directly at its `NamedSharding` under `rules`, reading only each
+        shard's slice from disk.
+      remat: rematerialise each decoder layer in the backward pass.
+      init_score_head: with `head="score"` and a checkpoint without `score.weight` (a causal LM), draw
+        the score head from N(0, 1/sqrt(D+1)) (seeded by `seed`) instead of raising.
+    """
+    directory = resolve_checkpoint(path_or_hub_id)
+    hf = read_hf_config(directory)
+    cfg = from_hf_config(hf, dtype=_as_dtype(dtype), param_dtype=_as_dtype(param_dtype), remat=remat)
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, head=head, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = [(tuple(path), var.get_value()) for path, var in nnx.to_flat_state(abstract_state)]
+
+    def sharding_for(path: tuple[Any, ...], shape: tuple[int, ...]) -> Any:
+        return None if mesh is None else param_sharding(path, shape, mesh, rules)
+
+    def missing_ok(path: tuple[Any, ...]) -> bool:
+        return init_score_head and path[0] == "score"
+
+    loaded = load_params(flat, cfg, directory, sharding_for=sharding_for, missing_ok=missing_ok)
+    for path, value in flat:
+        if path not in loaded:  # only the score head can get here (see missing_ok)
+            std = 1.0 / math.sqrt(cfg.hidden_size + 1)
+            init = std * jax.random.normal(jax.random.key(seed), value.shape, jnp.float32)
+            sharding = sharding_for(path, value.shape)
+            init = init.astype(value.dtype)
+            loaded[path] = jax.device_put(init, sharding) if sharding is not None else init
+            log.info("initialised %s from N(0, 1/sqrt(D+1))", "/".join(map(str, path)))
+    pure: dict[Any, Any] = {}
+    for path, value in loaded.items():
+        node = pure
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    nnx.replace_by_pure_dict(abstract_state, pure)
+    model = nnx.merge(graphdef, abstract_state)
+    model.hf_config_json = json.dumps(hf, sort_keys=True)
+    return model
+
+
+def to_hf_config(model: CausalLM) -> dict[str, Any]:
+    """The `config.json` dict transformers needs to load `model` as `*ForCausalLM` or
+    `*ForSequenceClassification`; starts from the original config when the model was loaded from one."""
+    cfg: ModelConfig = model.config
+    hf: dict[str, Any] = json.loads(getattr(model, "hf_config_json", None) or "{}")
+    if not hf:
+        hf = _fresh_hf_config(cfg)
+    arch = _HF_ARCH[cfg.model_type]
+    if model.head_type == "score":
+        hf["architectures"] = [f"{arch}ForSequenceClassification"]
+        hf["num_labels"] = 1
+        hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    else:
+        hf["architectures"] = [f"{arch}LMHeadModel" if arch == "GPT2" else f"{arch}ForCausalLM"]
+    hf["tie_word_embeddings"] = cfg.tie_word_embeddings
+    dtype_name = {jnp.dtype(v): k for k, v in _DTYPES.items()}[jnp.dtype(cfg.param_dtype)]
+    hf["dtype"] = dtype_name
+    hf.pop("torch_dtype", None)
+    return hf
+
+
+def _fresh_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.model_type == "gpt2":
+        return {
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.hidden_size,
+            "n_layer": cfg.num_layers,
+            "n_head": cfg.num_heads,
+            "n_inner": cfg.intermediate_size,
+            "n_positions": cfg.max_position_embeddings,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": cfg.activation,
+        }
+    rope = {"rope_type": "default", **cfg.rope_scaling_dict, "rope_theta": cfg.rope_theta}
+    hf: dict[str, Any] = {
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_act": cfg.activation,
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
+        "sliding_window": cfg.sliding_window,
+    }
+    if cfg.model_type in ("llama", "qwen3"):
+        hf["attention_bias"] = cfg.qkv_bias
+    if cfg.model_type == "llama":
+        hf["mlp_bias"] = cfg.mlp_bias
+    return hf
+
+
+def save_pretrained(
+    model: CausalLM, out_dir: str, *, tokenizer: Any = None, max_shard_size: int | str = "5GB"
+) -> None:
+    """Write `config.json` + safetensors that `transformers.AutoModelForCausalLM` (LM head) or
+    `AutoModelForSequenceClassification` (score head) load as is; sharded with an index above
+    `max_shard_size`. The tokenizer, if given, is saved alongside. Atomic per file; config written last."""
+    _, state = nnx.split(model, nnx.Param)
+    flat = [(tuple(path), var.get_value()) for path, var in nnx.to_flat_state(state)]
+    hf = to_hf_config(model)
+    extra = (lambda d: tokenizer.save_pretrained(d)) if tokenizer is not None else None
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        hf.setdefault("pad_token_id", tokenizer.pad_token_id)
+    write_safetensors(
+        flat,
+        model.config,
+        out_dir,
+        config_json=hf,
+        max_shard_size=max_shard_size,
+        extra_files=extra,
+    )
+
+
+def load_tokenizer(path_or_hub_id: str, *, pad_token: str | None = None) -> Any:
+    """`transformers.AutoTokenizer` with a pad token that differs from EOS.
+
+    Policy (PPO needs pad != EOS so that a real EOS is never mistaken for padding):
+      1. `pad_token` given: use it (added to the vocabulary if new).
+      2. the checkpoint's pad token exists and differs from EOS: keep it.
+      3. otherwise (no pad, or pad == EOS): use `<|pad|>` if it is already in the vocabulary, else the
+         tokenizer's `unk_token` if it is set and differs from EOS; otherwise add a new `<|pad|>` token
+         (its id is `len(tokenizer)`; the id never reaches the model's embedding because padded
+         positions are masked and their ids replaced, so the vocabulary need not grow).
+    Padding side is left (the layout generation wants); collators choose their own side explicitly.
+    """
+    from transformers import AutoTokenizer
+
+    directory = resolve_checkpoint(path_or_hub_id)
+    tok = AutoTokenizer.from_pretrained(directory)
+    eos = tok.eos_token
+    if pad_token is not None:
+        tok.add_special_tokens({"pad_token": pad_token})
+    elif tok.pad_token is None or tok.pad_token == eos:
+        vocab = tok.get_vocab()
+        if "<|pad|>" in vocab:
+            tok.pad_token = "<|pad|>"
+        elif tok.unk_token is not None and tok.unk_token != eos:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    if eos is not None and tok.pad_token_id == tok.eos_token_id:
+        raise ValueError(f"{path_or_hub_id}: pad token {tok.pad_token!r} equals EOS; pass pad_token=")
+    tok.padding_side = "left"
+    return tok

@@ -1,0 +1,80 @@
+"""Device meshes and partition rules: which mesh axis each parameter dimension is split over.
+
+Axes: `data` (pure data parallelism: parameters replicated), `fsdp` (parameters and batch both split:
+ZeRO-3 style), `tensor` (Megatron-style: attention heads and MLP width split). Rules are
+`(regex over the parameter path, PartitionSpec-like tuple)`; the first match wins. A mesh axis that is
+absent, of size 1, or does not divide the dimension is dropped from that dimension, so one rule set
+serves every mesh shape.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+
+Rule = tuple[str, tuple[Any, ...]]
+
+DEFAULT_RULES: tuple[Rule, ...] = (
+    (r"embed_tokens/embedding$", ("tensor", "fsdp")),  # [V, D]
+    (r"embed_positions/embedding$", (None, "fsdp")),  # [P, D]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),  # [D, out]
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", ("tensor",)),
+    (r"(o_proj|down_proj)/kernel$", ("tensor", "fsdp")),  # [in, D]
+    (r"lm_head/kernel$", ("fsdp", "tensor")),  # [D, V]
+    (r"score/kernel$", ("fsdp", None)),  # [D, 1]
+    (r".*", ()),  # norms, biases of D-sized outputs: replicated
+)
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[Any] | None = None
+) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh over all devices of all hosts; one size may be -1 ("the rest")."""
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"{len(devices)} devices cannot be split into axes {dict(zip(AXES, sizes, strict=True))}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
+            f"have {len(devices)}"
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), AXES)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def partition_spec(
+    path: Sequence[Any], shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
+) -> PartitionSpec:
+    """The PartitionSpec of one parameter under `rules`, reduced to what `mesh` and `shape` allow."""
+    name = path_str(path)
+    spec = next((spec for pattern, spec in rules if re.search(pattern, name)), ())
+    axes: list[Any] = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
+        size = mesh.shape.get(axis, 1) if axis is not None else 1
+        axes.append(axis if size > 1 and dim % size == 0 else None)
+    return PartitionSpec(*axes)
+
+
+def param_sharding(
+    path: Sequence[Any], shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
+) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(path, shape, mesh, rules))

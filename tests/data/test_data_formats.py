@@ -1,0 +1,199 @@
+"""Each preference format, read from each file type with `load_rows` and `parse_preferences`."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxrlhf.data import PreferenceExample, load_rows, parse_preferences
+
+STANDARD = [
+    {"prompt": "What is two plus two?", "chosen": " Four.", "rejected": " Five."},
+    {"prompt": "Hello there!", "chosen": " Hello, how are you?", "rejected": " Go away."},
+]
+USER_Q = [{"role": "user", "content": "What is two plus two?"}]
+CONVERSATIONAL = [
+    {
+        "prompt": USER_Q,
+        "chosen": [{"role": "assistant", "content": "Four."}],
+        "rejected": [{"role": "assistant", "content": "Five."}],
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Hello there!"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    },
+]
+RENDERED_Q = "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n"
+RENDERED_CONVERSATIONAL = [
+    PreferenceExample(RENDERED_Q, "Four.<|im_end|>", "Five.<|im_end|>"),
+    PreferenceExample(
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+        "<|im_start|>user\nHello there!<|im_end|>\n<|im_start|>assistant\n",
+        "Hello.<|im_end|>",
+        "Go away.<|im_end|>",
+    ),
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_standard(tmp_path, write_rows, suffix):
+    path = write_rows(tmp_path / f"train{suffix}", STANDARD)
+    examples, stats = parse_preferences(load_rows(path))
+    assert examples == [PreferenceExample(**row) for row in STANDARD]
+    assert (stats.rows, stats.kept, stats.skipped, stats.identical) == (2, 2, 0, 0)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_conversational(tmp_path, write_rows, tokenizer, suffix):
+    path = write_rows(tmp_path / f"train{suffix}", CONVERSATIONAL)
+    examples, _ = parse_preferences(load_rows(path), tokenizer)
+    assert examples == RENDERED_CONVERSATIONAL
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_implicit_prompt_strings(tmp_path, write_rows, suffix):
+    rows = [
+        # The shared prefix "Human: hi\n\nAssistant: He" is backed off to before its last space.
+        {
+            "chosen": "Human: hi\n\nAssistant: Hello there",
+            "rejected": "Human: hi\n\nAssistant: Hey",
+        },
+        # A shared prefix ending in whitespace is cut before that whitespace run.
+        {"chosen": "Q: why?\n\nA", "rejected": "Q: why?\n\nB"},
+    ]
+    examples, _ = parse_preferences(load_rows(write_rows(tmp_path / f"t{suffix}", rows)))
+    assert examples == [
+        PreferenceExample("Human: hi\n\nAssistant:", " Hello there", " Hey"),
+        PreferenceExample("Q: why?", "\n\nA", "\n\nB"),
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_implicit_prompt_conversations(tmp_path, write_rows, tokenizer, suffix):
+    rows = [
+        {
+            "chosen": USER_Q + [{"role": "assistant", "content": "Four."}],
+            "rejected": USER_Q + [{"role": "assistant", "content": "Five."}],
+        }
+    ]
+    examples, _ = parse_preferences(load_rows(write_rows(tmp_path / f"t{suffix}", rows)), tokenizer)
+    assert examples == RENDERED_CONVERSATIONAL[:1]
+
+
+def test_text_prompt_beside_full_conversations_is_ignored(tokenizer):
+    """ultrafeedback_binarized style: the prompt text repeats the conversations' user turn."""
+    row = {
+        "prompt": "What is two plus two?",
+        "chosen": USER_Q + [{"role": "assistant", "content": "Four."}],
+        "rejected": USER_Q + [{"role": "assistant", "content": "Five."}],
+    }
+    assert parse_preferences([row], tokenizer)[0] == RENDERED_CONVERSATIONAL[:1]
+
+
+def test_multi_turn_completion_keeps_later_turns(tokenizer):
+    chosen = [
+        {"role": "assistant", "content": "Four."},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "Yes."},
+    ]
+    rows = [{"prompt": USER_Q, "chosen": chosen, "rejected": chosen[:1]}]
+    (example,), _ = parse_preferences(rows, tokenizer)
+    assert example.chosen == (
+        "Four.<|im_end|>\n<|im_start|>user\nSure?<|im_end|>\n<|im_start|>assistant\nYes.<|im_end|>"
+    )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_margin(tmp_path, write_rows, suffix):
+    rows = [dict(STANDARD[0], margin=1.5), dict(STANDARD[1], margin=-2.0)]
+    examples, _ = parse_preferences(load_rows(write_rows(tmp_path / f"t{suffix}", rows)))
+    assert [example.margin for example in examples] == [1.5, -2.0]
+
+
+def test_margin_optional_per_row(tmp_path, write_rows):
+    rows = [dict(STANDARD[0], margin=3), STANDARD[1]]
+    examples, _ = parse_preferences(load_rows(write_rows(tmp_path / "t.jsonl", rows)))
+    assert [example.margin for example in examples] == [3.0, None]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_pre_tokenized(tmp_path, write_rows, suffix):
+    rows = [
+        {"prompt": [5, 6], "chosen": [7, 2], "rejected": [8]},
+        {"chosen": [5, 6, 7, 2], "rejected": [5, 6, 8]},  # implicit: shared ids [5, 6]
+    ]
+    examples, _ = parse_preferences(load_rows(write_rows(tmp_path / f"t{suffix}", rows)))
+    assert examples == [
+        PreferenceExample([5, 6], [7, 2], [8]),
+        PreferenceExample([5, 6], [7, 2], [8]),
+    ]
+
+
+def test_directory_split_files(tmp_path, write_rows):
+    write_rows(tmp_path / "prefs" / "train-0.jsonl", STANDARD[:1])
+    write_rows(tmp_path / "prefs" / "train-1.jsonl", STANDARD[1:])
+    write_rows(tmp_path / "prefs" / "test-0.jsonl", [dict(STANDARD[0], prompt="Held out")])
+    rows = load_rows(tmp_path / "prefs")
+    assert [row["prompt"] for row in rows] == [row["prompt"] for row in STANDARD]
+    assert rows.locate(1) == (str(tmp_path / "prefs" / "train-1.jsonl"), 0)
+    assert [row["prompt"] for row in load_rows(tmp_path / "prefs", split="test")] == ["Held out"]
+
+
+def test_hub_id_goes_to_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, **kwargs):
+        calls.append((name, kwargs))
+        return datasets.Dataset.from_list(STANDARD)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = load_rows("someorg/prefs", split="test", data_files={"test": "x.parquet"})
+    assert calls == [("someorg/prefs", {"split": "test", "data_files": {"test": "x.parquet"}})]
+    assert rows.locate(1) == ("someorg/prefs", 1)
+    assert len(parse_preferences(rows)[0]) == 2
+
+
+def test_implicit_conversations_split_at_the_first_difference(tokenizer):
+    shared = USER_Q + [
+        {"role": "assistant", "content": "Four."},
+        {"role": "user", "content": "Sure?"},
+    ]
+    row = {
+        "chosen": shared + [{"role": "assistant", "content": "Yes."}],
+        "rejected": shared + [{"role": "assistant", "content": "No."}],
+    }
+    (example,), _ = parse_preferences([row], tokenizer)
+    assert example.prompt == tokenizer.apply_chat_template(
+        shared, tokenize=False, add_generation_prompt=True
+    )
+    assert (example.chosen, example.rejected) == ("Yes.<|im_end|>", "No.<|im_end|>")
+
+
+def test_identical_implicit_rows_keep_their_last_part():
+    rows = [
+        {"chosen": "Q: hi A: same", "rejected": "Q: hi A: same"},
+        {"chosen": [5, 6, 7], "rejected": [5, 6, 7]},
+    ]
+    examples, stats = parse_preferences(rows)
+    assert examples == [
+        PreferenceExample("Q: hi A:", " same", " same"),
+        PreferenceExample([5, 6], [7], [7]),
+    ]
+    assert stats.identical == 2
+
+
+def test_compressed_file_and_rows_access(tmp_path):
+    import gzip
+    import json
+
+    path = tmp_path / "train.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in STANDARD)
+    rows = load_rows(path)
+    assert len(rows) == 2 and rows[-1] == STANDARD[1] and rows.locate(1) == (str(path), 1)
+    assert rows.dataset.column_names == ["prompt", "chosen", "rejected"]

@@ -1,0 +1,108 @@
+"""Tiny random-init Hugging Face models (PyTorch, float32) for every supported model type.
+
+Every parameter, norms and biases included, is perturbed away from its default init so that a
+mis-mapped tensor (say q_norm loaded as k_norm) changes the logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers as tf
+
+VOCAB = 96
+
+MODEL_TYPES = ("llama", "llama3_rope", "smollm2", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+def tiny_config(kind: str) -> tf.PretrainedConfig:
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    if kind == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+    if kind == "llama3_rope":
+        rope = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 500000.0,
+        }
+        return tf.LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=False)
+    if kind == "smollm2":  # llama with tied embeddings and GQA (3 query heads per kv head)
+        return tf.LlamaConfig(
+            **{**common, "num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 96},
+            tie_word_embeddings=True,
+        )
+    if kind == "mistral":  # window smaller than the test sequences, so it matters
+        return tf.MistralConfig(**common, sliding_window=5, tie_word_embeddings=False)
+    if kind == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=False)
+    if kind == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False)
+    if kind == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
+    raise ValueError(kind)
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def make_hf_model(kind: str, head: str = "lm", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind)
+    cfg._attn_implementation = "eager"
+    if head == "lm":
+        model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    else:
+        cfg.num_labels = 1
+        model = tf.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
+    return perturb(model.float().eval(), seed)
+
+
+def padded_batch(side: str, seed: int = 0, lengths=(11, 7, 3), total: int = 12):
+    """Token ids, attention mask and position ids (numpy) for a batch padded on `side`."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), total), np.int32)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        toks = rng.integers(3, VOCAB, size=n)
+        sl = slice(total - n, total) if side == "left" else slice(0, n)
+        ids[i, sl], mask[i, sl] = toks, 1
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return ids, mask, pos
+
+
+def hf_logits(model: torch.nn.Module, ids, mask, pos) -> np.ndarray:
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        )
+    return out.logits.float().numpy()
