@@ -1,3 +1,5 @@
+import sys
+
 from jaxrlhf.cli import main
 
-main()
+sys.exit(main())

@@ -167,18 +167,20 @@ class DecoderLayer(nnx.Module):
 
 
 def make_attention_mask(
-    attention_mask: Array | None, batch: int, length: int, *, window: int | None = None
+    attention_mask: Array | None, positions: Array, *, window: int | None = None
 ) -> Array:
     """Boolean `[B, T, S]`: causal (by index) AND key is real AND (optionally) inside the window.
 
     `attention_mask` may be `[B, S]` (1 = real token, any padding side) or an explicit boolean
-    `[B, T, S]` (e.g. the packed DPO layout); causality is applied on top of either.
+    `[B, T, S]` (e.g. the packed DPO layout); causality is applied on top of either. The sliding window
+    is measured in positions, which equals index distance in a padded row and stays right when
+    segments are packed into one row.
     """
+    batch, length = positions.shape
     idx = jnp.arange(length)
-    allowed_TxS = idx[None, :] <= idx[:, None]
+    allowed = jnp.broadcast_to(idx[None, :] <= idx[:, None], (batch, length, length))
     if window is not None:
-        allowed_TxS &= idx[:, None] - idx[None, :] < window
-    allowed = jnp.broadcast_to(allowed_TxS, (batch, length, length))
+        allowed &= positions[:, :, None] - positions[:, None, :] < window
     if attention_mask is None:
         return allowed
     if attention_mask.ndim == 2:
@@ -248,10 +250,10 @@ class CausalLM(nnx.Module):
             freqs_BxTxH2 = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
             emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
             cos, sin = jnp.cos(emb), jnp.sin(emb)
-        full_mask = make_attention_mask(attention_mask, b, t)
+        full_mask = make_attention_mask(attention_mask, positions)
         window_mask = None
         if cfg.sliding_window is not None:
-            window_mask = make_attention_mask(attention_mask, b, t, window=cfg.sliding_window)
+            window_mask = make_attention_mask(attention_mask, positions, window=cfg.sliding_window)
         layer_fn = nnx.remat(DecoderLayer.__call__) if cfg.remat else DecoderLayer.__call__
         for i, layer in enumerate(self.layers):
             mask = window_mask if cfg.layer_uses_window(i) else full_mask

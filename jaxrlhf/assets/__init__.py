@@ -1,0 +1,1 @@
+"""Data files shipped with jaxrlhf (the DPO demo preference set lives in ``dpo_demo/``)."""

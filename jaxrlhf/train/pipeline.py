@@ -1,0 +1,184 @@
+"""From config to tokenized train/eval examples: resolve files, parse, split, tokenize, log counts.
+
+Preference kinds (DPO, reward) produce `TokenizedPair`s for the packed layout; SFT produces
+`TokenizedPair`s too, with the completion as `chosen` and no `rejected` (collated as sequences).
+Every dropped or skipped row is counted and reported; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.resources
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxrlhf.data import (
+    DataError,
+    PreferenceExample,
+    TokenizedPair,
+    load_rows,
+    parse_preferences,
+    tokenize_pairs,
+)
+from jaxrlhf.train.config import DataConfig
+
+ASSET_PREFIX = "asset:"
+
+
+def resolve_data_path(path: str) -> str:
+    """`asset:dpo_demo/train.jsonl` names a file shipped inside the package (works after pip install)."""
+    if path.startswith(ASSET_PREFIX):
+        return str(importlib.resources.files("jaxrlhf.assets").joinpath(path[len(ASSET_PREFIX) :]))
+    return path
+
+
+def _files(spec: str | list[str] | None) -> list[str]:
+    if spec is None:
+        return []
+    return [resolve_data_path(s) for s in ([spec] if isinstance(spec, str) else spec)]
+
+
+@dataclasses.dataclass
+class PreparedData:
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    report: dict[str, int]
+
+
+def _parse_sft(
+    rows: Any, tokenizer: Any, *, skip_invalid: bool, source: str
+) -> tuple[list[PreferenceExample], int]:
+    """SFT rows: `prompt`/`completion` strings or a `messages` conversation (the last assistant
+    message is the completion). Returned as PreferenceExample with `rejected` empty."""
+    out: list[PreferenceExample] = []
+    skipped = 0
+    for i in range(len(rows)):
+        row = rows[i]
+        file, r = rows.locate(i) if hasattr(rows, "locate") else (source, i)
+        try:
+            if "messages" in row and row["messages"] is not None:
+                msgs = row["messages"]
+                if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
+                    raise DataError(
+                        "expected a list of messages ending with an assistant turn", field="messages"
+                    )
+                prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+                full = tokenizer.apply_chat_template(msgs, tokenize=False)
+                if not full.startswith(prompt):
+                    raise DataError(
+                        "the chat template does not render the prompt as a prefix", field="messages"
+                    )
+                completion = full[len(prompt) :]
+                if tokenizer.eos_token and completion.rstrip().endswith(tokenizer.eos_token):
+                    completion = completion.rstrip()
+            else:
+                for field in ("prompt", "completion"):
+                    if field not in row:
+                        raise DataError(f"missing column {field!r} (or give 'messages')", field=field)
+                    if not isinstance(row[field], str):
+                        raise DataError(f"expected a string, got {type(row[field]).__name__}", field=field)
+                prompt, completion = row["prompt"], row["completion"]
+            if not completion.strip():
+                raise DataError("empty completion", field="completion")
+            out.append(PreferenceExample(prompt, completion, "", None))
+        except DataError as e:
+            e = e.located(file, r) if hasattr(e, "located") else e
+            if not skip_invalid:
+                raise e from None
+            skipped += 1
+    return out, skipped
+
+
+def prepare_data(
+    cfg: DataConfig, tokenizer: Any, *, kind: str, log: Callable[[str], None] = print
+) -> PreparedData:
+    """Load, parse, split and tokenize the train (and eval) data of `cfg` for `kind`."""
+    report: dict[str, int] = {}
+
+    def load(files: list[str], split: str) -> list[PreferenceExample]:
+        examples: list[PreferenceExample] = []
+        for file in files:
+            rows = load_rows(file)
+            if kind == "sft":
+                parsed, skipped = _parse_sft(rows, tokenizer, skip_invalid=cfg.skip_invalid, source=file)
+            else:
+                parsed, stats = parse_preferences(rows, tokenizer, skip_invalid=cfg.skip_invalid, source=file)
+                skipped = stats.skipped
+            report[f"{split}/rows_skipped_invalid"] = report.get(f"{split}/rows_skipped_invalid", 0) + skipped
+            examples.extend(parsed)
+        return examples
+
+    train_files = _files(cfg.train_files)
+    if not train_files:
+        raise DataError("no training files given (data.train_files)", field="train_files")
+    train = load(train_files, "train")
+    eval_ = load(_files(cfg.eval_files), "eval") if cfg.eval_files else []
+    if not cfg.eval_files and cfg.eval_fraction > 0:
+        order = np.random.default_rng(cfg.seed).permutation(len(train))
+        n_eval = max(1, int(round(cfg.eval_fraction * len(train))))
+        eval_ = [train[i] for i in sorted(order[:n_eval])]
+        train = [train[i] for i in sorted(order[n_eval:])]
+
+    def tokenize(examples: list[PreferenceExample], split: str) -> list[TokenizedPair]:
+        if not examples:
+            return []
+        pairs, stats = tokenize_pairs(
+            examples, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+            truncation_mode=cfg.truncation_mode,
+        )  # fmt: skip
+        for field in ("dropped_long_prompt", "dropped_no_room", "dropped_empty", "truncated_prompt",
+                      "truncated_completion"):  # fmt: skip
+            report[f"{split}/{field}"] = int(getattr(stats, field, 0))
+        report[f"{split}/examples"] = len(pairs)
+        return pairs
+
+    if kind == "sft":  # tokenize_pairs needs a rejected completion: give a placeholder, then drop it
+        train = [dataclasses.replace(e, rejected=e.chosen) for e in train]
+        eval_ = [dataclasses.replace(e, rejected=e.chosen) for e in eval_]
+    data = PreparedData(tokenize(train, "train"), tokenize(eval_, "eval"), report)
+    if kind == "sft":
+        empty = np.zeros((0,), np.int32)
+        data.train = [dataclasses.replace(p, rejected_ids=empty) for p in data.train]
+        data.eval = [dataclasses.replace(p, rejected_ids=empty) for p in data.eval]
+    log("data: " + ", ".join(f"{k}={v}" for k, v in sorted(report.items()) if v or k.endswith("examples")))
+    if not data.train:
+        raise DataError("no training examples left after parsing and truncation", field="train_files")
+    return data
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 over strings, bytes and numpy arrays (for cache keys)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(str(part.dtype).encode() + str(part.shape).encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        elif isinstance(part, bytes):
+            h.update(part)
+        else:
+            h.update(repr(part).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:32]
+
+
+def pairs_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+    arrays = []
+    for p in pairs:
+        arrays += [p.prompt_ids, p.chosen_ids, p.rejected_ids]
+    return fingerprint(len(pairs), *arrays)
+
+
+def checkpoint_fingerprint(directory: str) -> str:
+    """Identity of a model checkpoint: its config and the size/mtime of its weight files."""
+    parts: list[Any] = []
+    for name in sorted(os.listdir(directory)):
+        if name == "config.json" or name.endswith(".safetensors") or name.endswith(".index.json"):
+            st = os.stat(os.path.join(directory, name))
+            parts.append((name, st.st_size, st.st_mtime_ns))
+    with open(os.path.join(directory, "config.json"), "rb") as f:
+        parts.append(f.read())
+    return fingerprint(*parts)

@@ -1,0 +1,209 @@
+"""The train state and the compiled, sharded train step `step(state, batch) -> (state, metrics)`.
+
+The state is one pytree (`TrainState`): parameters, optax state, step counter, PRNG key and, for DPO
+with a same-step reference, the frozen reference parameters. The step is compiled once per batch
+shape with `jax.jit`, explicit input/output `NamedSharding`s and the state donated; gradient
+accumulation runs inside it as a `lax.scan` over the leading micro-batch axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxrlhf.models.decoder import CausalLM
+from jaxrlhf.train.objectives import Objective
+
+BATCH_AXES = ("data", "fsdp")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: Any
+    rng: jax.Array
+    ref_params: nnx.State | None = None
+
+
+def make_schedule(
+    learning_rate: float,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    kind: str = "cosine",
+    min_lr_ratio: float = 0.0,
+) -> optax.Schedule:
+    """Linear warmup from 0, then cosine or linear decay to `min_lr_ratio * lr`, or constant."""
+    end = learning_rate * min_lr_ratio
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, warmup_steps + decay_steps, end
+        )
+    if kind == "linear":
+        decay = optax.linear_schedule(learning_rate, end, decay_steps)
+    elif kind == "constant":
+        decay = optax.constant_schedule(learning_rate)
+    else:
+        raise ValueError(f"schedule must be cosine, linear or constant, got {kind!r}")
+    if warmup_steps == 0:
+        return decay
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps]
+    )
+
+
+def make_optimizer(
+    schedule: optax.Schedule,
+    *,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    max_grad_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; no weight decay on vectors (norm scales, biases)."""
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    if max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf placed on `mesh`: leaves already there keep their sharding, others are replicated."""
+
+    def place(x: Any) -> Any:
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, _replicated(mesh))
+
+    return jax.tree.map(place, tree)
+
+
+def create_state(
+    model: CausalLM,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    seed: int = 0,
+    with_reference: bool = False,
+) -> tuple[nnx.GraphDef, TrainState]:
+    """Split `model` into its graph definition and a `TrainState` placed on `mesh`.
+
+    Parameters keep the shardings they were loaded with (`from_pretrained(..., mesh=mesh)`); the
+    optimizer state is created under `jit`, which gives its moments the parameters' shardings.
+    """
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = _on_mesh(params, mesh)
+    opt_state = _on_mesh(jax.jit(optimizer.init)(params), mesh)
+    ref = jax.tree.map(jnp.copy, params) if with_reference else None
+    state = TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), _replicated(mesh)),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), _replicated(mesh)),
+        ref_params=ref,
+    )
+    return graphdef, state
+
+
+def state_shardings(state: TrainState) -> Any:
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, *, micro_axis: bool = True) -> NamedSharding:
+    """Batch arrays `[A, B, ...]` (micro-batches first) split over (`data`, `fsdp`) on `B`."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1) or None
+    spec = (None, axes) if micro_axis else (axes,)
+    return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - len(spec)))))
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    shardings: Any,
+    mesh: Mesh,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """Compile `step(state, batch)`; `batch` leaves are `[A, B/A, ...]` (A micro-batches)."""
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        ref_model = nnx.merge(graphdef, state.ref_params) if state.ref_params is not None else None
+
+        def micro(carry, micro_batch):
+            grads_acc, num_acc, den_acc = carry
+
+            def f(params):
+                num, den, metrics = objective(nnx.merge(graphdef, params), micro_batch, ref_model)
+                return num, (den, metrics)
+
+            (num, (den, metrics)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return (grads_acc, num_acc + num, den_acc + den), metrics
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        init = (zeros, jnp.float32(0.0), jnp.float32(0.0))
+        (grads, num, den), metrics = jax.lax.scan(micro, init, batch)
+        grads = jax.tree.map(lambda g, p: (g / den).astype(p.dtype), grads, state.params)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **metrics,
+            "loss": num / den,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def batch_shardings(batch: dict[str, Any]) -> dict[str, NamedSharding]:
+        return {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+
+    jitted: dict[Any, Any] = {}
+
+    def run(state: TrainState, batch: dict[str, jax.Array]):
+        key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if key not in jitted:  # one compilation per bucketed batch shape
+            jitted[key] = jax.jit(
+                step,
+                in_shardings=(shardings, batch_shardings(batch)),
+                out_shardings=(shardings, _replicated(mesh)),
+                donate_argnums=(0,),
+            )
+        return jitted[key](state, batch)
+
+    run.num_compilations = lambda: len(jitted)  # type: ignore[attr-defined]
+    return run
+
+
+def make_eval_fn(
+    graphdef: nnx.GraphDef, fn: Callable[..., Any], mesh: Mesh
+) -> Callable[[nnx.State, dict[str, jax.Array]], Any]:
+    """Compile `fn(model, batch)` (no micro-batch axis); outputs are gathered replicated."""
+    cache: dict[Any, Any] = {}
+
+    def run(params: nnx.State, batch: dict[str, jax.Array]):
+        key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+        if key not in cache:
+            shard = {k: batch_sharding(mesh, v.ndim, micro_axis=False) for k, v in batch.items()}
+            cache[key] = jax.jit(
+                lambda p, b: fn(nnx.merge(graphdef, p), b),
+                in_shardings=(jax.tree.map(lambda x: x.sharding, params), shard),
+                out_shardings=_replicated(mesh),
+            )
+        return cache[key](params, batch)
+
+    return run
