@@ -206,6 +206,33 @@ def _reference_logps(
     return ref
 
 
+def dpo_eval_metrics(
+    got: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None, cfg: ExperimentConfig
+) -> dict[str, float]:
+    """Held-out DPO metrics from per-pair log-probs: the DPO loss and implicit rewards against the
+    reference, and how often the policy itself prefers chosen (meaningful before training too)."""
+    d = cfg.dpo
+    metrics: dict[str, float] = {
+        "logps/chosen": float(got["chosen"].mean()),
+        "logps/rejected": float(got["rejected"].mean()),
+        "preference_accuracy": float(np.mean(got["chosen"] > got["rejected"])),
+        "preference_accuracy_per_token": float(
+            np.mean(got["chosen"] / got["chosen_len"] > got["rejected"] / got["rejected_len"])
+        ),
+    }
+    if ref is not None and d.loss_type not in ("simpo", "orpo"):
+        loss, m = dpo_loss(
+            jnp.asarray(got["chosen"]), jnp.asarray(got["rejected"]),
+            jnp.asarray(ref["chosen"]), jnp.asarray(ref["rejected"]),
+            beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+            reference_free=d.reference_free, chosen_lengths=jnp.asarray(got["chosen_len"]),
+            rejected_lengths=jnp.asarray(got["rejected_len"]), discopop_tau=d.discopop_tau,
+        )  # fmt: skip
+        metrics["loss"] = float(loss)
+        metrics.update({k: float(v) for k, v in m.items() if k.startswith("rewards/")})
+    return metrics
+
+
 def evaluate(
     kind: str, graphdef: Any, params: Any, examples: list[Indexed], cfg: ExperimentConfig, pad_id: int,
     mesh: Any, eval_ref: dict[str, np.ndarray] | None,
@@ -216,27 +243,7 @@ def evaluate(
         return {}
     if kind == "dpo":
         got = compute_pair_logps(graphdef, params, examples, cfg, pad_id, mesh)
-        d = cfg.dpo
-        metrics: dict[str, float] = {
-            "logps/chosen": float(got["chosen"].mean()),
-            "logps/rejected": float(got["rejected"].mean()),
-            # how often the policy itself prefers chosen: meaningful before training too
-            "preference_accuracy": float(np.mean(got["chosen"] > got["rejected"])),
-            "preference_accuracy_per_token": float(
-                np.mean(got["chosen"] / got["chosen_len"] > got["rejected"] / got["rejected_len"])
-            ),
-        }
-        if eval_ref is not None and d.loss_type not in ("simpo", "orpo"):
-            loss, m = dpo_loss(
-                jnp.asarray(got["chosen"]), jnp.asarray(got["rejected"]),
-                jnp.asarray(eval_ref["chosen"]), jnp.asarray(eval_ref["rejected"]),
-                beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-                reference_free=d.reference_free, chosen_lengths=jnp.asarray(got["chosen_len"]),
-                rejected_lengths=jnp.asarray(got["rejected_len"]), discopop_tau=d.discopop_tau,
-            )  # fmt: skip
-            metrics["loss"] = float(loss)
-            metrics.update({k: float(v) for k, v in m.items() if k.startswith("rewards/")})
-        return metrics
+        return dpo_eval_metrics(got, eval_ref, cfg)
     if kind == "reward":
         from jaxrlhf.train.objectives import pair_scores
 
@@ -347,7 +354,9 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     def do_eval() -> dict[str, float]:
         return evaluate(cfg.kind, graphdef, state.params, eval_ex, cfg, pad_id, mesh, eval_ref)
 
-    eval_before = do_eval() if eval_ex and step == 0 else None
+    eval_before = None
+    if eval_ex and step == 0:  # at step 0 the DPO policy is the reference: reuse its log-probs
+        eval_before = dpo_eval_metrics(eval_ref, eval_ref, cfg) if eval_ref is not None else do_eval()
     if eval_before:
         logger.log(step, eval_before, split="eval")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
