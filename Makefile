@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/dpo_demo  # a fresh demo run each time (training resumes by default)
 	$(PY) -m jaxrlhf demo
 
 test: $(STAMP)

@@ -1,8 +1,9 @@
-"""Command line: `jaxrlhf train sft|reward|dpo --config FILE [key=value ...]` and `jaxrlhf chat`.
+"""Command line: `jaxrlhf train sft|reward|dpo --config FILE [key=value ...]`, `demo`, `chat`.
 
 `train` runs a trainer from a YAML config (see docs/configuration.md) with dotted `key=value`
-overrides; `chat` loads a model (default: the embedded SmolLM2-135M-Instruct) with our Flax model and
-prints the replies it generates (greedy decoding).
+overrides; `demo` is the main job (DPO on the embedded demo model with held-out metrics and sample
+replies before and after); `chat` loads a model (default: the embedded SmolLM2-135M-Instruct) with
+our Flax model and prints the replies it generates (greedy decoding).
 """
 
 from __future__ import annotations
@@ -18,19 +19,14 @@ DEFAULT_PROMPTS = (
 )
 
 
-def run_chat(prompts: Sequence[str], max_new_tokens: int, model_path: str = "demo") -> None:
+def generate_replies(model_path: str, prompts: Sequence[str], max_new_tokens: int) -> tuple[list[str], float]:
+    """Greedy chat replies of the model at `model_path` (our Flax implementation) and the seconds taken."""
     import numpy as np
 
     from jaxrlhf.generation import greedy_generate
     from jaxrlhf.models import from_pretrained, load_tokenizer
-    from jaxrlhf.train.trainer import model_directory
 
-    start = time.perf_counter()
-    path = model_directory(model_path)
-    print(f"model: {path} ({time.perf_counter() - start:.1f}s to locate/convert)")
-    start = time.perf_counter()
-    model, tok = from_pretrained(path), load_tokenizer(path)
-    print(f"loaded Flax NNX model in {time.perf_counter() - start:.1f}s")
+    model, tok = from_pretrained(model_path), load_tokenizer(model_path)
     rows = [
         tok.apply_chat_template(
             [{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True
@@ -43,20 +39,58 @@ def run_chat(prompts: Sequence[str], max_new_tokens: int, model_path: str = "dem
     for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
         ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
     start = time.perf_counter()
-    tokens, done_mask = greedy_generate(
-        model,
-        ids,
-        mask,
-        max_new_tokens=max_new_tokens,
-        eos_token_ids=[tok.eos_token_id],
+    tokens, done = greedy_generate(
+        model, ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=[tok.eos_token_id],
         pad_token_id=tok.pad_token_id,
-    )
-    tokens, done_mask = np.asarray(tokens), np.asarray(done_mask)
-    seconds = time.perf_counter() - start
-    for prompt, row, m in zip(prompts, tokens, done_mask, strict=True):
-        reply = tok.decode(row[m == 1], skip_special_tokens=True).strip()
+    )  # fmt: skip
+    tokens, done = np.asarray(tokens), np.asarray(done)
+    replies = [
+        tok.decode(row[m == 1], skip_special_tokens=True).strip() for row, m in zip(tokens, done, strict=True)
+    ]
+    return replies, time.perf_counter() - start
+
+
+def run_chat(prompts: Sequence[str], max_new_tokens: int, model_path: str = "demo") -> None:
+    from jaxrlhf.train.trainer import model_directory
+
+    path = model_directory(model_path)
+    print(f"model: {path}")
+    replies, seconds = generate_replies(path, prompts, max_new_tokens)
+    for prompt, reply in zip(prompts, replies, strict=True):
         print(f"\nuser: {prompt}\nassistant: {reply}")
-    print(f"\n{int(done_mask.sum())} tokens generated in {seconds:.1f}s (compilation included)")
+    print(f"\n({seconds:.1f}s, compilation included)")
+
+
+def run_demo(config: str, overrides: Sequence[str], num_samples: int, max_new_tokens: int) -> int:
+    """The main job: DPO on the embedded demo model with the shipped data, with held-out metrics and
+    sample replies before and after."""
+    import json
+
+    from jaxrlhf.models.demo import demo_model_path
+    from jaxrlhf.train.config import load_config
+    from jaxrlhf.train.pipeline import resolve_data_path
+    from jaxrlhf.train.trainer import train
+
+    cfg = load_config(config, overrides, kind="dpo")
+    eval_file = cfg.data.eval_files if isinstance(cfg.data.eval_files, str) else cfg.data.train_file_list[0]
+    with open(resolve_data_path(eval_file)) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    prompts = [r["prompt"][-1]["content"] for r in rows[:: max(len(rows) // max(num_samples, 1), 1)]][
+        :num_samples
+    ]
+    base = demo_model_path()
+    before, _ = generate_replies(base, prompts, max_new_tokens) if prompts else ([], 0.0)
+    start = time.perf_counter()
+    result = train(cfg)
+    minutes = (time.perf_counter() - start) / 60
+    if result.export_dir is None:
+        return 1
+    after, _ = generate_replies(result.export_dir, prompts, max_new_tokens) if prompts else ([], 0.0)
+    print(f"\nDPO demo: {result.steps} steps in {minutes:.1f} min (data, reference, training, evaluation)\n")
+    print(format_eval(result.eval_before, result.eval_after))
+    for prompt, b, a in zip(prompts, before, after, strict=True):
+        print(f"\nuser:   {prompt}\nbefore: {b}\nafter:  {a}")
+    return 0
 
 
 def run_train(kind: str, config: str | None, overrides: Sequence[str]) -> int:
@@ -97,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("kind", choices=("sft", "reward", "dpo"))
     tr.add_argument("--config", help="YAML config (configs/*.yaml)")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.learning_rate=1e-5")
+    demo = sub.add_parser("demo", help="the main job: DPO on the embedded demo model, before/after")
+    demo.add_argument("--config", default="configs/dpo_demo.yaml")
+    demo.add_argument("--samples", type=int, default=3, help="held-out prompts to answer before and after")
+    demo.add_argument("--max-new-tokens", type=int, default=40)
+    demo.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     chat = sub.add_parser("chat", help="chat with a model through our Flax implementation")
     chat.add_argument("--model", default="demo", help="checkpoint directory or hub id (default: demo model)")
     chat.add_argument("--prompt", action="append", help="a user message (repeatable)")
@@ -107,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are key=value)")
         return run_train(args.kind, args.config, [*args.overrides, *extra])
+    if args.command == "demo":
+        return run_demo(args.config, [*args.overrides, *extra], args.samples, args.max_new_tokens)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     run_chat(args.prompt or DEFAULT_PROMPTS, args.max_new_tokens, args.model)

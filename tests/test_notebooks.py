@@ -17,6 +17,7 @@ pytest.importorskip("ipykernel")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = [
+    "01_dpo_quickstart.ipynb",
     "03_losses_in_your_jax_code.ipynb",
 ]
 KERNEL_NAME = "python3"
