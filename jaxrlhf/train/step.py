@@ -164,7 +164,7 @@ def make_train_step(
         metrics = {
             **metrics,
             "loss": num / den,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

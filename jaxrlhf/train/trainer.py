@@ -69,7 +69,7 @@ def maybe_initialize_distributed(cfg: ExperimentConfig) -> None:
     m = cfg.mesh
     if m.coordinator_address is None and m.num_processes is None:
         return
-    if jax.process_count() > 1:  # already initialised (e.g. by a notebook)
+    if jax.distributed.is_initialized():  # e.g. by a notebook; must not touch the backend first
         return
     jax.distributed.initialize(
         coordinator_address=m.coordinator_address, num_processes=m.num_processes, process_id=m.process_id

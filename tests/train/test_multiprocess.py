@@ -69,7 +69,7 @@ def test_two_processes_match_one(tiny_dir, data_files, tmp_path):  # noqa: F811
     one = _run(1, _overrides(tiny_dir, data_files, str(tmp_path / "one"), **common), devices_per_process=4)
     two = _run(2, _overrides(tiny_dir, data_files, str(tmp_path / "two"), **common), devices_per_process=2)
     ref = _losses(one[0])
-    assert len(ref) == 3 and abs(ref[1] - ref[0]) > 1e-4  # the losses move: not trivially ln 2
+    assert len(ref) == 3 and abs(ref[2] - ref[0]) > 1e-3  # the losses move: not trivially ln 2
     for out in two:  # every process reports the same global losses as the single process
         got = _losses(out)
         assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= 1e-5, (got, ref)

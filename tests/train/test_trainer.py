@@ -4,6 +4,7 @@ exact resume after a crash, SIGTERM saves, bad input errors, reward/SFT/DPO expo
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -140,13 +141,13 @@ def test_python_api_trains_and_exports(kind, tiny_dir, data_files, tmp_path):
         sft.write_text("".join(json.dumps({"messages": r["prompt"] + r["chosen"]}) + "\n" for r in rows))
         files = (str(sft), str(sft))
     out = str(tmp_path / kind)
-    over = _overrides(tiny_dir, files, out, **{"train.max_steps": 4, "train.export": True,
-                                                "train.resume": False})  # fmt: skip
-    result = train(load_config(None, over, kind=kind))
-    assert result.steps == 4 and result.export_dir
-    losses = [m["loss"] for m in result.train_metrics]
-    assert losses[-1] < losses[0], losses
-    assert result.eval_before and result.eval_after
+    # evaluate on the training pairs themselves: a deterministic measure that training fits them
+    extra = {"train.max_steps": 6, "train.export": True, "train.resume": False, "data.eval_files": files[0]}
+    result = train(load_config(None, _overrides(tiny_dir, files, out, **extra), kind=kind))
+    assert result.steps == 6 and result.export_dir
+    assert all(math.isfinite(m["loss"]) for m in result.train_metrics)
+    before, after = result.eval_before, result.eval_after
+    assert after["loss"] < before["loss"] - 1e-3, (before, after)
     if kind == "reward":
         assert "accuracy" in result.eval_after
         model = tf.AutoModelForSequenceClassification.from_pretrained(result.export_dir)
