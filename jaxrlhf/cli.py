@@ -1,4 +1,4 @@
-"""Command line: `jaxrlhf train sft|reward|dpo --config FILE [key=value ...]`, `demo`, `chat`.
+"""Command line: `jaxrlhf train sft|reward|dpo|ppo --config FILE [key=value ...]`, `demo`, `chat`.
 
 `train` runs a trainer from a YAML config (see docs/configuration.md) with dotted `key=value`
 overrides; `demo` is the main job (DPO on the embedded demo model with held-out metrics and sample
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a model from a YAML config")
-    tr.add_argument("kind", choices=("sft", "reward", "dpo"))
+    tr.add_argument("kind", choices=("sft", "reward", "dpo", "ppo"))
     tr.add_argument("--config", help="YAML config (configs/*.yaml)")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.learning_rate=1e-5")
     demo = sub.add_parser("demo", help="the main job: DPO on the embedded demo model, before/after")

@@ -110,7 +110,8 @@ class Attention(nnx.Module):
         self.rope = cfg.position_embedding == "rope"
         self.dtype = cfg.dtype
 
-    def __call__(self, x_BxTxD: Array, mask_BxTxS: Array, cos: Array | None, sin: Array | None) -> Array:
+    def project(self, x_BxTxD: Array, cos: Array | None, sin: Array | None) -> tuple[Array, Array, Array]:
+        """Queries `[B, T, N, H]`, keys and values `[B, T, K, H]`, normed and rotated."""
         b, t, _ = x_BxTxD.shape
         q = self.q_proj(x_BxTxD).reshape(b, t, self.n, self.h)
         k = self.k_proj(x_BxTxD).reshape(b, t, self.k, self.h)
@@ -119,15 +120,32 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def attend(self, q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:
+        b, t = q_BxTxNxH.shape[:2]
         # Grouped-query attention without repeating K/V: query heads are grouped per key head.
-        q_BxTxKxGxH = q.reshape(b, t, self.k, self.n // self.k, self.h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k, preferred_element_type=jnp.float32) * (
-            1.0 / math.sqrt(self.h)
-        )
+        q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, self.k, self.n // self.k, self.h)
+        scores = jnp.einsum(
+            "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(self.dtype), preferred_element_type=jnp.float32
+        ) * (1.0 / math.sqrt(self.h))
         scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, self.n * self.h)
-        return self.o_proj(out)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH.astype(self.dtype))
+        return self.o_proj(out.reshape(b, t, self.n * self.h))
+
+    def __call__(self, x_BxTxD: Array, mask_BxTxS: Array, cos: Array | None, sin: Array | None) -> Array:
+        q, k, v = self.project(x_BxTxD, cos, sin)
+        return self.attend(q, k, v, mask_BxTxS)
+
+    def cached(
+        self, x_BxTxD: Array, mask_BxTxS: Array, cos: Any, sin: Any, cache: tuple[Array, Array], index: Array
+    ) -> tuple[Array, tuple[Array, Array]]:
+        """Attend from T new tokens written at cache slots `index..index+T-1` to the whole cache."""
+        q, k, v = self.project(x_BxTxD, cos, sin)
+        k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
+        return self.attend(q, k_cache, v_cache, mask_BxTxS), (k_cache, v_cache)
 
 
 _ACT = {
@@ -164,6 +182,13 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: Array, mask: Array, cos: Array | None, sin: Array | None) -> Array:
         x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def cached(
+        self, x: Array, mask: Array, cos: Any, sin: Any, cache: Any, index: Array
+    ) -> tuple[Array, Any]:
+        attn, cache = self.self_attn.cached(self.input_layernorm(x), mask, cos, sin, cache, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def make_attention_mask(
@@ -234,6 +259,14 @@ class CausalLM(nnx.Module):
             std = 1.0 / math.sqrt(cfg.hidden_size + 1)
             self.score.kernel = _init(rngs, (cfg.hidden_size, 1), cfg.param_dtype, std=std)
 
+    def _embed(self, input_ids: Array, positions: Array) -> tuple[Array, Array | None, Array | None]:
+        x = self.embed_tokens(input_ids)
+        if self.embed_positions is not None:
+            return x + self.embed_positions(positions), None, None
+        freqs_BxTxH2 = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.config))
+        emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+        return x, jnp.cos(emb), jnp.sin(emb)
+
     def hidden_states(
         self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
     ) -> Array:
@@ -242,14 +275,7 @@ class CausalLM(nnx.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = default_positions(attention_mask, b, t)
-        x = self.embed_tokens(input_ids)
-        cos = sin = None
-        if self.embed_positions is not None:
-            x = x + self.embed_positions(positions)
-        else:
-            freqs_BxTxH2 = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
-            emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
-            cos, sin = jnp.cos(emb), jnp.sin(emb)
+        x, cos, sin = self._embed(input_ids, positions)
         full_mask = make_attention_mask(attention_mask, positions)
         window_mask = None
         if cfg.sliding_window is not None:
@@ -259,6 +285,45 @@ class CausalLM(nnx.Module):
             mask = window_mask if cfg.layer_uses_window(i) else full_mask
             x = layer_fn(layer, x, mask, cos, sin)
         return self.norm(x)
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> list[tuple[Array, Array]]:
+        """Empty key/value cache: per layer two `[B, S, K, H]` arrays (compute dtype by default)."""
+        cfg = self.config
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.dtype
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+
+    def cached_hidden_states(
+        self,
+        input_ids_BxT: Array,
+        positions_BxT: Array,
+        cache: list[tuple[Array, Array]],
+        index: Array,
+        key_valid_BxS: Array,
+        key_positions_BxS: Array,
+    ) -> tuple[Array, list[tuple[Array, Array]]]:
+        """Hidden states of T new tokens written at cache slots `index..index+T-1`, and the cache.
+
+        Keys are visible when their slot is at or before the query's (causal by slot) and
+        `key_valid_BxS` is set (prompt padding is not); the sliding window uses positions, as in
+        `hidden_states`, so both paths give the same numbers.
+        """
+        cfg = self.config
+        t = input_ids_BxT.shape[1]
+        x, cos, sin = self._embed(input_ids_BxT, positions_BxT)
+        q_slot = index + jnp.arange(t)
+        k_slot = jnp.arange(key_valid_BxS.shape[1])
+        full = (k_slot[None, :] <= q_slot[:, None])[None] & (key_valid_BxS[:, None, :] != 0)
+        window = None
+        if cfg.sliding_window is not None:
+            distance = positions_BxT[:, :, None] - key_positions_BxS[:, None, :]
+            window = full & (distance < cfg.sliding_window)
+        new_cache = []
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
+            mask = window if cfg.layer_uses_window(i) else full
+            x, layer_cache = layer.cached(x, mask, cos, sin, layer_cache, index)
+            new_cache.append(layer_cache)
+        return self.norm(x), new_cache
 
     def lm_head_kernel(self) -> Array:
         """The `[D, V]` output projection (the transposed embedding when embeddings are tied)."""

@@ -61,6 +61,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",
+    "PPOConfig",
     "RewardConfig",
     "SFTConfig",
     "TrainConfig",
@@ -70,7 +71,7 @@ __all__ = [
     "load_config",
 ]
 
-KINDS: tuple[str, ...] = ("sft", "reward", "dpo")
+KINDS: tuple[str, ...] = ("sft", "reward", "dpo", "ppo")
 AXES: tuple[str, ...] = ("data", "fsdp", "tensor")  # mesh axes, as in jaxrlhf.parallel
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 # The loss types of `jaxrlhf.losses.dpo_loss` (kept in sync by tests/train/test_config.py).
@@ -409,6 +410,59 @@ class SFTConfig(_Section):
     )
 
 
+@dataclass(kw_only=True)
+class PPOConfig(_Section):
+    """RLHF with PPO (kind: ppo): rollouts, rewards, KL penalty, GAE and the clipped updates.
+
+    `train.batch_size` is the number of prompts per rollout; each rollout is followed by
+    `num_ppo_epochs` passes over it in `num_mini_batches` minibatches.
+    """
+
+    SECTION: ClassVar[str] = "ppo"
+
+    reward_model: str | None = _field(
+        None, help="Reward model checkpoint (a `*ForSequenceClassification` export); or give `reward_fn`."
+    )
+    reward_fn: str | None = _field(
+        None,
+        help="`module:function` computing `f(prompts, completions) -> scores` on the host "
+        "(verifiable rewards); used instead of `reward_model`.",
+    )
+    critic_init: str = _field(
+        "reward_model",
+        choices=("reward_model", "policy"),
+        help="Initialise the critic from the reward model (TRL's choice) or from the policy "
+        "with a fresh score head.",
+    )
+    response_length: int = _field(48, check=_positive, help="Maximum new tokens per response.")
+    temperature: float = _field(
+        0.7, check=_positive, help="Sampling temperature; also divides the logits when training."
+    )
+    top_k: int = _field(0, check=_non_negative, help="Sample from the top-k tokens only (0: off).")
+    top_p: float = _field(1.0, check=_in_range(0.0, 1.0), help="Nucleus sampling mass (1: off).")
+    kl_coef: float = _field(
+        0.05, check=_non_negative, help="(Initial) coefficient of the per-token KL penalty."
+    )
+    kl_estimator: str = _field("k1", choices=("k1", "k3"), help="Per-token KL estimator (Schulman 2020).")
+    target_kl: float | None = _field(
+        None,
+        check=_positive,
+        help="Adaptive KL controller target (Ziegler et al. 2019); None: fixed `kl_coef`.",
+    )
+    kl_horizon: int = _field(10000, check=_positive, help="Horizon of the adaptive KL controller.")
+    missing_eos_penalty: float | None = _field(
+        1.0, check=_non_negative, help="Subtracted from the score of responses without an EOS token."
+    )
+    whiten_rewards: bool = _field(False, help="Whiten the per-token rewards of each rollout.")
+    gamma: float = _field(1.0, check=_in_range(0.0, 1.0), help="GAE discount.")
+    lam: float = _field(0.95, check=_in_range(0.0, 1.0), help="GAE lambda.")
+    cliprange: float = _field(0.2, check=_positive, help="Policy ratio clip epsilon.")
+    cliprange_value: float = _field(0.2, check=_positive, help="Value clip around the rollout's values.")
+    vf_coef: float = _field(0.1, check=_non_negative, help="Weight of the value loss.")
+    num_ppo_epochs: int = _field(4, check=_positive, help="Passes over each rollout.")
+    num_mini_batches: int = _field(1, check=_positive, help="Minibatches per pass (must divide the rollout).")
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -418,6 +472,7 @@ _SECTIONS: dict[str, type] = {
     "dpo": DPOConfig,
     "reward": RewardConfig,
     "sft": SFTConfig,
+    "ppo": PPOConfig,
 }
 
 
@@ -425,7 +480,7 @@ _SECTIONS: dict[str, type] = {
 class ExperimentConfig(_Section):
     """A whole run: what to train (`kind`) and one section per concern."""
 
-    kind: str = _field("sft", choices=KINDS, help="What to train: sft, reward or dpo.")
+    kind: str = _field("sft", choices=KINDS, help="What to train: sft, reward, dpo or ppo.")
     model: ModelConfig = _field(factory=ModelConfig, help="See the `model` section.")
     data: DataConfig = _field(factory=DataConfig, help="See the `data` section.")
     optim: OptimConfig = _field(factory=OptimConfig, help="See the `optim` section.")
@@ -434,6 +489,7 @@ class ExperimentConfig(_Section):
     dpo: DPOConfig = _field(factory=DPOConfig, help="See the `dpo` section.")
     reward: RewardConfig = _field(factory=RewardConfig, help="See the `reward` section.")
     sft: SFTConfig = _field(factory=SFTConfig, help="See the `sft` section.")
+    ppo: PPOConfig = _field(factory=PPOConfig, help="See the `ppo` section.")
 
 
 def _validate_fields(obj: Any, prefix: str) -> None:

@@ -52,14 +52,17 @@ class PreparedData:
 def _parse_sft(
     rows: Any, tokenizer: Any, *, skip_invalid: bool, source: str
 ) -> tuple[list[PreferenceExample], int]:
-    """SFT rows: `prompt`/`completion` strings or a `messages` conversation (the last assistant
-    message is the completion). Returned as PreferenceExample with `rejected` empty."""
+    """SFT rows: `prompt`/`completion` strings, a `messages` conversation (the last assistant message
+    is the completion), or a conversational preference row (its `chosen` answer is the completion).
+    Returned as PreferenceExample with `rejected` empty."""
     out: list[PreferenceExample] = []
     skipped = 0
     for i in range(len(rows)):
         row = rows[i]
         file, r = rows.locate(i) if hasattr(rows, "locate") else (source, i)
         try:
+            if isinstance(row.get("prompt"), list) and isinstance(row.get("chosen"), list):
+                row = {"messages": row["prompt"] + row["chosen"]}  # a conversational preference row
             if "messages" in row and row["messages"] is not None:
                 msgs = row["messages"]
                 if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":

@@ -282,7 +282,11 @@ def evaluate(
 
 
 def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train `cfg.kind` (sft, reward or dpo) as configured; returns metrics and the export path."""
+    """Train `cfg.kind` (sft, reward, dpo or ppo) as configured; returns metrics and the export path."""
+    if cfg.kind == "ppo":
+        from jaxrlhf.train.ppo_trainer import train_ppo
+
+        return train_ppo(cfg, log=log)
     maybe_initialize_distributed(cfg)
     t = cfg.train
     if t.batch_size % t.grad_accum_steps:
@@ -292,8 +296,16 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         [(p, tuple(a)) for p, a in cfg.mesh.rules] + list(DEFAULT_RULES) if cfg.mesh.rules else DEFAULT_RULES
     )
     os.makedirs(t.output_dir, exist_ok=True)
-    logger = MetricsLogger(t.output_dir, total_steps=None, tensorboard=t.tensorboard)
-    say = log or logger.print
+    logger: MetricsLogger | None = None
+
+    def say(msg: str) -> None:  # through the progress bar once it exists
+        if log is not None:
+            log(msg)
+        elif logger is not None:
+            logger.print(msg)
+        elif jax.process_index() == 0:
+            print(msg, flush=True)
+
     say(f"jaxrlhf {cfg.kind}: {jax.device_count()} devices, mesh {dict(mesh.shape)}")
 
     model_dir = model_directory(cfg.model.path)
@@ -351,6 +363,8 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         batches.restore(extra["data"])
         say(f"resumed from step {step}")
 
+    logger = MetricsLogger(t.output_dir, total_steps=total_steps, tensorboard=t.tensorboard, start_step=step)
+
     def do_eval() -> dict[str, float]:
         return evaluate(cfg.kind, graphdef, state.params, eval_ex, cfg, pad_id, mesh, eval_ref)
 
@@ -365,9 +379,8 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     preempted = False
     crash_after = int(os.environ.get(_CRASH_ENV, "0"))
     iterator = iter(batches)
-    logger_total = total_steps
     with PreemptionGuard() as guard:
-        while step < logger_total:
+        while step < total_steps:
             batch_np = next(iterator)
             tokens = float((batch_np["input_ids"] != pad_id).sum() * jax.process_count())
             start = time.perf_counter()
@@ -385,6 +398,8 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
             history.append({"step": step, **metrics})
             if step % t.log_every == 0 or step == 1 or step == total_steps:
                 logger.log(step, metrics)
+            else:
+                logger.progress(step)
             extra = {"data": batches.state(), "config": config_to_dict(cfg)}
             if guard.should_stop(step):
                 checkpointer.save(step, state, extra, force=True)

@@ -93,8 +93,9 @@ def test_kind_argument(tmp_path):
         load_config(path, kind="sft")
     with pytest.raises(ConfigError, match="says 'sft' but 'dpo' was requested"):
         load_config(None, ["kind=sft"], kind="dpo")
-    with pytest.raises(ConfigError, match="kind: 'ppo' is not one of"):
-        load_config(None, kind="ppo")
+    assert load_config(None, kind="ppo").kind == "ppo"
+    with pytest.raises(ConfigError, match="kind: 'grpo' is not one of"):
+        load_config(None, kind="grpo")
 
 
 @pytest.mark.parametrize(

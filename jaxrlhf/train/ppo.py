@@ -1,0 +1,299 @@
+"""RLHF with PPO: rollouts with the KV-cache sampler, reward-model (or reward-function) scores, a
+per-token KL penalty to the frozen reference, GAE, and clipped policy / value updates over several
+minibatch epochs.
+
+`PPOEngine` holds the four models (policy, critic, reference, reward model) as pytrees and three
+compiled functions: `generate` (the sampler), `_score` (log-probs, values, rewards and advantages of a
+rollout: no gradients) and `_update` (`num_ppo_epochs` x minibatches of clipped updates, a fresh
+permutation per epoch, in one `jax.jit`). Each implementation detail of Huang et al. (2024), "The N+
+Implementation Details of RLHF with PPO" (arXiv:2403.17031), is listed in docs/ppo.md with the line
+that does it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxrlhf.generation.sampling import _generate
+from jaxrlhf.losses import (
+    entropy_from_logits,
+    gae,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logprobs_from_hidden,
+)
+from jaxrlhf.models.decoder import CausalLM
+from jaxrlhf.train.config import PPOConfig
+
+Array = jax.Array
+# score_fn(query_response_BxL, response_mask_BxN) -> scores [B] (host or traced), for verifiable rewards
+ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@struct.dataclass
+class PPOState:
+    step: Array
+    params: dict[str, nnx.State]  # {"policy": ..., "critic": ...}
+    opt_state: Any
+    rng: Array  # key data (uint32)
+
+
+@struct.dataclass
+class Rollout:
+    ids: Array  # [B, P+N] prompt (left-padded) then response
+    mask: Array  # [B, P+N] 1 on real prompt tokens and on the response through its EOS
+    positions: Array  # [B, P+N]
+    response_mask: Array  # [B, N]
+    logprobs: Array  # [B, N] policy log-probs at rollout time (logits / temperature)
+    values: Array  # [B, N] critic values at rollout time
+    advantages: Array  # [B, N] whitened GAE advantages
+    returns: Array  # [B, N]
+    ref_logprobs: Array  # [B, N] frozen reference log-probs
+    scores: Array  # [B] reward (after the missing-EOS penalty)
+    rewards: Array  # [B, N] per-token rewards: -kl_coef * kl, plus the score at the last token
+    kl: Array  # [B, N] per-token KL estimate (masked)
+
+
+def response_logprobs(model: CausalLM, ids: Array, mask: Array, positions: Array, prompt_len: int,
+                      temperature: float) -> Array:  # fmt: skip
+    """Log-probs `[B, N]` of the response tokens under `softmax(logits / temperature)`: the hidden
+    state at slot t predicts the token at t + 1, so the response starts from slot P - 1."""
+    hidden = model.hidden_states(ids, mask, positions)
+    head = model.lm_head_kernel().astype(hidden.dtype)
+    return token_logprobs_from_hidden(
+        hidden[:, prompt_len - 1 : -1], head, ids[:, prompt_len:], temperature=temperature
+    )
+
+
+def response_values(critic: CausalLM, ids: Array, mask: Array, positions: Array, prompt_len: int) -> Array:
+    """Critic values `[B, N]`, read at the slot before each response token (the state it acts from)."""
+    return critic(ids, mask, positions)[:, prompt_len - 1 : -1]
+
+
+def last_token_scores(reward_model: CausalLM, ids: Array, mask: Array, positions: Array) -> Array:
+    """Reward-model scores `[B]` at each row's last real token (the EOS when there is one)."""
+    scores_BxL = reward_model(ids, mask, positions)
+    last = jnp.max(jnp.where(mask != 0, jnp.arange(ids.shape[1]), 0), axis=1)
+    return jnp.take_along_axis(scores_BxL, last[:, None], axis=1)[:, 0]
+
+
+class PPOEngine:
+    """Compiled PPO on a mesh. Models are given as loaded `CausalLM`s; the reference is a frozen copy
+    of the initial policy."""
+
+    def __init__(
+        self,
+        policy: CausalLM,
+        critic: CausalLM,
+        reward_model: CausalLM | None,
+        cfg: PPOConfig,
+        optimizer: optax.GradientTransformation,
+        mesh: Mesh,
+        *,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        seed: int = 0,
+    ):
+        self.cfg, self.optimizer, self.mesh = cfg, optimizer, mesh
+        self.eos = jnp.asarray(eos_token_ids, jnp.int32)
+        self.pad_id = int(pad_token_id)
+        self.policy_def, policy_params = nnx.split(policy, nnx.Param)
+        self.critic_def, critic_params = nnx.split(critic, nnx.Param)
+        self.ref_params = jax.tree.map(jnp.copy, policy_params)
+        self.rm_def, self.rm_params = (
+            nnx.split(reward_model, nnx.Param) if reward_model is not None else (None, None)
+        )
+        params = {"policy": policy_params, "critic": critic_params}
+        replicated = NamedSharding(mesh, PartitionSpec())
+        opt_state = jax.jit(optimizer.init)(params)
+        opt_state = jax.tree.map(
+            lambda x: (
+                x
+                if isinstance(getattr(x, "sharding", None), NamedSharding)
+                else jax.device_put(x, replicated)
+            ),
+            opt_state,
+        )
+        self.state = PPOState(
+            step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+            params=params,
+            opt_state=opt_state,
+            rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
+        )
+        self.kl_coef = float(cfg.kl_coef)
+        self._update = jax.jit(self._update_fn, static_argnames=("prompt_len",), donate_argnums=(0,))
+        self._score = jax.jit(self._score_fn, static_argnames=("prompt_len",))
+
+    # ---------------------------------------------------------------- rollout
+    def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray) -> tuple[Array, Array]:
+        """Sample responses with the current policy: `(tokens [B, N], response_mask [B, N])`."""
+        rng = jax.random.wrap_key_data(self.state.rng)
+        rng, key = jax.random.split(rng)
+        self.state = self.state.replace(rng=jax.random.key_data(rng))
+        gen = _generate(
+            self.policy_def, self.state.params["policy"], jnp.asarray(prompt_ids, jnp.int32),
+            jnp.asarray(prompt_mask, jnp.int32), self.eos, jnp.int32(self.pad_id), key,
+            max_new_tokens=self.cfg.response_length, temperature=self.cfg.temperature,
+            top_k=self.cfg.top_k, top_p=self.cfg.top_p,
+        )  # fmt: skip
+        self.last_sampler_logprobs = gen.logprobs  # cross-checked against the scoring pass in tests
+        return gen.tokens, gen.completion_mask
+
+    def _score_fn(self, params, ref_params, rm_params, ids, mask, response_mask, host_scores, kl_coef, *,
+                  prompt_len):  # fmt: skip
+        cfg = self.cfg
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        policy = nnx.merge(self.policy_def, params["policy"])
+        ref = nnx.merge(self.policy_def, ref_params)
+        logprobs = response_logprobs(policy, ids, mask, positions, prompt_len, cfg.temperature)
+        ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, cfg.temperature)
+        values = response_values(
+            nnx.merge(self.critic_def, params["critic"]), ids, mask, positions, prompt_len
+        )
+        if rm_params is not None:
+            scores = last_token_scores(nnx.merge(self.rm_def, rm_params), ids, mask, positions)
+        else:
+            scores = host_scores
+        response = ids[:, prompt_len:]
+        has_eos = jnp.any(jnp.isin(response, self.eos) & (response_mask != 0), axis=1)
+        if cfg.missing_eos_penalty is not None:  # detail: penalise responses that never stop
+            scores = jnp.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+        rewards, non_score, kl = per_token_rewards(
+            scores, logprobs, ref_logprobs, response_mask, kl_coef=kl_coef, kl_kind=cfg.kl_estimator
+        )
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, response_mask, gamma=cfg.gamma, lam=cfg.lam)
+        advantages = masked_whiten(advantages, response_mask)  # detail: advantage whitening
+        hidden = policy.hidden_states(ids, mask, positions)[:, prompt_len - 1 : -1]
+        entropy = entropy_from_logits(policy.apply_head(hidden), temperature=cfg.temperature)
+        m = response_mask.astype(jnp.float32)
+        metrics = {
+            "objective/kl": jnp.mean(jnp.sum(kl * m, axis=1)),
+            "objective/entropy": jnp.mean(jnp.sum(-logprobs * m, axis=1)),
+            "objective/non_score_reward": jnp.mean(jnp.sum(non_score, axis=1)),
+            "objective/rlhf_reward": jnp.mean(scores + jnp.sum(non_score, axis=1)),
+            "objective/scores": jnp.mean(scores),
+            "policy/entropy_avg": masked_mean(entropy, m),
+            "val/num_eos_tokens": jnp.sum(jnp.isin(response, self.eos) & (response_mask != 0)).astype(
+                jnp.float32
+            ),
+            "val/response_length": jnp.mean(jnp.sum(m, axis=1)),
+        }
+        rollout = Rollout(
+            ids, mask, positions, response_mask, logprobs, values, advantages, returns,
+            ref_logprobs, scores, rewards, kl,
+        )  # fmt: skip
+        return rollout, metrics
+
+    # ---------------------------------------------------------------- update
+    def _update_fn(self, state: PPOState, rollout: Rollout, *, prompt_len: int):
+        cfg = self.cfg
+        b = rollout.ids.shape[0]
+        if b % cfg.num_mini_batches:
+            raise ValueError(
+                f"rollout batch {b} is not divisible by ppo.num_mini_batches {cfg.num_mini_batches}"
+            )
+        mb = b // cfg.num_mini_batches
+        rng = jax.random.wrap_key_data(state.rng)
+        rng, *epoch_keys = jax.random.split(rng, cfg.num_ppo_epochs + 1)
+
+        def loss_fn(params, batch: Rollout):
+            policy = nnx.merge(self.policy_def, params["policy"])
+            critic = nnx.merge(self.critic_def, params["critic"])
+            # detail: the sampling temperature divides the training logits too
+            logprobs = response_logprobs(
+                policy, batch.ids, batch.mask, batch.positions, prompt_len, cfg.temperature
+            )
+            values = response_values(critic, batch.ids, batch.mask, batch.positions, prompt_len)
+            pg, pg_m = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask,
+                                       clip_eps=cfg.cliprange)  # fmt: skip
+            vf, vf_m = ppo_value_loss(
+                values, batch.values, batch.returns, batch.response_mask, clip=cfg.cliprange_value
+            )
+            metrics = {
+                "policy/approxkl_avg": pg_m["approxkl"],
+                "policy/clipfrac_avg": pg_m["clipfrac"],
+                "val/ratio": pg_m["ratio"],
+                "loss/policy_avg": pg,
+                "loss/value_avg": vf,
+                "val/clipfrac_avg": vf_m["vf_clipfrac"],
+            }
+            return pg + cfg.vf_coef * vf, metrics
+
+        def minibatch(state: PPOState, idx: Array):
+            batch = jax.tree.map(lambda x: x[idx], rollout)
+            grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            return state.replace(params=params, opt_state=opt_state), metrics
+
+        def epoch(state: PPOState, key: Array):  # detail: a fresh permutation every epoch
+            perm = jax.random.permutation(key, b).reshape(cfg.num_mini_batches, mb)
+            return jax.lax.scan(minibatch, state, perm)
+
+        state, metrics = jax.lax.scan(epoch, state, jnp.stack(epoch_keys))
+        metrics = jax.tree.map(jnp.mean, metrics)
+        return state.replace(step=state.step + 1, rng=jax.random.key_data(rng)), metrics
+
+    def step(
+        self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, score_fn: ScoreFn | None = None
+    ) -> dict[str, float]:
+        """One PPO iteration: rollout, scoring, advantages, `num_ppo_epochs` x minibatch updates."""
+        start = time.perf_counter()
+        tokens, response_mask = self.generate(prompt_ids, prompt_mask)
+        ids = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), tokens], axis=1)
+        mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), response_mask], axis=1)
+        host_scores = None
+        if self.rm_params is None:
+            if score_fn is None:
+                raise ValueError("PPO needs a reward model or a score function")
+            host_scores = jnp.asarray(score_fn(np.asarray(ids), np.asarray(response_mask)), jnp.float32)
+        jax.block_until_ready(tokens)
+        gen_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        p = prompt_ids.shape[1]
+        rollout, metrics = self._score(
+            self.state.params, self.ref_params, self.rm_params, ids, mask, response_mask, host_scores,
+            jnp.float32(self.kl_coef), prompt_len=p,
+        )  # fmt: skip
+        jax.block_until_ready(rollout)
+        score_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        self.state, update_metrics = self._update(self.state, rollout, prompt_len=p)
+        out = {k: float(v) for k, v in {**metrics, **update_metrics}.items()}
+        update_seconds = time.perf_counter() - start
+        response_tokens = float(np.asarray(response_mask).sum())
+        out.update({
+            "objective/kl_coef": self.kl_coef,
+            "time/generation": gen_seconds, "time/scoring": score_seconds, "time/update": update_seconds,
+            "rollout_tokens_per_second": response_tokens / max(gen_seconds, 1e-9),
+            "train_tokens_per_second": float(np.asarray(mask).sum()) * self.cfg.num_ppo_epochs
+            / max(update_seconds, 1e-9),
+        })  # fmt: skip
+        self._adapt_kl(out["objective/kl"], n=prompt_ids.shape[0])
+        self.last_rollout = rollout
+        return out
+
+    def _adapt_kl(self, kl: float, n: int) -> None:
+        """Adaptive KL controller of Ziegler et al. (2019, arXiv:1909.08593), when `target_kl` is set."""
+        if self.cfg.target_kl is None:
+            return
+        error = float(np.clip(kl / self.cfg.target_kl - 1.0, -0.2, 0.2))
+        self.kl_coef *= 1.0 + error * n / self.cfg.kl_horizon
+
+    def policy_model(self) -> CausalLM:
+        return nnx.merge(self.policy_def, self.state.params["policy"])

@@ -1,0 +1,221 @@
+"""The PPO training loop: `train_ppo(cfg) -> TrainResult` (`jaxrlhf train ppo --config ...`).
+
+Prompts come from the `prompt` column of the training files (strings, or conversations rendered with
+the chat template and a generation prompt). Each step is one `PPOEngine.step`: a rollout of
+`train.batch_size` prompts, scoring, advantages and `ppo.num_ppo_epochs` x minibatch updates. Same
+engine as the other trainers: mesh, orbax checkpoints with exact resume, SIGTERM save, JSONL /
+TensorBoard metrics, and the trained policy exported with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf.data import BatchIterator, DataError, bucket_length, load_rows
+from jaxrlhf.models import from_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.parallel import DEFAULT_RULES, make_mesh
+from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
+from jaxrlhf.train.config import ExperimentConfig, config_to_dict
+from jaxrlhf.train.metrics import MetricsLogger
+from jaxrlhf.train.pipeline import resolve_data_path
+from jaxrlhf.train.ppo import PPOEngine, ScoreFn
+from jaxrlhf.train.step import make_optimizer, make_schedule
+from jaxrlhf.train.trainer import TrainResult, maybe_initialize_distributed, model_directory
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_prompts(files: list[str], tokenizer: Any, *, max_prompt_length: int) -> list[np.ndarray]:
+    """Token ids of every row's `prompt` (conversations get the chat template and a generation
+    prompt), truncated from the left to `max_prompt_length`. Bad rows raise `DataError`."""
+    out: list[np.ndarray] = []
+    for file in files:
+        rows = load_rows(file)
+        for i in range(len(rows)):
+            row = rows[i]
+            where, r = rows.locate(i)
+            prompt = row.get("prompt")
+            if isinstance(prompt, list):
+                try:
+                    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                except Exception as e:  # malformed messages
+                    raise DataError(
+                        f"cannot render the conversation ({e})", file=where, row=r, field="prompt"
+                    ) from e
+            elif isinstance(prompt, str) and prompt.strip():
+                text = prompt
+            else:
+                got = "missing" if prompt is None else f"a {type(prompt).__name__}"
+                raise DataError(
+                    f"expected a non-empty string or a list of messages, got {got}",
+                    file=where,
+                    row=r,
+                    field="prompt",
+                )
+            ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+            out.append(ids[-max_prompt_length:])
+    return out
+
+
+def load_score_fn(spec: str, tokenizer: Any, prompt_len_fn: Callable[[], int]) -> ScoreFn:
+    """`module:function` taking `(prompts: list[str], completions: list[str]) -> scores`, wrapped to
+    take token ids."""
+    module, _, name = spec.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+
+    def score(ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
+        n = response_mask.shape[1]
+        prompts = tokenizer.batch_decode(ids[:, :-n], skip_special_tokens=True)
+        completions = [
+            tokenizer.decode(row[m == 1], skip_special_tokens=True)
+            for row, m in zip(ids[:, -n:], response_mask, strict=True)
+        ]
+        return np.asarray(fn(prompts, completions), np.float32)
+
+    return score
+
+
+def _collate_prompts(pad_id: int, buckets: Any) -> Callable[..., dict[str, np.ndarray]]:
+    def collate(rows: list[np.ndarray], *, batch_size: int, min_length: int) -> dict[str, np.ndarray]:
+        width = bucket_length(max([min_length, *(len(r) for r in rows)]), buckets)
+        ids = np.full((batch_size, width), pad_id, np.int32)
+        mask = np.zeros_like(ids)
+        for i, row in enumerate(rows):  # left padding: generation starts at the same slot for all
+            ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+        return {"prompt_ids": ids, "prompt_mask": mask}
+
+    return collate
+
+
+def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> TrainResult:
+    """RLHF with PPO as configured (`kind: ppo`)."""
+    maybe_initialize_distributed(cfg)
+    if jax.process_count() > 1:
+        raise NotImplementedError("PPO runs in one process (any number of local devices) for now")
+    t, p = cfg.train, cfg.ppo
+    if (p.reward_model is None) == (p.reward_fn is None):
+        raise ValueError("ppo: give exactly one of ppo.reward_model and ppo.reward_fn")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = (
+        [(r, tuple(a)) for r, a in cfg.mesh.rules] + list(DEFAULT_RULES) if cfg.mesh.rules else DEFAULT_RULES
+    )
+    say = log or (lambda msg: print(msg, flush=True))
+    policy_dir = model_directory(cfg.model.path)
+    tokenizer = load_tokenizer(model_directory(cfg.model.tokenizer) if cfg.model.tokenizer else policy_dir)
+    files = [resolve_data_path(f) for f in cfg.data.train_file_list]
+    prompts = load_prompts(files, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
+    say(f"ppo: {len(prompts)} prompts, {jax.device_count()} devices, mesh {dict(mesh.shape)}")
+    kw = dict(
+        dtype=_DTYPES[cfg.model.dtype],
+        param_dtype=_DTYPES[cfg.model.param_dtype],
+        mesh=mesh,
+        rules=rules,
+        remat=cfg.model.remat,
+    )
+    policy = from_pretrained(policy_dir, **kw)
+    reward_model = None
+    if p.reward_model is not None:
+        reward_model = from_pretrained(model_directory(p.reward_model), head="score", **kw)
+    if p.critic_init == "reward_model" and p.reward_model is not None:
+        critic = from_pretrained(model_directory(p.reward_model), head="score", **kw)
+    else:
+        critic = from_pretrained(policy_dir, head="score", init_score_head=True, seed=t.seed, **kw)
+    total_steps = t.max_steps or t.num_epochs * (len(prompts) // t.batch_size)
+    o = cfg.optim
+    schedule = make_schedule(
+        o.learning_rate,
+        total_steps * p.num_ppo_epochs * p.num_mini_batches,
+        warmup_steps=o.warmup_steps,
+        kind=o.schedule,
+        min_lr_ratio=o.min_lr_ratio,
+    )
+    optimizer = make_optimizer(
+        schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm
+    )
+    eos_ids = sorted({int(tokenizer.eos_token_id)})
+    engine = PPOEngine(
+        policy,
+        critic,
+        reward_model,
+        p,
+        optimizer,
+        mesh,
+        eos_token_ids=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=t.seed,
+    )
+    del policy, critic, reward_model
+    score_fn = load_score_fn(p.reward_fn, tokenizer, lambda: 0) if p.reward_fn else None
+    batches = BatchIterator(
+        prompts,
+        _collate_prompts(tokenizer.pad_token_id, cfg.data.buckets),
+        global_batch_size=t.batch_size,
+        seed=cfg.data.seed,
+        drop_last=True,
+        length_fn=len,
+    )
+    os.makedirs(t.output_dir, exist_ok=True)
+    checkpointer = Checkpointer(os.path.join(t.output_dir, "checkpoints"), keep=t.keep_checkpoints)
+    step = 0
+    if t.resume and checkpointer.latest_step() is not None:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), engine.state
+        )
+        step, engine.state, extra = checkpointer.restore(abstract_state=abstract)
+        batches.restore(extra["data"])
+        engine.kl_coef = float(extra["kl_coef"])
+        say(f"resumed from step {step}")
+    logger = MetricsLogger(t.output_dir, total_steps=total_steps, tensorboard=t.tensorboard, start_step=step)
+    history: list[dict[str, float]] = []
+    preempted = False
+    iterator = iter(batches)
+    with PreemptionGuard() as guard:
+        while step < total_steps:
+            batch = next(iterator)
+            metrics = engine.step(batch["prompt_ids"], batch["prompt_mask"], score_fn)
+            step += 1
+            history.append({"step": step, **metrics})
+            if step % t.log_every == 0 or step == 1 or step == total_steps:
+                logger.log(step, metrics)
+            else:
+                logger.progress(step)
+            extra = {"data": batches.state(), "kl_coef": engine.kl_coef, "config": config_to_dict(cfg)}
+            if guard.should_stop(step):
+                checkpointer.save(step, engine.state, extra, force=True)
+                checkpointer.wait()
+                logger.print(f"preempted: checkpoint saved at step {step}; rerun with train.resume=true")
+                preempted = True
+                break
+            if t.save_every and step % t.save_every == 0:
+                checkpointer.save(step, engine.state, extra)
+    if not preempted:
+        extra = {"data": batches.state(), "kl_coef": engine.kl_coef, "config": config_to_dict(cfg)}
+        checkpointer.save(step, engine.state, extra, force=True)
+    checkpointer.close()
+    export_dir = None
+    if t.export and not preempted:
+        export_dir = os.path.join(t.output_dir, "export")
+        save_pretrained(engine.policy_model(), export_dir, tokenizer=tokenizer)
+        logger.print(f"exported the policy to {export_dir}")
+    with open(os.path.join(t.output_dir, "summary.json"), "w") as f:
+        json.dump(
+            {
+                "steps": step,
+                "preempted": preempted,
+                "export_dir": export_dir,
+                "first": history[0] if history else None,
+                "last": history[-1] if history else None,
+            },
+            f,
+            indent=2,
+        )
+    logger.close()
+    return TrainResult(step, history, None, None, export_dir, preempted)

@@ -1,0 +1,210 @@
+"""PPO: a controlled task with a closed-form reward on a tiny model, and one rollout's per-token
+rewards, KL and advantages against a plain numpy recomputation."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+from tiny_hf import make_hf_model  # noqa: E402
+
+from jaxrlhf.models import from_pretrained  # noqa: E402
+from jaxrlhf.parallel import make_mesh  # noqa: E402
+from jaxrlhf.train.config import PPOConfig  # noqa: E402
+from jaxrlhf.train.ppo import PPOEngine  # noqa: E402
+from jaxrlhf.train.step import make_optimizer, make_schedule  # noqa: E402
+
+EOS, PAD = 1, 0
+
+
+def low_token_fraction(ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
+    """The closed-form reward: the fraction of response tokens with id < 48 (half the vocabulary)."""
+    response = ids[:, -response_mask.shape[1] :]
+    return ((response < 48) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    path = tempfile.mkdtemp()
+    make_hf_model("llama").save_pretrained(path)
+    return path
+
+
+def _engine(path, cfg, lr=3e-4, seed=0):
+    mesh = make_mesh(devices=jax.devices()[:1])
+    policy = from_pretrained(path, mesh=mesh)
+    critic = from_pretrained(path, head="score", init_score_head=True, mesh=mesh)
+    optimizer = make_optimizer(make_schedule(lr, 100, kind="constant"), eps=1e-5)  # Adam eps 1e-5
+    return PPOEngine(
+        policy, critic, None, cfg, optimizer, mesh, eos_token_ids=[EOS], pad_token_id=PAD, seed=seed
+    )
+
+
+def _prompts(n=16, length=6, seed=0):
+    ids = np.random.default_rng(seed).integers(3, 96, (n, length)).astype(np.int32)
+    return ids, np.ones_like(ids)
+
+
+def test_ppo_raises_a_closed_form_reward_with_bounded_kl(tiny_llama):
+    """Stated: within 60 PPO iterations (16 prompts, 8-token responses, lr 3e-4, kl_coef 0.05) the mean
+    score of the last 5 iterations is >= 0.85 and >= 0.2 above the first 5 (from ~0.55), while the
+    summed per-sequence KL to the reference stays below 6 nats (measured: 0.99 and ~3.5)."""
+    cfg = PPOConfig(
+        response_length=8,
+        temperature=1.0,
+        kl_coef=0.05,
+        missing_eos_penalty=None,
+        num_ppo_epochs=4,
+        num_mini_batches=2,
+    )
+    engine = _engine(tiny_llama, cfg)
+    prompts, mask = _prompts()
+    history = [engine.step(prompts, mask, low_token_fraction) for _ in range(60)]
+    scores = [m["objective/scores"] for m in history]
+    first, last = np.mean(scores[:5]), np.mean(scores[-5:])
+    assert last >= 0.85 and last >= first + 0.2, (first, last)
+    assert max(m["objective/kl"] for m in history) < 6.0
+    assert all(np.isfinite(m["loss/value_avg"]) for m in history)
+
+
+def test_rollout_tensors_match_numpy(tiny_llama):
+    cfg = PPOConfig(
+        response_length=6,
+        temperature=0.8,
+        kl_coef=0.1,
+        kl_estimator="k3",
+        missing_eos_penalty=2.0,
+        gamma=0.99,
+        lam=0.9,
+    )
+    engine = _engine(tiny_llama, cfg, seed=3)
+    prompts, mask = _prompts(n=8, seed=1)
+    mask[:3, :2] = 0  # left padding
+    prompts[:3, :2] = PAD
+    engine.step(prompts, mask, low_token_fraction)
+    r = jax.tree.map(np.asarray, engine.last_rollout)
+    m = r.response_mask.astype(np.float64)
+    lp, ref = r.logprobs.astype(np.float64), r.ref_logprobs.astype(np.float64)
+    # the sampler's log-probs (KV-cache path) equal the scoring pass (full forward)
+    np.testing.assert_allclose(np.asarray(engine.last_sampler_logprobs) * m, lp * m, atol=1e-4)
+    np.testing.assert_allclose(ref * m, lp * m, atol=1e-5)  # first rollout: policy == reference
+    # scores: the closed-form reward, minus the missing-EOS penalty
+    response = r.ids[:, -m.shape[1] :]
+    has_eos = ((response == EOS) * m).sum(1) > 0
+    expected_scores = low_token_fraction(r.ids, r.response_mask) - 2.0 * (~has_eos)
+    np.testing.assert_allclose(r.scores, expected_scores, atol=1e-6)
+    # per-token KL (k3) and rewards
+    log_ratio = ref - lp
+    kl = (np.exp(log_ratio) - 1 - log_ratio) * m
+    np.testing.assert_allclose(r.kl, kl, atol=1e-6)
+    rewards = -0.1 * kl
+    last = m.sum(1).astype(int) - 1
+    rewards[np.arange(len(last)), last] += r.scores
+    np.testing.assert_allclose(r.rewards, rewards * m, atol=1e-6)
+    # GAE by a plain backwards loop, then whitening over the real tokens
+    values = r.values.astype(np.float64)
+    adv = np.zeros_like(rewards)
+    for b in range(adv.shape[0]):
+        running = 0.0
+        for t in reversed(range(adv.shape[1])):
+            if m[b, t] == 0:
+                continue
+            next_value = values[b, t + 1] if t + 1 < adv.shape[1] and m[b, t + 1] else 0.0
+            delta = rewards[b, t] + 0.99 * next_value - values[b, t]
+            running = delta + 0.99 * 0.9 * running
+            adv[b, t] = running
+    returns = (adv + values) * m
+    np.testing.assert_allclose(r.returns, returns, atol=1e-5)
+    real = adv[m == 1]
+    whitened = (adv - real.mean()) / np.sqrt(real.var(ddof=1) + 1e-8) * m
+    np.testing.assert_allclose(r.advantages, whitened, atol=1e-4)
+
+
+def test_ppo_trainer_cli_with_reward_function(tmp_path):
+    """`jaxrlhf train ppo` end to end on a tiny model with the real tokenizer and a Python reward
+    function: runs, checkpoints, resumes and exports a policy transformers can load."""
+    import subprocess
+
+    import transformers as tf
+    from test_trainer import _overrides  # the tiny-model set-up of the other trainers
+
+    from jaxrlhf.models import load_tokenizer
+    from jaxrlhf.models.demo import demo_model_path
+
+    tiny = str(tmp_path / "tiny")
+    cfg = tf.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tiny)
+    load_tokenizer(demo_model_path()).save_pretrained(tiny)
+    train_file = os.path.join(
+        os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo", "test.jsonl"
+    )
+    out = str(tmp_path / "run")
+    args = _overrides(
+        tiny,
+        (train_file, train_file),
+        out,
+        **{
+            "train.max_steps": 2,
+            "train.save_every": 1,
+            "train.export": True,
+            "ppo.reward_fn": "ppo_rewards:digit_fraction",
+            "ppo.response_length": 8,
+            "ppo.num_ppo_epochs": 2,
+            "ppo.num_mini_batches": 2,
+            "ppo.critic_init": "policy",
+        },
+    )
+    args = [a for a in args if not a.startswith(("data.eval_files", "train.grad_accum_steps"))]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+
+    def run(extra: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "jaxrlhf", "train", "ppo", *args, *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    proc = run([])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, "export", "config.json"))
+    tf.AutoModelForCausalLM.from_pretrained(os.path.join(out, "export"))
+    proc = run(["train.max_steps=3"])  # resumes from step 2 and runs one more
+    assert proc.returncode == 0 and "resumed from step 2" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    import json
+
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    names = set(rows[0])
+    for key in (
+        "objective/kl",
+        "objective/entropy",
+        "objective/scores",
+        "objective/non_score_reward",
+        "objective/rlhf_reward",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+        "val/num_eos_tokens",
+    ):
+        assert key in names, key
