@@ -23,7 +23,7 @@ def generate_replies(model_path: str, prompts: Sequence[str], max_new_tokens: in
     """Greedy chat replies of the model at `model_path` (our Flax implementation) and the seconds taken."""
     import numpy as np
 
-    from jaxrlhf.generation import greedy_generate
+    from jaxrlhf.generation import generate
     from jaxrlhf.models import from_pretrained, load_tokenizer
 
     model, tok = from_pretrained(model_path), load_tokenizer(model_path)
@@ -39,11 +39,16 @@ def generate_replies(model_path: str, prompts: Sequence[str], max_new_tokens: in
     for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
         ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
     start = time.perf_counter()
-    tokens, done = greedy_generate(
-        model, ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=[tok.eos_token_id],
+    out = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=[tok.eos_token_id],
         pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    tokens, done = np.asarray(tokens), np.asarray(done)
+        temperature=0.0,
+    )
+    tokens, done = np.asarray(out.tokens), np.asarray(out.completion_mask)
     replies = [
         tok.decode(row[m == 1], skip_special_tokens=True).strip() for row, m in zip(tokens, done, strict=True)
     ]

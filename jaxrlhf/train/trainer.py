@@ -66,14 +66,18 @@ class Indexed:
 
 
 def maybe_initialize_distributed(cfg: ExperimentConfig) -> None:
-    m = cfg.mesh
-    if m.coordinator_address is None and m.num_processes is None:
-        return
+    """Join the other processes with `jax.distributed.initialize`: with the coordinator given in the
+    config (`mesh.coordinator_address`, `num_processes`, `process_id`), or auto-detected on a
+    multi-host TPU slice (JAX reads the TPU metadata itself). Single-host runs skip it."""
     if jax.distributed.is_initialized():  # e.g. by a notebook; must not touch the backend first
         return
-    jax.distributed.initialize(
-        coordinator_address=m.coordinator_address, num_processes=m.num_processes, process_id=m.process_id
-    )
+    m = cfg.mesh
+    if m.coordinator_address is not None or m.num_processes is not None:
+        jax.distributed.initialize(
+            coordinator_address=m.coordinator_address, num_processes=m.num_processes, process_id=m.process_id
+        )
+    elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        jax.distributed.initialize()
 
 
 def model_directory(path: str) -> str:
