@@ -1,6 +1,5 @@
-"""Decoding: the compiled KV-cache sampler (`generate`) and full-buffer greedy decoding."""
+"""Decoding: the compiled KV-cache sampler (greedy, temperature, top-k, top-p)."""
 
-from jaxrlhf.generation.greedy import greedy_generate
 from jaxrlhf.generation.sampling import Generation, filter_logits, generate, sample_tokens
 
-__all__ = ["Generation", "filter_logits", "generate", "greedy_generate", "sample_tokens"]
+__all__ = ["Generation", "filter_logits", "generate", "sample_tokens"]

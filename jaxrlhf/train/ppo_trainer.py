@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.data import BatchIterator, DataError, bucket_length, load_rows
@@ -29,8 +28,6 @@ from jaxrlhf.train.pipeline import resolve_data_path
 from jaxrlhf.train.ppo import PPOEngine, ScoreFn
 from jaxrlhf.train.step import make_optimizer, make_schedule
 from jaxrlhf.train.trainer import TrainResult, maybe_initialize_distributed, model_directory
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_prompts(files: list[str], tokenizer: Any, *, max_prompt_length: int) -> list[np.ndarray]:
@@ -114,8 +111,8 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     prompts = load_prompts(files, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
     say(f"ppo: {len(prompts)} prompts, {jax.device_count()} devices, mesh {dict(mesh.shape)}")
     kw = dict(
-        dtype=_DTYPES[cfg.model.dtype],
-        param_dtype=_DTYPES[cfg.model.param_dtype],
+        dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype,
         mesh=mesh,
         rules=rules,
         remat=cfg.model.remat,

@@ -42,7 +42,6 @@ from jaxrlhf.train.step import (
     state_shardings,
 )
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Test hook: simulate a crash (os._exit) right after the checkpoint of this step is written.
 _CRASH_ENV = "JAXRLHF_CRASH_AFTER_STEP"
 
@@ -320,8 +319,8 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     pad_id = tokenizer.pad_token_id
 
     model = from_pretrained(
-        model_dir, head="score" if cfg.kind == "reward" else "lm", dtype=_DTYPES[cfg.model.dtype],
-        param_dtype=_DTYPES[cfg.model.param_dtype], mesh=mesh, rules=rules, remat=cfg.model.remat,
+        model_dir, head="score" if cfg.kind == "reward" else "lm", dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype, mesh=mesh, rules=rules, remat=cfg.model.remat,
         init_score_head=cfg.kind == "reward", seed=t.seed,
     )  # fmt: skip
     objective = _objective(cfg)

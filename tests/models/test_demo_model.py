@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as tf
 
-from jaxrlhf.generation import greedy_generate
+from jaxrlhf.generation import generate
 from jaxrlhf.models import demo as demo_mod
 from jaxrlhf.models import from_pretrained, load_tokenizer
 
@@ -99,14 +99,15 @@ def test_demo_greedy_agrees_with_transformers_generate(both_models):
             do_sample=False,
             pad_token_id=tok.pad_token_id,
         )[0, ids.shape[1] :].numpy()
-    got, mask = greedy_generate(
+    out = generate(
         ours,
         ids,
         np.ones_like(ids),
         max_new_tokens=steps,
         eos_token_ids=[tok.eos_token_id],
         pad_token_id=tok.pad_token_id,
+        temperature=0.0,
     )
-    got = np.asarray(got)[0]
+    got = np.asarray(out.tokens)[0]
     assert len(ref) == steps and tok.eos_token_id not in ref[:16]
     np.testing.assert_array_equal(got[:steps], ref)
