@@ -32,6 +32,7 @@ from jaxrlhf.losses import (
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
+    token_logprobs,
     token_logprobs_from_hidden,
 )
 from jaxrlhf.models.decoder import CausalLM
@@ -66,15 +67,28 @@ class Rollout:
     kl: Array  # [B, N] per-token KL estimate (masked)
 
 
-def response_logprobs(model: CausalLM, ids: Array, mask: Array, positions: Array, prompt_len: int,
-                      temperature: float) -> Array:  # fmt: skip
+def response_logprobs(
+    model: CausalLM,
+    ids: Array,
+    mask: Array,
+    positions: Array,
+    prompt_len: int,
+    temperature: float,
+    *,
+    with_entropy: bool = False,
+) -> Any:
     """Log-probs `[B, N]` of the response tokens under `softmax(logits / temperature)`: the hidden
-    state at slot t predicts the token at t + 1, so the response starts from slot P - 1."""
-    hidden = model.hidden_states(ids, mask, positions)
+    state at slot t predicts the token at t + 1, so the response starts from slot P - 1. With
+    `with_entropy`, also the per-token entropy `[B, N]` of that distribution (from the same pass)."""
+    hidden = model.hidden_states(ids, mask, positions)[:, prompt_len - 1 : -1]
+    labels = ids[:, prompt_len:]
+    if with_entropy:
+        logits = model.apply_head(hidden)
+        return token_logprobs(logits, labels, temperature=temperature), entropy_from_logits(
+            logits, temperature=temperature
+        )
     head = model.lm_head_kernel().astype(hidden.dtype)
-    return token_logprobs_from_hidden(
-        hidden[:, prompt_len - 1 : -1], head, ids[:, prompt_len:], temperature=temperature
-    )
+    return token_logprobs_from_hidden(hidden, head, labels, temperature=temperature)
 
 
 def response_values(critic: CausalLM, ids: Array, mask: Array, positions: Array, prompt_len: int) -> Array:
@@ -157,7 +171,9 @@ class PPOEngine:
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         policy = nnx.merge(self.policy_def, params["policy"])
         ref = nnx.merge(self.policy_def, ref_params)
-        logprobs = response_logprobs(policy, ids, mask, positions, prompt_len, cfg.temperature)
+        logprobs, entropy = response_logprobs(
+            policy, ids, mask, positions, prompt_len, cfg.temperature, with_entropy=True
+        )
         ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, cfg.temperature)
         values = response_values(
             nnx.merge(self.critic_def, params["critic"]), ids, mask, positions, prompt_len
@@ -177,8 +193,6 @@ class PPOEngine:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False)
         advantages, returns = gae(rewards, values, response_mask, gamma=cfg.gamma, lam=cfg.lam)
         advantages = masked_whiten(advantages, response_mask)  # detail: advantage whitening
-        hidden = policy.hidden_states(ids, mask, positions)[:, prompt_len - 1 : -1]
-        entropy = entropy_from_logits(policy.apply_head(hidden), temperature=cfg.temperature)
         m = response_mask.astype(jnp.float32)
         metrics = {
             "objective/kl": jnp.mean(jnp.sum(kl * m, axis=1)),
