@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = [
     "01_dpo_quickstart.ipynb",
+    "02_rlhf_with_ppo.ipynb",
     "03_losses_in_your_jax_code.ipynb",
 ]
 KERNEL_NAME = "python3"

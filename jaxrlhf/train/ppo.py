@@ -267,14 +267,14 @@ class PPOEngine:
         self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, score_fn: ScoreFn | None = None
     ) -> dict[str, float]:
         """One PPO iteration: rollout, scoring, advantages, `num_ppo_epochs` x minibatch updates."""
+        if (self.rm_params is None) == (score_fn is None):
+            raise ValueError("PPO needs exactly one of a reward model (at construction) or a score_fn")
         start = time.perf_counter()
         tokens, response_mask = self.generate(prompt_ids, prompt_mask)
         ids = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), tokens], axis=1)
         mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), response_mask], axis=1)
         host_scores = None
         if self.rm_params is None:
-            if score_fn is None:
-                raise ValueError("PPO needs a reward model or a score function")
             host_scores = jnp.asarray(score_fn(np.asarray(ids), np.asarray(response_mask)), jnp.float32)
         jax.block_until_ready(tokens)
         gen_seconds = time.perf_counter() - start

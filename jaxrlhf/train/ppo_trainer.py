@@ -62,7 +62,7 @@ def load_prompts(files: list[str], tokenizer: Any, *, max_prompt_length: int) ->
     return out
 
 
-def load_score_fn(spec: str, tokenizer: Any, prompt_len_fn: Callable[[], int]) -> ScoreFn:
+def load_score_fn(spec: str, tokenizer: Any) -> ScoreFn:
     """`module:function` taking `(prompts: list[str], completions: list[str]) -> scores`, wrapped to
     take token ids."""
     module, _, name = spec.partition(":")
@@ -100,6 +100,8 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     t, p = cfg.train, cfg.ppo
     if (p.reward_model is None) == (p.reward_fn is None):
         raise ValueError("ppo: give exactly one of ppo.reward_model and ppo.reward_fn")
+    if t.batch_size % p.num_mini_batches:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of ppo.num_mini_batches")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = (
         [(r, tuple(a)) for r, a in cfg.mesh.rules] + list(DEFAULT_RULES) if cfg.mesh.rules else DEFAULT_RULES
@@ -150,7 +152,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         seed=t.seed,
     )
     del policy, critic, reward_model
-    score_fn = load_score_fn(p.reward_fn, tokenizer, lambda: 0) if p.reward_fn else None
+    score_fn = load_score_fn(p.reward_fn, tokenizer) if p.reward_fn else None
     batches = BatchIterator(
         prompts,
         _collate_prompts(tokenizer.pad_token_id, cfg.data.buckets),
