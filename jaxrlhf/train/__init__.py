@@ -1,4 +1,5 @@
-"""Training engine: configuration, metrics logging, checkpointing (and, later, the trainers)."""
+"""Training engine: configs, the SFT / reward / DPO trainer (`train`), PPO (`PPOEngine`, `train_ppo`),
+metrics logging and checkpointing."""
 
 from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
 from jaxrlhf.train.config import (
@@ -19,8 +20,16 @@ from jaxrlhf.train.config import (
     load_config,
 )
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
+from jaxrlhf.train.ppo import PPOEngine
+from jaxrlhf.train.ppo_trainer import train_ppo
+from jaxrlhf.train.trainer import TrainResult, train
 
 __all__ = [
+    # trainers
+    "PPOEngine",
+    "TrainResult",
+    "train",
+    "train_ppo",
     # config.py
     "ConfigError",
     "DataConfig",
