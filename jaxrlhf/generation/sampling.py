@@ -29,18 +29,29 @@ class Generation:
 
 
 def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
-    """Mask (to -inf) tokens outside the top-k and outside the nucleus of mass `top_p` (Holtzman et al.
-    2020, arXiv:1904.09751); the most likely token always survives."""
+    """Mask (to the dtype's minimum) tokens outside the top-k and outside the nucleus of mass `top_p`
+    (Holtzman et al. 2020, arXiv:1904.09751); the most likely token always survives.
+
+    Both avoid sorting the vocabulary (slow on CPU): top-k reads the k-th value from `lax.top_k`, and
+    the nucleus threshold is found by bisection on the probability: the largest t with
+    `sum(p[p >= t]) >= top_p`, in 32 halvings.
+    """
     neg = jnp.finfo(logits_BxV.dtype).min
     if top_k > 0:
-        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        kth = jnp.min(jax.lax.top_k(logits_BxV, top_k)[0], axis=-1, keepdims=True)
         logits_BxV = jnp.where(logits_BxV < kth, neg, logits_BxV)
     if top_p < 1.0:
-        sorted_desc = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        logits_BxV = jnp.where(logits_BxV < cutoff, neg, logits_BxV)
+        probs = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
+
+        def halve(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            enough = jnp.sum(jnp.where(probs >= mid, probs, 0.0), axis=-1, keepdims=True) >= top_p
+            return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+        start = (jnp.zeros_like(probs[:, :1]), jnp.max(probs, axis=-1, keepdims=True))
+        threshold, _ = jax.lax.fori_loop(0, 32, halve, start)
+        logits_BxV = jnp.where(probs >= threshold, logits_BxV, neg)
     return logits_BxV
 
 

@@ -260,7 +260,10 @@ class CausalLM(nnx.Module):
             self.score.kernel = _init(rngs, (cfg.hidden_size, 1), cfg.param_dtype, std=std)
 
     def _embed(self, input_ids: Array, positions: Array) -> tuple[Array, Array | None, Array | None]:
-        x = self.embed_tokens(input_ids)
+        # Ids outside the vocabulary (e.g. a pad token added past it) may only sit at masked
+        # positions; embed them as id 0 so they cannot bring NaN (jnp.take fills with NaN).
+        in_vocab = (input_ids >= 0) & (input_ids < self.config.vocab_size)
+        x = self.embed_tokens(jnp.where(in_vocab, input_ids, 0))
         if self.embed_positions is not None:
             return x + self.embed_positions(positions), None, None
         freqs_BxTxH2 = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.config))

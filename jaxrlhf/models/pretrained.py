@@ -212,8 +212,8 @@ def load_tokenizer(path_or_hub_id: str, *, pad_token: str | None = None) -> Any:
       2. the checkpoint's pad token exists and differs from EOS: keep it.
       3. otherwise (no pad, or pad == EOS): use `<|pad|>` if it is already in the vocabulary, else the
          tokenizer's `unk_token` if it is set and differs from EOS; otherwise add a new `<|pad|>` token
-         (its id is `len(tokenizer)`; the id never reaches the model's embedding because padded
-         positions are masked and their ids replaced, so the vocabulary need not grow).
+         (its id is `len(tokenizer)`, possibly past the embedding: padded positions are masked, and
+         the model embeds out-of-vocabulary ids as id 0, so the vocabulary need not grow).
     Padding side is left (the layout generation wants); collators choose their own side explicitly.
     """
     from transformers import AutoTokenizer
