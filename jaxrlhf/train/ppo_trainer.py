@@ -27,7 +27,7 @@ from jaxrlhf.train.metrics import MetricsLogger
 from jaxrlhf.train.pipeline import resolve_data_path
 from jaxrlhf.train.ppo import PPOEngine, ScoreFn
 from jaxrlhf.train.step import make_optimizer, make_schedule
-from jaxrlhf.train.trainer import TrainResult, maybe_initialize_distributed, model_directory
+from jaxrlhf.train.trainer import TrainResult, fresh_start, maybe_initialize_distributed, model_directory
 
 
 def load_prompts(files: list[str], tokenizer: Any, *, max_prompt_length: int) -> list[np.ndarray]:
@@ -162,6 +162,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         length_fn=len,
     )
     os.makedirs(t.output_dir, exist_ok=True)
+    fresh_start(t.output_dir, t.resume)
     checkpointer = Checkpointer(os.path.join(t.output_dir, "checkpoints"), keep=t.keep_checkpoints)
     step = 0
     if t.resume and checkpointer.latest_step() is not None:

@@ -79,6 +79,18 @@ def maybe_initialize_distributed(cfg: ExperimentConfig) -> None:
         jax.distributed.initialize()
 
 
+def fresh_start(output_dir: str, resume: bool) -> None:
+    """Without `train.resume`, a run in an existing directory starts clean: earlier checkpoints and
+    metrics are moved aside (never deleted) so they can neither be resumed by accident nor mixed in."""
+    if resume or jax.process_index() != 0:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in ("checkpoints", "metrics.jsonl"):
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            os.replace(path, f"{path}.old-{stamp}")
+
+
 def model_directory(path: str) -> str:
     return demo_model_path() if path == "demo" else resolve_checkpoint(path)
 
@@ -299,6 +311,7 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         [(p, tuple(a)) for p, a in cfg.mesh.rules] + list(DEFAULT_RULES) if cfg.mesh.rules else DEFAULT_RULES
     )
     os.makedirs(t.output_dir, exist_ok=True)
+    fresh_start(t.output_dir, t.resume)
     logger: MetricsLogger | None = None
 
     def say(msg: str) -> None:  # through the progress bar once it exists

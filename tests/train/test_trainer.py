@@ -155,3 +155,18 @@ def test_python_api_trains_and_exports(kind, tiny_dir, data_files, tmp_path):
     else:
         tf.AutoModelForCausalLM.from_pretrained(result.export_dir)
     assert os.path.exists(os.path.join(result.export_dir, "tokenizer_config.json"))
+
+
+def test_fresh_start_moves_old_run_aside(tmp_path):
+    from jaxrlhf.train.trainer import fresh_start
+
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    fresh_start(str(tmp_path), resume=True)
+    assert (tmp_path / "checkpoints").exists() and (tmp_path / "metrics.jsonl").exists()
+    fresh_start(str(tmp_path), resume=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "checkpoints" not in names and "metrics.jsonl" not in names
+    assert any(n.startswith("checkpoints.old-") for n in names) and any(
+        n.startswith("metrics.jsonl.old-") for n in names
+    )
