@@ -48,12 +48,14 @@ Batch = dict[str, np.ndarray]
 def bucket_length(n: int, buckets: Sequence[int] | None = None) -> int:
     """The smallest bucket ``>= n``.
 
-    Default buckets: powers of two from 64 up to 256, then multiples of 256
-    (64, 128, 256, 512, 768, 1024, 1280, ...).
+    Default buckets: powers of two and their 1.5x from 64 up to 512, then multiples of 256
+    (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1280, ...): at most ~33% padding, a handful of
+    compilations.
     """
     if buckets is None:
-        if n <= 256:
-            return max(64, 1 << max(n - 1, 0).bit_length())
+        for bucket in (64, 96, 128, 192, 256, 384, 512):
+            if n <= bucket:
+                return bucket
         return -(-n // 256) * 256
     for bucket in sorted(buckets):
         if bucket >= n:

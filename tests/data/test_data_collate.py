@@ -155,10 +155,12 @@ def test_collate_sequences_is_exactly_as_written():
         (0, 64),
         (1, 64),
         (64, 64),
-        (65, 128),
-        (129, 256),
+        (65, 96),
+        (97, 128),
+        (129, 192),
         (256, 256),
-        (257, 512),
+        (257, 384),
+        (385, 512),
         (513, 768),
         (1024, 1024),
         (1025, 1280),
@@ -180,10 +182,10 @@ def test_shapes_come_from_buckets_and_min_length():
     assert short["input_ids"].shape == (4, 64)
     assert collate_pairs([PAIR_A], pad_id=0, batch_size=4, min_length=65)["input_ids"].shape == (
         4,
-        128,
+        96,
     )
     long_pair = TokenizedPair(np.ones(100), np.ones(50), np.ones(30))
-    assert collate_pairs([long_pair, PAIR_A], pad_id=0)["input_ids"].shape == (2, 256)
+    assert collate_pairs([long_pair, PAIR_A], pad_id=0)["input_ids"].shape == (2, 192)
 
 
 def test_batch_size_errors():

@@ -116,7 +116,7 @@ def test_shards_share_one_shape_and_pad_short_batches():
         for s in range(2)
     ]
     first = [next(shard) for shard in shards]
-    assert [b["input_ids"].shape for b in first] == [(2, 128), (2, 128)]  # 90 -> 128
+    assert [b["input_ids"].shape for b in first] == [(2, 96), (2, 96)]  # 90 -> 96
     last = [next(shard) for shard in shards]  # the fifth pair alone, then dummy rows
     assert [b["input_ids"].shape for b in last] == [(2, 64), (2, 64)]
     assert last[0]["row_valid"].tolist() == [1, 0] and last[1]["row_valid"].tolist() == [0, 0]
