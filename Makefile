@@ -25,8 +25,8 @@ demo: $(STAMP)
 	$(PY) -m jaxrlhf demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check jaxrlhf tests bench
+	$(VENV)/bin/ruff check jaxrlhf tests bench docs
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check jaxrlhf tests bench
+	$(VENV)/bin/ruff check jaxrlhf tests bench docs

@@ -70,8 +70,7 @@ def uptime() -> str:
 
 def load_prompts(n: int):
     """(left-padded ids [n, P] int32, mask [n, P] int32, tokenizer, model path)."""
-    import numpy as np
-
+    from jaxrlhf.data import left_pad
     from jaxrlhf.models import load_tokenizer
     from jaxrlhf.models.demo import demo_model_path
 
@@ -83,12 +82,7 @@ def load_prompts(n: int):
     for row in rows:
         text = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         seqs.append(tok(text, add_special_tokens=False)["input_ids"])
-    width = max(map(len, seqs))
-    ids = np.full((n, width), tok.pad_token_id, np.int32)
-    mask = np.zeros((n, width), np.int32)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = s
-        mask[i, width - len(s) :] = 1
+    ids, mask = left_pad(seqs, tok.pad_token_id)
     return ids, mask, tok, path
 
 

@@ -23,6 +23,7 @@ def generate_replies(model_path: str, prompts: Sequence[str], max_new_tokens: in
     """Greedy chat replies of the model at `model_path` (our Flax implementation) and the seconds taken."""
     import numpy as np
 
+    from jaxrlhf.data import left_pad
     from jaxrlhf.generation import generate
     from jaxrlhf.models import from_pretrained, load_tokenizer
 
@@ -33,11 +34,7 @@ def generate_replies(model_path: str, prompts: Sequence[str], max_new_tokens: in
         )["input_ids"]
         for p in prompts
     ]
-    width = max(map(len, rows))
-    ids = np.full((len(rows), width), tok.pad_token_id, np.int32)
-    mask = np.zeros_like(ids)
-    for i, row in enumerate(rows):  # left padding: every prompt ends where generation starts
-        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    ids, mask = left_pad(rows, tok.pad_token_id)
     start = time.perf_counter()
     out = generate(
         model,

@@ -16,6 +16,7 @@ from jaxrlhf.data.collate import (
     bucket_length,
     collate_pairs,
     collate_sequences,
+    left_pad,
     packed_attention_mask,
 )
 from jaxrlhf.data.iterator import BatchIterator, Collate
@@ -36,6 +37,7 @@ __all__ = [
     "bucket_length",
     "collate_pairs",
     "collate_sequences",
+    "left_pad",
     "load_rows",
     "packed_attention_mask",
     "parse_preferences",

@@ -27,6 +27,9 @@ so their ignored outputs are not NaN).
 with ``input_ids``, ``attention_mask``, ``positions``, ``completion_mask`` and ``last_index``
 (the last real token, where a reward model reads its score).
 
+**Prompts** (generation): `left_pad` right-aligns prompts so every row's generation starts at
+the same slot.
+
 **Shapes**: ``L = bucket_length(longest row)``, so only a few lengths occur; with
 ``batch_size`` a short batch is filled with dummy rows (all masks 0, ``row_valid`` 0).
 Index arrays are int32, masks and weights float32.
@@ -61,6 +64,28 @@ def bucket_length(n: int, buckets: Sequence[int] | None = None) -> int:
         if bucket >= n:
             return bucket
     raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
+
+
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, *, width: int | None = None, batch_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts right-aligned in `[batch_size, width]` int32 arrays: `(ids, mask)`, mask 1 on real tokens.
+
+    `width` defaults to the longest row, `batch_size` to the number of rows; extra rows are all padding
+    (mask 0). Left padding puts every prompt's last token in the last column, where generation starts.
+    """
+    width = max(map(len, rows), default=0) if width is None else width
+    batch_size = len(rows) if batch_size is None else batch_size
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} prompts do not fit a batch of {batch_size}")
+    ids = np.full((batch_size, width), pad_id, np.int32)
+    mask = np.zeros((batch_size, width), np.int32)
+    for i, row in enumerate(rows):
+        if len(row) > width:
+            raise ValueError(f"prompt {i} has {len(row)} tokens, more than the width {width}")
+        if len(row):
+            ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    return ids, mask
 
 
 def collate_pairs(

@@ -26,6 +26,7 @@ class Generation:
     tokens: Array  # [B, N] sampled ids; pad after a row's first EOS
     completion_mask: Array  # [B, N] 1 up to and including the first EOS
     logprobs: Array  # [B, N] log-prob of each sampled token under softmax(logits / temperature); 0 on pad
+    entropy: Array  # [B, N] entropy of softmax(logits / temperature) at each step; 0 on pad
 
 
 def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
@@ -57,8 +58,10 @@ def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0) -> A
 
 def sample_tokens(
     logits_BxV: Array, rng: Array, *, temperature: float, top_k: int, top_p: float
-) -> tuple[Array, Array]:
-    """Sampled ids `[B]` and their log-probs under `softmax(logits / temperature)` (greedy at 0)."""
+) -> tuple[Array, Array, Array]:
+    """Sampled ids `[B]`, their log-probs under `softmax(logits / temperature)` (plain softmax when
+    greedy, at 0) and the entropy `[B]` of that distribution. Top-k/top-p restrict the sampling only:
+    log-probs and entropy are of the unfiltered distribution, the one PPO trains."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if temperature == 0.0:
         token = jnp.argmax(logits_BxV, axis=-1)
@@ -67,7 +70,8 @@ def sample_tokens(
         scaled = logits_BxV / temperature
         logp = jax.nn.log_softmax(scaled, axis=-1)
         token = jax.random.categorical(rng, filter_logits(scaled, top_k=top_k, top_p=top_p), axis=-1)
-    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], entropy
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
@@ -97,36 +101,41 @@ def _generate(
     cache = model.init_cache(b, p + n)
     hidden, cache = model.cached_hidden_states(prompt_ids, prompt_pos, cache, 0, key_valid, key_pos)
     rng, key = jax.random.split(rng)
-    token, logp = sample(model.apply_head(hidden[:, -1:])[:, 0], key)
+    token, logp, ent = sample(model.apply_head(hidden[:, -1:])[:, 0], key)
     tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(token)
     logps = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)
+    ents = jnp.zeros((b, n), jnp.float32).at[:, 0].set(ent)
     done = jnp.isin(token, eos_ids)
 
     def cond(carry):
-        i, _, _, done, _, _ = carry
+        i, _, _, _, done, _, _ = carry
         return (i < n) & ~jnp.all(done)
 
     def body(carry):
-        i, tokens, logps, done, cache, rng = carry
+        i, tokens, logps, ents, done, cache, rng = carry
         previous = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)
         positions = jax.lax.dynamic_slice_in_dim(gen_pos_BxN, i - 1, 1, axis=1)
         hidden, cache = model.cached_hidden_states(previous, positions, cache, p + i - 1, key_valid, key_pos)
         rng, key = jax.random.split(rng)
-        token, logp = sample(model.apply_head(hidden)[:, 0], key)
+        token, logp, ent = sample(model.apply_head(hidden)[:, 0], key)
         token = jnp.where(done, pad_id, token)
-        logp = jnp.where(done, 0.0, logp)
+        logp, ent = jnp.where(done, 0.0, logp), jnp.where(done, 0.0, ent)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i, axis=1)
         logps = jax.lax.dynamic_update_slice_in_dim(logps, logp[:, None], i, axis=1)
-        return i + 1, tokens, logps, done | jnp.isin(token, eos_ids), cache, rng
+        ents = jax.lax.dynamic_update_slice_in_dim(ents, ent[:, None], i, axis=1)
+        return i + 1, tokens, logps, ents, done | jnp.isin(token, eos_ids), cache, rng
 
-    _, tokens, logps, _, _, _ = jax.lax.while_loop(
-        cond, body, (jnp.int32(1), tokens, logps, done, cache, rng)
+    _, tokens, logps, ents, _, _, _ = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), tokens, logps, ents, done, cache, rng)
     )
     is_eos = jnp.isin(tokens, eos_ids).astype(jnp.int32)
     after_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
     mask = (~after_eos).astype(jnp.int32)
     return Generation(
-        tokens=jnp.where(mask == 1, tokens, pad_id), completion_mask=mask, logprobs=logps * mask
+        tokens=jnp.where(mask == 1, tokens, pad_id),
+        completion_mask=mask,
+        logprobs=logps * mask,
+        entropy=ents * mask,
     )
 
 

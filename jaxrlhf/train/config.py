@@ -440,6 +440,11 @@ class PPOConfig(_Section):
     )
     top_k: int = _field(0, check=_non_negative, help="Sample from the top-k tokens only (0: off).")
     top_p: float = _field(1.0, check=_in_range(0.0, 1.0), help="Nucleus sampling mass (1: off).")
+    rescore_policy: bool = _field(
+        False,
+        help="Recompute the rollout's policy log-probs with a full forward instead of taking the "
+        "sampler's (one forward more; for when sampling and training numerics differ, e.g. bf16).",
+    )
     kl_coef: float = _field(
         0.05, check=_non_negative, help="(Initial) coefficient of the per-token KL penalty."
     )

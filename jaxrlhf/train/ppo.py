@@ -23,7 +23,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrlhf.generation.sampling import _generate
+from jaxrlhf.generation.sampling import Generation, _generate
 from jaxrlhf.losses import (
     entropy_from_logits,
     gae,
@@ -151,29 +151,32 @@ class PPOEngine:
         self._score = jax.jit(self._score_fn, static_argnames=("prompt_len",))
 
     # ---------------------------------------------------------------- rollout
-    def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray) -> tuple[Array, Array]:
-        """Sample responses with the current policy: `(tokens [B, N], response_mask [B, N])`."""
+    def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray) -> Generation:
+        """Sample responses with the current policy: tokens, response mask, and the sampler's log-probs
+        and entropies under `softmax(logits / temperature)` (reused by scoring)."""
         rng = jax.random.wrap_key_data(self.state.rng)
         rng, key = jax.random.split(rng)
         self.state = self.state.replace(rng=jax.random.key_data(rng))
-        gen = _generate(
+        return _generate(
             self.policy_def, self.state.params["policy"], jnp.asarray(prompt_ids, jnp.int32),
             jnp.asarray(prompt_mask, jnp.int32), self.eos, jnp.int32(self.pad_id), key,
             max_new_tokens=self.cfg.response_length, temperature=self.cfg.temperature,
             top_k=self.cfg.top_k, top_p=self.cfg.top_p,
         )  # fmt: skip
-        self.last_sampler_logprobs = gen.logprobs  # cross-checked against the scoring pass in tests
-        return gen.tokens, gen.completion_mask
 
-    def _score_fn(self, params, ref_params, rm_params, ids, mask, response_mask, host_scores, kl_coef, *,
+    def _score_fn(self, params, ref_params, rm_params, ids, mask, gen: Generation, host_scores, kl_coef, *,
                   prompt_len):  # fmt: skip
         cfg = self.cfg
+        response_mask = gen.completion_mask
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        policy = nnx.merge(self.policy_def, params["policy"])
         ref = nnx.merge(self.policy_def, ref_params)
-        logprobs, entropy = response_logprobs(
-            policy, ids, mask, positions, prompt_len, cfg.temperature, with_entropy=True
-        )
+        if cfg.rescore_policy:
+            policy = nnx.merge(self.policy_def, params["policy"])
+            logprobs, entropy = response_logprobs(
+                policy, ids, mask, positions, prompt_len, cfg.temperature, with_entropy=True
+            )
+        else:  # the sampler computed both from the same policy: one forward fewer (as TRL does)
+            logprobs, entropy = gen.logprobs, gen.entropy
         ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, cfg.temperature)
         values = response_values(
             nnx.merge(self.critic_def, params["critic"]), ids, mask, positions, prompt_len
@@ -270,7 +273,8 @@ class PPOEngine:
         if (self.rm_params is None) == (score_fn is None):
             raise ValueError("PPO needs exactly one of a reward model (at construction) or a score_fn")
         start = time.perf_counter()
-        tokens, response_mask = self.generate(prompt_ids, prompt_mask)
+        gen = self.generate(prompt_ids, prompt_mask)
+        tokens, response_mask = gen.tokens, gen.completion_mask
         ids = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), tokens], axis=1)
         mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), response_mask], axis=1)
         host_scores = None
@@ -281,7 +285,7 @@ class PPOEngine:
         start = time.perf_counter()
         p = prompt_ids.shape[1]
         rollout, metrics = self._score(
-            self.state.params, self.ref_params, self.rm_params, ids, mask, response_mask, host_scores,
+            self.state.params, self.ref_params, self.rm_params, ids, mask, gen, host_scores,
             jnp.float32(self.kl_coef), prompt_len=p,
         )  # fmt: skip
         jax.block_until_ready(rollout)

@@ -18,11 +18,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrlhf.data import BatchIterator, DataError, bucket_length, load_rows
+from jaxrlhf.data import BatchIterator, DataError, bucket_length, left_pad, load_rows
 from jaxrlhf.models import from_pretrained, load_tokenizer, save_pretrained
 from jaxrlhf.parallel import DEFAULT_RULES, make_mesh
-from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
+from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.config import ExperimentConfig, config_to_dict
+from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger
 from jaxrlhf.train.pipeline import resolve_data_path
 from jaxrlhf.train.ppo import PPOEngine, ScoreFn
@@ -83,10 +84,7 @@ def load_score_fn(spec: str, tokenizer: Any) -> ScoreFn:
 def _collate_prompts(pad_id: int, buckets: Any) -> Callable[..., dict[str, np.ndarray]]:
     def collate(rows: list[np.ndarray], *, batch_size: int, min_length: int) -> dict[str, np.ndarray]:
         width = bucket_length(max([min_length, *(len(r) for r in rows)]), buckets)
-        ids = np.full((batch_size, width), pad_id, np.int32)
-        mask = np.zeros_like(ids)
-        for i, row in enumerate(rows):  # left padding: generation starts at the same slot for all
-            ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+        ids, mask = left_pad(rows, pad_id, width=width, batch_size=batch_size)
         return {"prompt_ids": ids, "prompt_mask": mask}
 
     return collate
@@ -164,6 +162,11 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     os.makedirs(t.output_dir, exist_ok=True)
     fresh_start(t.output_dir, t.resume)
     checkpointer = Checkpointer(os.path.join(t.output_dir, "checkpoints"), keep=t.keep_checkpoints)
+
+    def snapshot() -> tuple[Any, dict[str, Any]]:  # the engine state, and what exact resume needs
+        extra = {"data": batches.state(), "kl_coef": engine.kl_coef, "config": config_to_dict(cfg)}
+        return engine.state, extra
+
     step = 0
     if t.resume and checkpointer.latest_step() is not None:
         abstract = jax.tree.map(
@@ -174,31 +177,17 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         engine.kl_coef = float(extra["kl_coef"])
         say(f"resumed from step {step}")
     logger = MetricsLogger(t.output_dir, total_steps=total_steps, tensorboard=t.tensorboard, start_step=step)
-    history: list[dict[str, float]] = []
-    preempted = False
     iterator = iter(batches)
-    with PreemptionGuard() as guard:
-        while step < total_steps:
-            batch = next(iterator)
-            metrics = engine.step(batch["prompt_ids"], batch["prompt_mask"], score_fn)
-            step += 1
-            history.append({"step": step, **metrics})
-            if step % t.log_every == 0 or step == 1 or step == total_steps:
-                logger.log(step, metrics)
-            else:
-                logger.progress(step)
-            extra = {"data": batches.state(), "kl_coef": engine.kl_coef, "config": config_to_dict(cfg)}
-            if guard.should_stop(step):
-                checkpointer.save(step, engine.state, extra, force=True)
-                checkpointer.wait()
-                logger.print(f"preempted: checkpoint saved at step {step}; rerun with train.resume=true")
-                preempted = True
-                break
-            if t.save_every and step % t.save_every == 0:
-                checkpointer.save(step, engine.state, extra)
-    if not preempted:
-        extra = {"data": batches.state(), "kl_coef": engine.kl_coef, "config": config_to_dict(cfg)}
-        checkpointer.save(step, engine.state, extra, force=True)
+
+    def train_step() -> dict[str, float]:
+        batch = next(iterator)
+        return engine.step(batch["prompt_ids"], batch["prompt_mask"], score_fn)
+
+    loop = run_loop(
+        train_step, snapshot, checkpointer, logger, step=step, total_steps=total_steps,
+        log_every=t.log_every, save_every=t.save_every, say=logger.print,
+    )  # fmt: skip
+    step, history, preempted = loop.step, loop.history, loop.preempted
     checkpointer.close()
     export_dir = None
     if t.export and not preempted:

@@ -27,8 +27,9 @@ from jaxrlhf.losses import dpo_loss, reward_loss
 from jaxrlhf.models import from_pretrained, load_tokenizer, resolve_checkpoint, save_pretrained
 from jaxrlhf.models.demo import cache_dir, demo_model_path
 from jaxrlhf.parallel import DEFAULT_RULES, make_mesh
-from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
+from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.config import ExperimentConfig, config_to_dict
+from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
 from jaxrlhf.train.objectives import DPOObjective, RewardObjective, SFTObjective, add_targets, pair_logps
 from jaxrlhf.train.pipeline import checkpoint_fingerprint, pairs_fingerprint, prepare_data
@@ -391,47 +392,39 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         logger.log(step, eval_before, split="eval")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     peak = device_peak_flops()
-    history: list[dict[str, float]] = []
-    preempted = False
     crash_after = int(os.environ.get(_CRASH_ENV, "0"))
     iterator = iter(batches)
-    with PreemptionGuard() as guard:
-        while step < total_steps:
-            batch_np = next(iterator)
-            tokens = float((batch_np["input_ids"] != pad_id).sum() * jax.process_count())
-            start = time.perf_counter()
-            state, metrics = step_fn(state, _to_global(batch_np, mesh, micro=t.grad_accum_steps))
-            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-            seconds = time.perf_counter() - start
-            step += 1
-            metrics["tokens_per_second"] = tokens / seconds
-            metrics["step_seconds"] = seconds
-            if peak:
-                metrics["mfu"] = mfu(
-                    metrics["tokens_per_second"], n_params, peak_flops=peak * jax.device_count()
-                )
-            metrics["compilations"] = step_fn.num_compilations()
-            history.append({"step": step, **metrics})
-            if step % t.log_every == 0 or step == 1 or step == total_steps:
-                logger.log(step, metrics)
-            else:
-                logger.progress(step)
-            extra = {"data": batches.state(), "config": config_to_dict(cfg)}
-            if guard.should_stop(step):
-                checkpointer.save(step, state, extra, force=True)
-                checkpointer.wait()
-                say(f"preempted: checkpoint saved at step {step}; rerun with train.resume=true")
-                preempted = True
-                break
-            if t.save_every and step % t.save_every == 0:
-                checkpointer.save(step, state, extra)
-                if crash_after and step >= crash_after:
-                    checkpointer.wait()
-                    os._exit(17)
-            if t.eval_every and step % t.eval_every == 0 and step < total_steps and eval_ex:
-                logger.log(step, do_eval(), split="eval")
-    if not preempted:
-        checkpointer.save(step, state, {"data": batches.state(), "config": config_to_dict(cfg)}, force=True)
+
+    def train_step() -> dict[str, float]:
+        nonlocal state
+        batch_np = next(iterator)
+        tokens = float((batch_np["input_ids"] != pad_id).sum() * jax.process_count())
+        start = time.perf_counter()
+        state, metrics = step_fn(state, _to_global(batch_np, mesh, micro=t.grad_accum_steps))
+        metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+        seconds = time.perf_counter() - start
+        metrics["tokens_per_second"] = tokens / seconds
+        metrics["step_seconds"] = seconds
+        if peak:
+            metrics["mfu"] = mfu(metrics["tokens_per_second"], n_params, peak_flops=peak * jax.device_count())
+        metrics["compilations"] = step_fn.num_compilations()
+        return metrics
+
+    def snapshot() -> tuple[Any, dict[str, Any]]:
+        return state, {"data": batches.state(), "config": config_to_dict(cfg)}
+
+    def after_step(step: int, saved: bool) -> None:
+        if saved and crash_after and step >= crash_after:  # test hook: die right after a checkpoint
+            checkpointer.wait()
+            os._exit(17)
+        if t.eval_every and step % t.eval_every == 0 and step < total_steps and eval_ex:
+            logger.log(step, do_eval(), split="eval")
+
+    loop = run_loop(
+        train_step, snapshot, checkpointer, logger, step=step, total_steps=total_steps,
+        log_every=t.log_every, save_every=t.save_every, say=say, after_step=after_step,
+    )  # fmt: skip
+    step, history, preempted = loop.step, loop.history, loop.preempted
     checkpointer.close()
     eval_after = None if preempted or not eval_ex else do_eval()
     if eval_after:

@@ -10,6 +10,7 @@ from jaxrlhf.data import (
     bucket_length,
     collate_pairs,
     collate_sequences,
+    left_pad,
     packed_attention_mask,
 )
 
@@ -195,3 +196,16 @@ def test_batch_size_errors():
         collate_pairs([], pad_id=0)
     empty = collate_pairs([], pad_id=0, batch_size=2)
     assert not empty["row_valid"].any() and not empty["segment_ids"].any()
+
+
+def test_left_pad_right_aligns_prompts():
+    ids, mask = left_pad([[5, 6, 7], [8], []], pad_id=0, width=4, batch_size=4)
+    np.testing.assert_array_equal(ids, [[0, 5, 6, 7], [0, 0, 0, 8], [0, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert ids.dtype == mask.dtype == np.int32
+    ids, mask = left_pad([[1, 2], [3, 4, 5]], pad_id=9)  # width and batch from the rows
+    np.testing.assert_array_equal(ids, [[9, 1, 2], [3, 4, 5]])
+    with pytest.raises(ValueError, match="width 2"):
+        left_pad([[1, 2, 3]], pad_id=0, width=2)
+    with pytest.raises(ValueError, match="batch of 1"):
+        left_pad([[1], [2]], pad_id=0, batch_size=1)

@@ -187,6 +187,10 @@ def test_sampled_logprobs_match_full_forward(kind, tiny_dirs):
     ref = np.asarray(jax.nn.log_softmax(jnp.asarray(logits) / temperature, axis=-1))
     want = np.take_along_axis(ref, tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(logp[cmask == 1], want[cmask == 1], atol=1e-4)
+    want_entropy = -(np.exp(ref) * ref).sum(-1)
+    entropy = np.asarray(got.entropy)
+    np.testing.assert_allclose(entropy[cmask == 1], want_entropy[cmask == 1], atol=1e-4)
+    assert (entropy[cmask == 0] == 0).all()
     # log-probs are under the unfiltered distribution, but every sampled token is inside the top-k
     rank = (logits > np.take_along_axis(logits, tokens[..., None], -1)).sum(-1)
     assert (rank[cmask == 1] < k).all()
@@ -267,16 +271,20 @@ def test_filter_logits_top_k_and_top_p_match_numpy():
 def test_sample_tokens_deterministic_and_greedy():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 40)).astype(np.float32))
     kw = dict(temperature=0.8, top_k=0, top_p=0.95)
-    a, la = sample_tokens(x, jax.random.key(5), **kw)
-    b, lb = sample_tokens(x, jax.random.key(5), **kw)
+    a, la, ea = sample_tokens(x, jax.random.key(5), **kw)
+    b, lb, _ = sample_tokens(x, jax.random.key(5), **kw)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
-    c, _ = sample_tokens(jnp.tile(x, (16, 1)), jax.random.key(6), **kw)
-    d, _ = sample_tokens(jnp.tile(x, (16, 1)), jax.random.key(7), **kw)
+    c, _, _ = sample_tokens(jnp.tile(x, (16, 1)), jax.random.key(6), **kw)
+    d, _, _ = sample_tokens(jnp.tile(x, (16, 1)), jax.random.key(7), **kw)
     assert (np.asarray(c) != np.asarray(d)).any()
-    want_lp = np.asarray(jax.nn.log_softmax(x / 0.8))[np.arange(8), np.asarray(a)]
-    np.testing.assert_allclose(np.asarray(la), want_lp, atol=1e-6)
-    g, lg = sample_tokens(x, jax.random.key(0), temperature=0.0, top_k=0, top_p=1.0)
+    # log-prob and entropy of the unfiltered softmax(x / T), in float64 numpy
+    z = np.asarray(x, np.float64) / 0.8
+    logp = z - z.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(la), logp[np.arange(8), np.asarray(a)], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ea), -(np.exp(logp) * logp).sum(1), atol=1e-5)
+    g, lg, _ = sample_tokens(x, jax.random.key(0), temperature=0.0, top_k=0, top_p=1.0)
     np.testing.assert_array_equal(np.asarray(g), np.argmax(np.asarray(x), 1))
     assert np.asarray(g).dtype == np.int32
     np.testing.assert_allclose(np.asarray(lg), np.asarray(jax.nn.log_softmax(x)).max(1), atol=1e-6)
@@ -316,11 +324,11 @@ def test_sample_distribution_matches_softmax():
     logits = jnp.asarray(np.random.default_rng(2).normal(size=(1, 12)).astype(np.float32) * 1.5)
     rows, t = 20000, 0.7
     x = jnp.tile(logits, (rows, 1))
-    tokens, _ = sample_tokens(x, jax.random.key(0), temperature=t, top_k=0, top_p=1.0)
+    tokens, _, _ = sample_tokens(x, jax.random.key(0), temperature=t, top_k=0, top_p=1.0)
     counts = np.bincount(np.asarray(tokens), minlength=12)
     _assert_matches(counts, np.asarray(jax.nn.softmax(logits[0] / t)))
     # with top-k: zero outside the k most likely, renormalised softmax inside
-    tokens, _ = sample_tokens(x, jax.random.key(1), temperature=t, top_k=4, top_p=1.0)
+    tokens, _, _ = sample_tokens(x, jax.random.key(1), temperature=t, top_k=4, top_p=1.0)
     counts = np.bincount(np.asarray(tokens), minlength=12)
     top = np.argsort(-np.asarray(logits[0]))[:4]
     probs = np.zeros(12)
@@ -328,7 +336,7 @@ def test_sample_distribution_matches_softmax():
     assert counts[probs == 0].sum() == 0
     _assert_matches(counts[top], probs[top])
     # with top-p: zero outside the nucleus of softmax(logits / T), renormalised softmax inside
-    tokens, _ = sample_tokens(x, jax.random.key(2), temperature=t, top_k=0, top_p=0.8)
+    tokens, _, _ = sample_tokens(x, jax.random.key(2), temperature=t, top_k=0, top_p=0.8)
     counts = np.bincount(np.asarray(tokens), minlength=12)
     nucleus = np.isfinite(_np_top_p(np.asarray(logits) / t, 0.8))[0]
     assert 1 < nucleus.sum() < 12

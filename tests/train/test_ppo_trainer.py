@@ -91,9 +91,10 @@ def test_rollout_tensors_match_numpy(tiny_llama):
     r = jax.tree.map(np.asarray, engine.last_rollout)
     m = r.response_mask.astype(np.float64)
     lp, ref = r.logprobs.astype(np.float64), r.ref_logprobs.astype(np.float64)
-    # the sampler's log-probs (KV-cache path) equal the scoring pass (full forward)
-    np.testing.assert_allclose(np.asarray(engine.last_sampler_logprobs) * m, lp * m, atol=1e-4)
-    np.testing.assert_allclose(ref * m, lp * m, atol=1e-5)  # first rollout: policy == reference
+    # the rollout keeps the sampler's log-probs (KV-cache path); on the first rollout the policy is
+    # the reference, whose log-probs come from a full forward: the two paths agree
+    np.testing.assert_allclose(ref * m, lp * m, atol=1e-4)
+    assert (lp[m == 0] == 0).all() and (r.logprobs[m == 1] < 0).all()
     # scores: the closed-form reward, minus the missing-EOS penalty
     response = r.ids[:, -m.shape[1] :]
     has_eos = ((response == EOS) * m).sum(1) > 0
@@ -124,6 +125,24 @@ def test_rollout_tensors_match_numpy(tiny_llama):
     real = adv[m == 1]
     whitened = (adv - real.mean()) / np.sqrt(real.var(ddof=1) + 1e-8) * m
     np.testing.assert_allclose(r.advantages, whitened, atol=1e-4)
+
+
+def test_rescoring_the_policy_gives_the_same_rollout(tiny_llama):
+    """`rescore_policy=True` recomputes the policy log-probs with a full forward; the rollout, the
+    advantages and the update metrics agree with the default (sampler log-probs) to float tolerance."""
+    prompts, mask = _prompts(n=8, seed=2)
+    out = {}
+    for rescore in (False, True):
+        cfg = PPOConfig(response_length=6, temperature=0.9, rescore_policy=rescore, num_mini_batches=2)
+        engine = _engine(tiny_llama, cfg, seed=5)
+        metrics = engine.step(prompts, mask, low_token_fraction)
+        out[rescore] = jax.tree.map(np.asarray, engine.last_rollout), metrics
+    (a, ma), (b, mb) = out[False], out[True]
+    np.testing.assert_array_equal(a.ids, b.ids)
+    for name in ("logprobs", "advantages", "returns", "rewards", "kl"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-4, err_msg=name)
+    for name in ("objective/entropy", "policy/entropy_avg", "loss/policy_avg", "policy/approxkl_avg"):
+        np.testing.assert_allclose(ma[name], mb[name], atol=1e-4, err_msg=name)
 
 
 def test_ppo_trainer_cli_with_reward_function(tmp_path):
