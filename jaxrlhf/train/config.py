@@ -207,7 +207,7 @@ class DataConfig(_Section):
     buckets: list[int] | None = _field(
         None,
         help="Padded sequence lengths (each batch is padded to the smallest bucket that fits); "
-        "None: 64, 128, 256, then multiples of 256.",
+        "None: 64, 96, 128, 192, 256, 384, 512, then multiples of 256.",
     )
     seed: int = _field(0, help="Seed of the shuffling and of the held-out evaluation split.")
 
@@ -456,7 +456,15 @@ class PPOConfig(_Section):
     )
     kl_horizon: int = _field(10000, check=_positive, help="Horizon of the adaptive KL controller.")
     missing_eos_penalty: float | None = _field(
-        1.0, check=_non_negative, help="Subtracted from the score of responses without an EOS token."
+        1.0,
+        check=_non_negative,
+        help="Subtracted from the score of responses without an EOS token (TRL's rule); None: off.",
+    )
+    missing_eos_score: float | None = _field(
+        None,
+        help="Score given to responses without an EOS token, replacing the reward model's: "
+        "it never saw a response cut off mid-sentence, so its score there means "
+        "nothing and the policy may learn to never stop. Exclusive with `missing_eos_penalty`.",
     )
     whiten_rewards: bool = _field(False, help="Whiten the per-token rewards of each rollout.")
     gamma: float = _field(1.0, check=_in_range(0.0, 1.0), help="GAE discount.")
@@ -466,6 +474,12 @@ class PPOConfig(_Section):
     vf_coef: float = _field(0.1, check=_non_negative, help="Weight of the value loss.")
     num_ppo_epochs: int = _field(4, check=_positive, help="Passes over each rollout.")
     num_mini_batches: int = _field(1, check=_positive, help="Minibatches per pass (must divide the rollout).")
+
+    def validate(self, prefix: str) -> None:
+        if self.missing_eos_penalty is not None and self.missing_eos_score is not None:
+            raise ConfigError(
+                f"{prefix}missing_eos_penalty and {prefix}missing_eos_score are exclusive: set one to null"
+            )
 
 
 _SECTIONS: dict[str, type] = {

@@ -189,6 +189,8 @@ class PPOEngine:
         has_eos = jnp.any(jnp.isin(response, self.eos) & (response_mask != 0), axis=1)
         if cfg.missing_eos_penalty is not None:  # detail: penalise responses that never stop
             scores = jnp.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+        if cfg.missing_eos_score is not None:  # or replace their (meaningless) score outright
+            scores = jnp.where(has_eos, scores, jnp.float32(cfg.missing_eos_score))
         rewards, non_score, kl = per_token_rewards(
             scores, logprobs, ref_logprobs, response_mask, kl_coef=kl_coef, kl_kind=cfg.kl_estimator
         )

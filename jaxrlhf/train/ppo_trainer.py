@@ -63,6 +63,18 @@ def load_prompts(files: list[str], tokenizer: Any, *, max_prompt_length: int) ->
     return out
 
 
+def decode_rollout(ids: np.ndarray, response_mask: np.ndarray, tokenizer: Any) -> tuple[list[str], list[str]]:
+    """Prompt and completion texts of a rollout (`ids` [B, P+N], `response_mask` [B, N]), without
+    special tokens."""
+    n = response_mask.shape[1]
+    prompts = tokenizer.batch_decode(ids[:, :-n], skip_special_tokens=True)
+    completions = [
+        tokenizer.decode(row[m == 1], skip_special_tokens=True)
+        for row, m in zip(ids[:, -n:], response_mask, strict=True)
+    ]
+    return prompts, completions
+
+
 def load_score_fn(spec: str, tokenizer: Any) -> ScoreFn:
     """`module:function` taking `(prompts: list[str], completions: list[str]) -> scores`, wrapped to
     take token ids."""
@@ -70,13 +82,7 @@ def load_score_fn(spec: str, tokenizer: Any) -> ScoreFn:
     fn = getattr(importlib.import_module(module), name)
 
     def score(ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
-        n = response_mask.shape[1]
-        prompts = tokenizer.batch_decode(ids[:, :-n], skip_special_tokens=True)
-        completions = [
-            tokenizer.decode(row[m == 1], skip_special_tokens=True)
-            for row, m in zip(ids[:, -n:], response_mask, strict=True)
-        ]
-        return np.asarray(fn(prompts, completions), np.float32)
+        return np.asarray(fn(*decode_rollout(ids, response_mask, tokenizer)), np.float32)
 
     return score
 
@@ -183,9 +189,19 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         batch = next(iterator)
         return engine.step(batch["prompt_ids"], batch["prompt_mask"], score_fn)
 
+    def show_samples(step: int, saved: bool) -> None:  # what the scores mean, at the start and the end
+        if step not in (1, total_steps):
+            return
+        r = engine.last_rollout
+        prompts, completions = decode_rollout(np.asarray(r.ids), np.asarray(r.response_mask), tokenizer)
+        logger.print(f"step {step} samples (score with the missing-EOS rule | prompt end | response):")
+        scores = np.asarray(r.scores)
+        for i in range(min(3, len(completions))):
+            logger.print(f"  {scores[i]:+.2f} | ...{prompts[i].strip()[-60:]!r} | {completions[i]!r}")
+
     loop = run_loop(
         train_step, snapshot, checkpointer, logger, step=step, total_steps=total_steps,
-        log_every=t.log_every, save_every=t.save_every, say=logger.print,
+        log_every=t.log_every, save_every=t.save_every, say=logger.print, after_step=show_samples,
     )  # fmt: skip
     step, history, preempted = loop.step, loop.history, loop.preempted
     checkpointer.close()

@@ -16,7 +16,7 @@ from tiny_hf import make_hf_model  # noqa: E402
 
 from jaxrlhf.models import from_pretrained  # noqa: E402
 from jaxrlhf.parallel import make_mesh  # noqa: E402
-from jaxrlhf.train.config import PPOConfig  # noqa: E402
+from jaxrlhf.train.config import ConfigError, PPOConfig  # noqa: E402
 from jaxrlhf.train.ppo import PPOEngine  # noqa: E402
 from jaxrlhf.train.step import make_optimizer, make_schedule  # noqa: E402
 
@@ -127,6 +127,20 @@ def test_rollout_tensors_match_numpy(tiny_llama):
     np.testing.assert_allclose(r.advantages, whitened, atol=1e-4)
 
 
+def test_missing_eos_score_replaces_the_score(tiny_llama):
+    cfg = PPOConfig(response_length=4, missing_eos_penalty=None, missing_eos_score=-3.0)
+    engine = _engine(tiny_llama, cfg, seed=2)
+    prompts, mask = _prompts(n=8, seed=4)
+    engine.step(prompts, mask, low_token_fraction)
+    r = jax.tree.map(np.asarray, engine.last_rollout)
+    has_eos = ((r.ids[:, -4:] == EOS) & (r.response_mask == 1)).any(1)
+    assert (~has_eos).any()  # 4-token responses: some never stop
+    want = np.where(has_eos, low_token_fraction(r.ids, r.response_mask), -3.0)
+    np.testing.assert_allclose(r.scores, want, atol=1e-6)
+    with pytest.raises(ConfigError, match="exclusive"):
+        PPOConfig(missing_eos_score=-3.0)  # the default missing_eos_penalty is still set
+
+
 def test_rescoring_the_policy_gives_the_same_rollout(tiny_llama):
     """`rescore_policy=True` recomputes the policy log-probs with a full forward; the rollout, the
     advantages and the update metrics agree with the default (sampler log-probs) to float tolerance."""
@@ -204,6 +218,9 @@ def test_ppo_trainer_cli_with_reward_function(tmp_path):
 
     proc = run([])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = proc.stdout + proc.stderr
+    # sample responses at the first and the last step, decoded, with their scores
+    assert "step 1 samples" in logs and "step 2 samples" in logs and "assistant" in logs, logs[-3000:]
     assert os.path.exists(os.path.join(out, "export", "config.json"))
     tf.AutoModelForCausalLM.from_pretrained(os.path.join(out, "export"))
     proc = run(["train.max_steps=3"])  # resumes from step 2 and runs one more
