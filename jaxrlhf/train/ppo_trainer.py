@@ -20,7 +20,6 @@ import numpy as np
 
 from jaxrlhf.data import BatchIterator, DataError, bucket_length, left_pad, load_rows
 from jaxrlhf.models import from_pretrained, load_tokenizer, save_pretrained
-from jaxrlhf.parallel import DEFAULT_RULES, make_mesh
 from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.config import ExperimentConfig, config_to_dict
 from jaxrlhf.train.loop import run_loop
@@ -28,7 +27,13 @@ from jaxrlhf.train.metrics import MetricsLogger
 from jaxrlhf.train.pipeline import resolve_data_path
 from jaxrlhf.train.ppo import PPOEngine, ScoreFn
 from jaxrlhf.train.step import make_optimizer, make_schedule
-from jaxrlhf.train.trainer import TrainResult, fresh_start, maybe_initialize_distributed, model_directory
+from jaxrlhf.train.trainer import (
+    TrainResult,
+    fresh_start,
+    maybe_initialize_distributed,
+    mesh_and_rules,
+    model_directory,
+)
 
 
 def load_prompts(files: list[str], tokenizer: Any, *, max_prompt_length: int) -> list[np.ndarray]:
@@ -106,10 +111,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         raise ValueError("ppo: give exactly one of ppo.reward_model and ppo.reward_fn")
     if t.batch_size % p.num_mini_batches:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of ppo.num_mini_batches")
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = (
-        [(r, tuple(a)) for r, a in cfg.mesh.rules] + list(DEFAULT_RULES) if cfg.mesh.rules else DEFAULT_RULES
-    )
+    mesh, rules = mesh_and_rules(cfg)
     say = log or (lambda msg: print(msg, flush=True))
     policy_dir = model_directory(cfg.model.path)
     tokenizer = load_tokenizer(model_directory(cfg.model.tokenizer) if cfg.model.tokenizer else policy_dir)

@@ -92,6 +92,15 @@ def fresh_start(output_dir: str, resume: bool) -> None:
             os.replace(path, f"{path}.old-{stamp}")
 
 
+def mesh_and_rules(cfg: ExperimentConfig) -> tuple[Any, Any]:
+    """The device mesh of `cfg.mesh`, and its partition rules: the configured ones first, then the
+    defaults."""
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    if not cfg.mesh.rules:
+        return mesh, DEFAULT_RULES
+    return mesh, [(pattern, tuple(axes)) for pattern, axes in cfg.mesh.rules] + list(DEFAULT_RULES)
+
+
 def model_directory(path: str) -> str:
     return demo_model_path() if path == "demo" else resolve_checkpoint(path)
 
@@ -307,10 +316,7 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     t = cfg.train
     if t.batch_size % t.grad_accum_steps:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of grad_accum_steps")
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = (
-        [(p, tuple(a)) for p, a in cfg.mesh.rules] + list(DEFAULT_RULES) if cfg.mesh.rules else DEFAULT_RULES
-    )
+    mesh, rules = mesh_and_rules(cfg)
     os.makedirs(t.output_dir, exist_ok=True)
     fresh_start(t.output_dir, t.resume)
     logger: MetricsLogger | None = None

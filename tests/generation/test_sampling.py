@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny_hf import MODEL_TYPES, VOCAB, make_hf_model, padded_batch  # noqa: E402
+from tiny_hf import MODEL_TYPES, VOCAB, make_hf_model, padded_batch, run_with_cpu_devices  # noqa: E402
 
 from jaxrlhf.generation import filter_logits, generate, sample_tokens  # noqa: E402
 from jaxrlhf.models import from_pretrained  # noqa: E402
@@ -392,13 +391,4 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 def test_sharded_model_generates_same_greedy_tokens():
     here = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "models"))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT.format(here=here)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "OK" in proc.stdout
+    run_with_cpu_devices(SHARDED_SCRIPT.format(here=here))

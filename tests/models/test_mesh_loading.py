@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
+
+from tiny_hf import run_with_cpu_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -39,18 +39,4 @@ SCRIPT = textwrap.dedent(
 
 
 def test_from_pretrained_on_mesh_matches_single_device():
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(here=here)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "OK" in proc.stdout
+    run_with_cpu_devices(SCRIPT.format(here=os.path.dirname(os.path.abspath(__file__))))
