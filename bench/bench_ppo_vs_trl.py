@@ -231,6 +231,15 @@ def run_trl(args) -> dict:
     ppo_mod.batch_generation = timed_generation
     ppo_mod.forward = timed_forward
 
+    # count the optimizer steps that really happen (accelerate skips `step()` while accumulating)
+    orig_step = torch.optim.AdamW.step
+
+    def counted_step(self, *a, **k):
+        cur["optimizer_steps"] = cur.get("optimizer_steps", 0) + 1
+        return orig_step(self, *a, **k)
+
+    torch.optim.AdamW.step = counted_step
+
     logs: list[dict] = []
 
     class Timer(TrainerCallback):
@@ -262,6 +271,7 @@ def run_trl(args) -> dict:
             "response_length": mk["response_length"],
             "kl": lg.get("objective/kl"), "loss_value": lg.get("loss/value_avg"),
             "num_eos_tokens": lg.get("val/num_eos_tokens"),
+            "optimizer_steps": mk.get("optimizer_steps", 0),
         })  # fmt: skip
     out = summarize(iters)
     out.update(load_s=load_s, trl=trl.__version__, trl_file=trl.__file__, torch=torch.__version__,

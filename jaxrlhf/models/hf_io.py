@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.parallel.partition import host_array
 
 Path = tuple[Any, ...]
 
@@ -205,13 +206,6 @@ def load_params(
     return out
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
 
 def parse_size(size: int | str) -> int:
     """`"5GB"`, `"500MB"`, `"10KiB"` or a byte count."""
@@ -246,11 +240,11 @@ def _assemble(parts: list[tuple[TensorMap, jax.Array]]) -> np.ndarray:
         and not first.offset
         and first.hf_shape == (tuple(reversed(first.shape)) if first.transpose else first.shape)
     ):
-        host = _host_array(parts[0][1])
+        host = host_array(parts[0][1])
         return np.ascontiguousarray(host.T if first.transpose else host)
     full = np.empty(first.hf_shape, dtype=parts[0][1].dtype)
     for tmap, value in parts:
-        host = _host_array(value)
+        host = host_array(value)
         full[tmap.hf_index(tuple(slice(None) for _ in tmap.shape))] = host.T if tmap.transpose else host
     return full
 

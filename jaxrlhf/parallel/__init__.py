@@ -3,10 +3,11 @@
 from jaxrlhf.parallel.partition import (
     AXES,
     DEFAULT_RULES,
+    host_array,
     make_mesh,
     param_sharding,
     partition_spec,
     path_str,
 )
 
-__all__ = ["AXES", "DEFAULT_RULES", "make_mesh", "param_sharding", "partition_spec", "path_str"]
+__all__ = ["AXES", "DEFAULT_RULES", "host_array", "make_mesh", "param_sharding", "partition_spec", "path_str"]

@@ -78,3 +78,13 @@ def param_sharding(
     path: Sequence[Any], shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
 ) -> NamedSharding:
     return NamedSharding(mesh, partition_spec(path, shape, mesh, rules))
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole (global) value of `x` as numpy on this host. When `x` spans several processes this
+    is an all-gather: every process must call it."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

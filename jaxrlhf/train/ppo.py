@@ -36,6 +36,7 @@ from jaxrlhf.losses import (
     token_logprobs_from_hidden,
 )
 from jaxrlhf.models.decoder import CausalLM
+from jaxrlhf.parallel import host_array
 from jaxrlhf.train.config import PPOConfig
 
 Array = jax.Array
@@ -121,7 +122,7 @@ class PPOEngine:
         seed: int = 0,
     ):
         self.cfg, self.optimizer, self.mesh = cfg, optimizer, mesh
-        self.eos = jnp.asarray(eos_token_ids, jnp.int32)
+        self.eos = np.asarray(eos_token_ids, np.int32)
         self.pad_id = int(pad_token_id)
         self.policy_def, policy_params = nnx.split(policy, nnx.Param)
         self.critic_def, critic_params = nnx.split(critic, nnx.Param)
@@ -141,25 +142,34 @@ class PPOEngine:
             opt_state,
         )
         self.state = PPOState(
-            step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+            step=jax.device_put(np.zeros((), np.int32), replicated),
             params=params,
             opt_state=opt_state,
-            rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
+            rng=jax.device_put(np.asarray(jax.random.key_data(jax.random.key(seed))), replicated),
         )
         self.kl_coef = float(cfg.kl_coef)
         self._update = jax.jit(self._update_fn, static_argnames=("prompt_len",), donate_argnums=(0,))
         self._score = jax.jit(self._score_fn, static_argnames=("prompt_len",))
 
     # ---------------------------------------------------------------- rollout
-    def generate(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray) -> Generation:
+    def _batch(self, x: np.ndarray | Array) -> Array:
+        """Prompts as given: a global `jax.Array` (e.g. built from each host's rows) passes as is; a
+        numpy batch is the whole global batch, the same on every process."""
+        if isinstance(x, jax.Array):
+            return x.astype(jnp.int32)
+        if jax.process_count() == 1:
+            return jnp.asarray(x, jnp.int32)
+        return jax.device_put(np.asarray(x, np.int32), NamedSharding(self.mesh, PartitionSpec()))
+
+    def generate(self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array) -> Generation:
         """Sample responses with the current policy: tokens, response mask, and the sampler's log-probs
         and entropies under `softmax(logits / temperature)` (reused by scoring)."""
         rng = jax.random.wrap_key_data(self.state.rng)
         rng, key = jax.random.split(rng)
         self.state = self.state.replace(rng=jax.random.key_data(rng))
         return _generate(
-            self.policy_def, self.state.params["policy"], jnp.asarray(prompt_ids, jnp.int32),
-            jnp.asarray(prompt_mask, jnp.int32), self.eos, jnp.int32(self.pad_id), key,
+            self.policy_def, self.state.params["policy"], self._batch(prompt_ids),
+            self._batch(prompt_mask), self.eos, np.int32(self.pad_id), key,
             max_new_tokens=self.cfg.response_length, temperature=self.cfg.temperature,
             top_k=self.cfg.top_k, top_p=self.cfg.top_p,
         )  # fmt: skip
@@ -269,26 +279,31 @@ class PPOEngine:
         return state.replace(step=state.step + 1, rng=jax.random.key_data(rng)), metrics
 
     def step(
-        self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, score_fn: ScoreFn | None = None
+        self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array, score_fn: ScoreFn | None = None
     ) -> dict[str, float]:
-        """One PPO iteration: rollout, scoring, advantages, `num_ppo_epochs` x minibatch updates."""
+        """One PPO iteration: rollout, scoring, advantages, `num_ppo_epochs` x minibatch updates.
+
+        On several processes every process calls `step` with the same global batch (a global array of
+        each host's rows, or the same numpy batch); `score_fn` then runs on process 0 only, on the
+        whole rollout, and its scores are broadcast."""
         if (self.rm_params is None) == (score_fn is None):
             raise ValueError("PPO needs exactly one of a reward model (at construction) or a score_fn")
         start = time.perf_counter()
+        prompt_ids, prompt_mask = self._batch(prompt_ids), self._batch(prompt_mask)
         gen = self.generate(prompt_ids, prompt_mask)
         tokens, response_mask = gen.tokens, gen.completion_mask
-        ids = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), tokens], axis=1)
-        mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), response_mask], axis=1)
+        ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+        mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
         host_scores = None
         if self.rm_params is None:
-            host_scores = jnp.asarray(score_fn(np.asarray(ids), np.asarray(response_mask)), jnp.float32)
+            host_scores = self._host_scores(score_fn, ids, response_mask)
         jax.block_until_ready(tokens)
         gen_seconds = time.perf_counter() - start
         start = time.perf_counter()
         p = prompt_ids.shape[1]
         rollout, metrics = self._score(
             self.state.params, self.ref_params, self.rm_params, ids, mask, gen, host_scores,
-            jnp.float32(self.kl_coef), prompt_len=p,
+            np.float32(self.kl_coef), prompt_len=p,
         )  # fmt: skip
         jax.block_until_ready(rollout)
         score_seconds = time.perf_counter() - start
@@ -296,17 +311,31 @@ class PPOEngine:
         self.state, update_metrics = self._update(self.state, rollout, prompt_len=p)
         out = {k: float(v) for k, v in {**metrics, **update_metrics}.items()}
         update_seconds = time.perf_counter() - start
-        response_tokens = float(np.asarray(response_mask).sum())
+        response_tokens = float(jnp.sum(response_mask))
         out.update({
             "objective/kl_coef": self.kl_coef,
             "time/generation": gen_seconds, "time/scoring": score_seconds, "time/update": update_seconds,
             "rollout_tokens_per_second": response_tokens / max(gen_seconds, 1e-9),
-            "train_tokens_per_second": float(np.asarray(mask).sum()) * self.cfg.num_ppo_epochs
+            "train_tokens_per_second": float(jnp.sum(mask)) * self.cfg.num_ppo_epochs
             / max(update_seconds, 1e-9),
         })  # fmt: skip
         self._adapt_kl(out["objective/kl"], n=prompt_ids.shape[0])
         self.last_rollout = rollout
         return out
+
+    def _host_scores(self, score_fn: ScoreFn, ids: Array, response_mask: Array) -> Array:
+        """Scores of a Python reward function, as a replicated array. The whole rollout is gathered on
+        every process (a collective), scored on process 0, and broadcast: one call, one answer."""
+        ids_np, mask_np = host_array(ids), host_array(response_mask)
+        if jax.process_count() == 1:
+            return jnp.asarray(score_fn(ids_np, mask_np), jnp.float32)
+        from jax.experimental import multihost_utils
+
+        scores = np.zeros((ids_np.shape[0],), np.float32)
+        if jax.process_index() == 0:
+            scores = np.asarray(score_fn(ids_np, mask_np), np.float32)
+        scores = np.asarray(multihost_utils.broadcast_one_to_all(scores), np.float32)
+        return jax.device_put(scores, NamedSharding(self.mesh, PartitionSpec()))
 
     def _adapt_kl(self, kl: float, n: int) -> None:
         """Adaptive KL controller of Ziegler et al. (2019, arXiv:1909.08593), when `target_kl` is set."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxrlhf.data import BatchIterator, DataError, bucket_length, left_pad, load_rows
 from jaxrlhf.models import from_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.parallel import host_array
 from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.config import ExperimentConfig, config_to_dict
 from jaxrlhf.train.loop import run_loop
@@ -33,6 +34,7 @@ from jaxrlhf.train.trainer import (
     maybe_initialize_distributed,
     mesh_and_rules,
     model_directory,
+    to_global,
 )
 
 
@@ -104,8 +106,6 @@ def _collate_prompts(pad_id: int, buckets: Any) -> Callable[..., dict[str, np.nd
 def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> TrainResult:
     """RLHF with PPO as configured (`kind: ppo`)."""
     maybe_initialize_distributed(cfg)
-    if jax.process_count() > 1:
-        raise NotImplementedError("PPO runs in one process (any number of local devices) for now")
     t, p = cfg.train, cfg.ppo
     if (p.reward_model is None) == (p.reward_fn is None):
         raise ValueError("ppo: give exactly one of ppo.reward_model and ppo.reward_fn")
@@ -165,7 +165,9 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         global_batch_size=t.batch_size,
         seed=cfg.data.seed,
         drop_last=True,
-        length_fn=len,
+        length_fn=len,  # the prompt width every host pads to: the longest prompt of the global batch
+        shard_index=jax.process_index(),
+        num_shards=jax.process_count(),
     )
     os.makedirs(t.output_dir, exist_ok=True)
     fresh_start(t.output_dir, t.resume)
@@ -188,16 +190,16 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     iterator = iter(batches)
 
     def train_step() -> dict[str, float]:
-        batch = next(iterator)
+        batch = to_global(next(iterator), mesh, micro=None)  # this host's rows -> the global batch
         return engine.step(batch["prompt_ids"], batch["prompt_mask"], score_fn)
 
     def show_samples(step: int, saved: bool) -> None:  # what the scores mean, at the start and the end
         if step not in (1, total_steps):
             return
-        r = engine.last_rollout
-        prompts, completions = decode_rollout(np.asarray(r.ids), np.asarray(r.response_mask), tokenizer)
+        r = engine.last_rollout  # gathered on every process (a collective), printed by process 0
+        ids, response_mask, scores = host_array(r.ids), host_array(r.response_mask), host_array(r.scores)
+        prompts, completions = decode_rollout(ids, response_mask, tokenizer)
         logger.print(f"step {step} samples (score with the missing-EOS rule | prompt end | response):")
-        scores = np.asarray(r.scores)
         for i in range(min(3, len(completions))):
             logger.print(f"  {scores[i]:+.2f} | ...{prompts[i].strip()[-60:]!r} | {completions[i]!r}")
 
@@ -212,17 +214,15 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         export_dir = os.path.join(t.output_dir, "export")
         save_pretrained(engine.policy_model(), export_dir, tokenizer=tokenizer)
         logger.print(f"exported the policy to {export_dir}")
-    with open(os.path.join(t.output_dir, "summary.json"), "w") as f:
-        json.dump(
-            {
-                "steps": step,
-                "preempted": preempted,
-                "export_dir": export_dir,
-                "first": history[0] if history else None,
-                "last": history[-1] if history else None,
-            },
-            f,
-            indent=2,
-        )
+    summary = {
+        "steps": step,
+        "preempted": preempted,
+        "export_dir": export_dir,
+        "first": history[0] if history else None,
+        "last": history[-1] if history else None,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(t.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     logger.close()
     return TrainResult(step, history, None, None, export_dir, preempted)

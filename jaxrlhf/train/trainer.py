@@ -150,7 +150,7 @@ def _length(cfg: ExperimentConfig) -> Callable[[Indexed], int]:
     return lambda it: it.pair.packed_length
 
 
-def _to_global(batch: dict[str, np.ndarray], mesh: Any, *, micro: int | None) -> dict[str, jax.Array]:
+def to_global(batch: dict[str, np.ndarray], mesh: Any, *, micro: int | None) -> dict[str, jax.Array]:
     """This host's numpy batch -> global arrays sharded over (data, fsdp); `micro` adds the leading
     micro-batch axis."""
     out = {}
@@ -182,7 +182,7 @@ def compute_pair_logps(
     batches = _iterate_once(examples, collate, _eval_batch_size(cfg, mesh), _length(cfg))
     for i, batch in enumerate(batches):
         idx = batches.global_batch_indices(0, i)
-        result = fn(params, _to_global(batch, mesh, micro=None))
+        result = fn(params, to_global(batch, mesh, micro=None))
         for k in out:
             out[k][idx] = (
                 np.asarray(result[k])[: len(idx)] if jax.process_count() == 1 else _gathered(result[k], idx)
@@ -282,7 +282,7 @@ def evaluate(
         batches = _iterate_once(examples, collate, _eval_batch_size(cfg, mesh), _length(cfg))
         for i, batch in enumerate(batches):
             idx = batches.global_batch_indices(0, i)
-            out = fn(params, _to_global(batch, mesh, micro=None))
+            out = fn(params, to_global(batch, mesh, micro=None))
             c_all[idx], r_all[idx] = (
                 np.asarray(out["chosen"])[: len(idx)],
                 np.asarray(out["rejected"])[: len(idx)],
@@ -300,7 +300,7 @@ def evaluate(
     for batch in _iterate_once(
         examples, _collate_fn(cfg, pad_id, None), _eval_batch_size(cfg, mesh), _length(cfg)
     ):
-        out = fn(params, _to_global(batch, mesh, micro=None))
+        out = fn(params, to_global(batch, mesh, micro=None))
         total, tokens = total + float(out["nll_sum"]), tokens + float(out["tokens"])
     mean = total / max(tokens, 1.0)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
@@ -406,7 +406,7 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         batch_np = next(iterator)
         tokens = float((batch_np["input_ids"] != pad_id).sum() * jax.process_count())
         start = time.perf_counter()
-        state, metrics = step_fn(state, _to_global(batch_np, mesh, micro=t.grad_accum_steps))
+        state, metrics = step_fn(state, to_global(batch_np, mesh, micro=t.grad_accum_steps))
         metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
         seconds = time.perf_counter() - start
         metrics["tokens_per_second"] = tokens / seconds

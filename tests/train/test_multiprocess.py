@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 from test_trainer import _overrides, data_files, tiny_dir  # noqa: F401  (fixtures)
 
 WORKER = textwrap.dedent(
@@ -73,3 +74,129 @@ def test_two_processes_match_one(tiny_dir, data_files, tmp_path):  # noqa: F811
     for out in two:  # every process reports the same global losses as the single process
         got = _losses(out)
         assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= 1e-5, (got, ref)
+
+
+PPO_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    import numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    path, n, pid, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if n > 1:
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.parallel import make_mesh
+    from jaxrlhf.train.config import PPOConfig
+    from jaxrlhf.train.ppo import PPOEngine
+    from jaxrlhf.train.step import batch_sharding, make_optimizer, make_schedule
+
+    calls = []
+
+    def low_tokens(ids, response_mask):  # a verifiable reward, called on the host
+        calls.append(ids.shape[0])
+        response = ids[:, -response_mask.shape[1]:]
+        return ((response < 48) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
+
+    mesh = make_mesh(data=2)
+    policy = from_pretrained(path, mesh=mesh)
+    critic = from_pretrained(path, head="score", init_score_head=True, mesh=mesh)
+    cfg = PPOConfig(response_length=6, num_ppo_epochs=2, num_mini_batches=2, missing_eos_penalty=1.0)
+    optimizer = make_optimizer(make_schedule(3e-4, 100, kind="constant"), eps=1e-5)
+    engine = PPOEngine(policy, critic, None, cfg, optimizer, mesh, eos_token_ids=[1], pad_token_id=0)
+    ids = np.random.default_rng(0).integers(3, 96, (8, 5)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :2] = 0  # one left-padded prompt
+    if n > 1:  # each process holds its own half of the rows, as the trainer feeds them
+        rows = slice(pid * 4, pid * 4 + 4)
+        sharding = batch_sharding(mesh, 2, micro_axis=False)
+        ids = jax.make_array_from_process_local_data(sharding, ids[rows])
+        mask = jax.make_array_from_process_local_data(sharding, mask[rows])
+    history = [engine.step(ids, mask, low_tokens) for _ in range(3)]
+    keys = ["objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg"]
+    print("PPO", json.dumps([[m[k] for k in keys] for m in history]))
+    print("CALLS", json.dumps(calls))
+    """
+)
+
+
+def _run_ppo(n: int, path: str, devices_per_process: int) -> list[str]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}  # fmt: skip
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen([sys.executable, "-c", PPO_WORKER, path, str(n), str(i), port], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for i in range(n)
+    ]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+        outs.append(out)
+    return outs
+
+
+def _tagged(out: str, tag: str):
+    return json.loads(next(line for line in out.splitlines() if line.startswith(tag))[len(tag) :])
+
+
+def test_ppo_on_two_processes_matches_one(tmp_path):
+    """PPO with a Python reward function on two processes (one CPU device each, each holding half of
+    the prompts) reproduces one process with two devices: the rollout is gathered, scored once on
+    process 0 and broadcast, and the update runs over the global batch."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+    from tiny_hf import make_hf_model
+
+    path = str(tmp_path / "tiny")
+    make_hf_model("llama").save_pretrained(path)
+    one = _run_ppo(1, path, devices_per_process=2)[0]
+    two = _run_ppo(2, path, devices_per_process=1)
+    ref = np.asarray(_tagged(one, "PPO"))
+    assert np.all(np.isfinite(ref)) and abs(ref[2, 1]) > 0  # the policy moves away from the reference
+    for out in two:
+        np.testing.assert_allclose(np.asarray(_tagged(out, "PPO")), ref, rtol=1e-4, atol=1e-6)
+    # the reward function ran once per step, on process 0, on all 8 rows
+    assert _tagged(two[0], "CALLS") == [8, 8, 8] and _tagged(two[1], "CALLS") == []
+
+
+def test_ppo_cli_on_two_processes(tmp_path):
+    """`jaxrlhf train ppo` on two processes: each host feeds its half of every prompt batch; process 0
+    writes the metrics, the samples and the summary; both save checkpoints, export the policy, and
+    resume together."""
+    from test_ppo_trainer import ppo_cli_args
+
+    out = str(tmp_path / "run")
+    args, env = ppo_cli_args(tmp_path, out)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+    def run(extra: list[str]) -> list[str]:
+        port = _free_port()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", "import jax; jax.config.update('jax_cpu_collectives_implementation', "
+                 "'gloo'); from jaxrlhf.cli import main; raise SystemExit(main())", "train", "ppo", *args,
+                 *extra, f"mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2",
+                 f"mesh.process_id={i}"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        logs = []
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=600)
+            assert p.returncode == 0, stderr[-4000:]
+            logs.append(stdout + stderr)
+        return logs
+
+    logs = run([])
+    assert "step 2 samples" in logs[0] and "step 2 samples" not in logs[1]
+    assert os.path.exists(os.path.join(out, "export", "model.safetensors"))
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["1", "2"]
+    logs = run(["train.max_steps=3"])
+    assert all("resumed from step 2" in log for log in logs), logs[0][-3000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows if "objective/scores" in r] == [1, 2, 3]
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["steps"] == 3

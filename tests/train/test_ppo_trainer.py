@@ -159,11 +159,9 @@ def test_rescoring_the_policy_gives_the_same_rollout(tiny_llama):
         np.testing.assert_allclose(ma[name], mb[name], atol=1e-4, err_msg=name)
 
 
-def test_ppo_trainer_cli_with_reward_function(tmp_path):
-    """`jaxrlhf train ppo` end to end on a tiny model with the real tokenizer and a Python reward
-    function: runs, checkpoints, resumes and exports a policy transformers can load."""
-    import subprocess
-
+def ppo_cli_args(tmp_path, out: str) -> tuple[list[str], dict[str, str]]:
+    """CLI overrides and environment for `jaxrlhf train ppo` on a tiny model that uses the real
+    tokenizer (prompts from the shipped data) with the `ppo_rewards:digit_fraction` reward."""
     import transformers as tf
     from test_trainer import _overrides  # the tiny-model set-up of the other trainers
 
@@ -171,21 +169,21 @@ def test_ppo_trainer_cli_with_reward_function(tmp_path):
     from jaxrlhf.models.demo import demo_model_path
 
     tiny = str(tmp_path / "tiny")
-    cfg = tf.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tiny)
-    load_tokenizer(demo_model_path()).save_pretrained(tiny)
+    if not os.path.exists(tiny):
+        cfg = tf.LlamaConfig(
+            vocab_size=49152,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+        tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tiny)
+        load_tokenizer(demo_model_path()).save_pretrained(tiny)
     train_file = os.path.join(
         os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo", "test.jsonl"
     )
-    out = str(tmp_path / "run")
     args = _overrides(
         tiny,
         (train_file, train_file),
@@ -206,6 +204,18 @@ def test_ppo_trainer_cli_with_reward_function(tmp_path):
         **os.environ,
         "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""),
     }
+    return args, env
+
+
+def test_ppo_trainer_cli_with_reward_function(tmp_path):
+    """`jaxrlhf train ppo` end to end on a tiny model with the real tokenizer and a Python reward
+    function: runs, checkpoints, resumes and exports a policy transformers can load."""
+    import subprocess
+
+    import transformers as tf
+
+    out = str(tmp_path / "run")
+    args, env = ppo_cli_args(tmp_path, out)
 
     def run(extra: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(
