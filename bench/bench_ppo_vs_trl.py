@@ -11,9 +11,11 @@ no top-k/top-p, stop at EOS (TRL `stop_token="eos"`), at most `--response-length
 One iteration = rollout of 8 prompts, scoring (policy, reference, value and reward forwards, rewards,
 GAE) and `num_ppo_epochs` x `num_mini_batches` optimizer steps (Adam, lr 1e-6, eps 1e-5, constant).
 TRL's rollout batch is `per_device_train_batch_size * gradient_accumulation_steps` and each rollout
-is split into `num_mini_batches`; to get the same 8-prompt rollout and 4-row minibatches as
-jaxrlhf, TRL runs with `per_device_train_batch_size=4, gradient_accumulation_steps=2`
-(`per_device_train_batch_size=8` would give a 16-prompt rollout).
+is split into `num_mini_batches`; TRL runs with `per_device_train_batch_size=4,
+gradient_accumulation_steps=2`: an 8-prompt rollout and 4-row minibatches, as jaxrlhf. Accelerate
+would skip every other optimizer step while accumulating, but each rollout is the last batch of the
+8-row dataset, so it steps after every minibatch; the script counts `torch.optim.AdamW.step` calls
+to show it (E x M = 4 per iteration, as jaxrlhf).
 
 Timing.
 * jaxrlhf: the `time/generation`, `time/scoring`, `time/update` metrics `PPOEngine.step` returns
@@ -358,7 +360,9 @@ def main() -> None:
     )
     print(table(results, args))
     for fw, r in results.items():
-        print(f"\n{fw}: first-iteration breakdown gen/score/update = {r['first']['generation']:.2f}/"
+        steps = sorted({it.get("optimizer_steps", args.epochs * args.mini_batches) for it in r["all"]})
+        print(f"\n{fw}: optimizer steps per iteration {steps} (E x M = {args.epochs * args.mini_batches})")
+        print(f"{fw}: first-iteration breakdown gen/score/update = {r['first']['generation']:.2f}/"
               f"{r['first']['scoring']:.2f}/{r['first']['update']:.2f}s; total min/max "
               f"{r['total_min']:.2f}/{r['total_max']:.2f}s; load {r['load_s']:.1f}s; "
               f"uptime before: {r['uptime_before']}; after: {r['uptime_after']}")  # fmt: skip

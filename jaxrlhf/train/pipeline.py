@@ -36,10 +36,19 @@ def resolve_data_path(path: str) -> str:
     return path
 
 
-def _files(spec: str | list[str] | None) -> list[str]:
+def resolve_data_files(spec: str | list[str] | None) -> list[str]:
+    """`data.train_files` / `data.eval_files` (one path or a list) as paths, assets resolved."""
     if spec is None:
         return []
     return [resolve_data_path(s) for s in ([spec] if isinstance(spec, str) else spec)]
+
+
+def held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices `(train, eval)`: `fraction` of `n` rows (at least one) held out, chosen by `seed`;
+    both in the original order."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_eval = max(1, int(round(fraction * n)))
+    return sorted(order[n_eval:].tolist()), sorted(order[:n_eval].tolist())
 
 
 @dataclasses.dataclass
@@ -115,16 +124,14 @@ def prepare_data(
             examples.extend(parsed)
         return examples
 
-    train_files = _files(cfg.train_files)
+    train_files = resolve_data_files(cfg.train_files)
     if not train_files:
         raise DataError("no training files given (data.train_files)", field="train_files")
     train = load(train_files, "train")
-    eval_ = load(_files(cfg.eval_files), "eval") if cfg.eval_files else []
+    eval_ = load(resolve_data_files(cfg.eval_files), "eval") if cfg.eval_files else []
     if not cfg.eval_files and cfg.eval_fraction > 0:
-        order = np.random.default_rng(cfg.seed).permutation(len(train))
-        n_eval = max(1, int(round(cfg.eval_fraction * len(train))))
-        eval_ = [train[i] for i in sorted(order[:n_eval])]
-        train = [train[i] for i in sorted(order[n_eval:])]
+        train_idx, eval_idx = held_out_split(len(train), cfg.eval_fraction, cfg.seed)
+        train, eval_ = [train[i] for i in train_idx], [train[i] for i in eval_idx]
 
     def tokenize(examples: list[PreferenceExample], split: str) -> list[TokenizedPair]:
         if not examples:

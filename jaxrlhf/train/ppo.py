@@ -35,7 +35,7 @@ from jaxrlhf.losses import (
     token_logprobs,
     token_logprobs_from_hidden,
 )
-from jaxrlhf.models.decoder import CausalLM
+from jaxrlhf.models.decoder import CausalLM, default_positions
 from jaxrlhf.parallel import host_array
 from jaxrlhf.train.config import PPOConfig
 
@@ -150,6 +150,7 @@ class PPOEngine:
         self.kl_coef = float(cfg.kl_coef)
         self._update = jax.jit(self._update_fn, static_argnames=("prompt_len",), donate_argnums=(0,))
         self._score = jax.jit(self._score_fn, static_argnames=("prompt_len",))
+        self._eval = jax.jit(self._eval_fn, static_argnames=("prompt_len",))
 
     # ---------------------------------------------------------------- rollout
     def _batch(self, x: np.ndarray | Array) -> Array:
@@ -161,12 +162,19 @@ class PPOEngine:
             return jnp.asarray(x, jnp.int32)
         return jax.device_put(np.asarray(x, np.int32), NamedSharding(self.mesh, PartitionSpec()))
 
-    def generate(self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array) -> Generation:
+    def generate(
+        self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array, *, seed: int | None = None
+    ) -> Generation:
         """Sample responses with the current policy: tokens, response mask, and the sampler's log-probs
-        and entropies under `softmax(logits / temperature)` (reused by scoring)."""
-        rng = jax.random.wrap_key_data(self.state.rng)
-        rng, key = jax.random.split(rng)
-        self.state = self.state.replace(rng=jax.random.key_data(rng))
+        and entropies under `softmax(logits / temperature)` (reused by scoring). The key comes from
+        the training stream, or from `seed` (which leaves the training stream untouched)."""
+        if seed is None:
+            rng = jax.random.wrap_key_data(self.state.rng)
+            rng, key = jax.random.split(rng)
+            self.state = self.state.replace(rng=jax.random.key_data(rng))
+        else:
+            data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+            key = jax.random.wrap_key_data(jax.device_put(data, NamedSharding(self.mesh, PartitionSpec())))
         return _generate(
             self.policy_def, self.state.params["policy"], self._batch(prompt_ids),
             self._batch(prompt_mask), self.eos, np.int32(self.pad_id), key,
@@ -174,11 +182,27 @@ class PPOEngine:
             top_k=self.cfg.top_k, top_p=self.cfg.top_p,
         )  # fmt: skip
 
+    def _final_scores(self, rm_params, ids, mask, positions, response_mask, host_scores, prompt_len: int):
+        """Scores `[B]` (the reward model's at the last real token, or the host's, then the missing-EOS
+        rule) and whether each response has an EOS `[B]`."""
+        cfg = self.cfg
+        if rm_params is not None:
+            scores = last_token_scores(nnx.merge(self.rm_def, rm_params), ids, mask, positions)
+        else:
+            scores = host_scores
+        response = ids[:, prompt_len:]
+        has_eos = jnp.any(jnp.isin(response, self.eos) & (response_mask != 0), axis=1)
+        if cfg.missing_eos_penalty is not None:  # detail: penalise responses that never stop
+            scores = jnp.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+        if cfg.missing_eos_score is not None:  # or replace their (meaningless) score outright
+            scores = jnp.where(has_eos, scores, jnp.float32(cfg.missing_eos_score))
+        return scores, has_eos
+
     def _score_fn(self, params, ref_params, rm_params, ids, mask, gen: Generation, host_scores, kl_coef, *,
                   prompt_len):  # fmt: skip
         cfg = self.cfg
         response_mask = gen.completion_mask
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        positions = default_positions(mask, *mask.shape)
         ref = nnx.merge(self.policy_def, ref_params)
         if cfg.rescore_policy:
             policy = nnx.merge(self.policy_def, params["policy"])
@@ -191,16 +215,10 @@ class PPOEngine:
         values = response_values(
             nnx.merge(self.critic_def, params["critic"]), ids, mask, positions, prompt_len
         )
-        if rm_params is not None:
-            scores = last_token_scores(nnx.merge(self.rm_def, rm_params), ids, mask, positions)
-        else:
-            scores = host_scores
+        scores, _ = self._final_scores(
+            rm_params, ids, mask, positions, response_mask, host_scores, prompt_len
+        )
         response = ids[:, prompt_len:]
-        has_eos = jnp.any(jnp.isin(response, self.eos) & (response_mask != 0), axis=1)
-        if cfg.missing_eos_penalty is not None:  # detail: penalise responses that never stop
-            scores = jnp.where(has_eos, scores, scores - cfg.missing_eos_penalty)
-        if cfg.missing_eos_score is not None:  # or replace their (meaningless) score outright
-            scores = jnp.where(has_eos, scores, jnp.float32(cfg.missing_eos_score))
         rewards, non_score, kl = per_token_rewards(
             scores, logprobs, ref_logprobs, response_mask, kl_coef=kl_coef, kl_kind=cfg.kl_estimator
         )
@@ -336,6 +354,44 @@ class PPOEngine:
             scores = np.asarray(score_fn(ids_np, mask_np), np.float32)
         scores = np.asarray(multihost_utils.broadcast_one_to_all(scores), np.float32)
         return jax.device_put(scores, NamedSharding(self.mesh, PartitionSpec()))
+
+    def evaluate(
+        self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array,
+        score_fn: ScoreFn | None = None, *, seed: int = 0,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """Held-out numbers of the current policy, per prompt row (numpy `[B]`, gathered on every
+        process): responses are sampled as in training (same temperature) but from a fixed `seed`, so
+        evaluations are comparable and the training stream is untouched; then `scores` (reward
+        model or `score_fn`, with the missing-EOS rule), `kl` (the configured estimator summed over
+        the response, to the reference), `length` (response tokens) and `eos` (1 if it stopped)."""
+        if (self.rm_params is None) == (score_fn is None):
+            raise ValueError("PPO needs exactly one of a reward model (at construction) or a score_fn")
+        prompt_ids, prompt_mask = self._batch(prompt_ids), self._batch(prompt_mask)
+        gen = self.generate(prompt_ids, prompt_mask, seed=seed)
+        ids = jnp.concatenate([prompt_ids, gen.tokens], axis=1)
+        mask = jnp.concatenate([prompt_mask, gen.completion_mask], axis=1)
+        host_scores = None if score_fn is None else self._host_scores(score_fn, ids, gen.completion_mask)
+        out = self._eval(self.ref_params, self.rm_params, ids, mask, gen, host_scores,
+                         prompt_len=prompt_ids.shape[1])  # fmt: skip
+        return {k: host_array(v) for k, v in out.items()}
+
+    def _eval_fn(self, ref_params, rm_params, ids, mask, gen: Generation, host_scores, *, prompt_len: int):
+        response_mask = gen.completion_mask
+        positions = default_positions(mask, *mask.shape)
+        ref = nnx.merge(self.policy_def, ref_params)
+        ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, self.cfg.temperature)
+        scores, has_eos = self._final_scores(
+            rm_params, ids, mask, positions, response_mask, host_scores, prompt_len
+        )
+        _, _, kl = per_token_rewards(
+            scores, gen.logprobs, ref_logprobs, response_mask, kl_coef=0.0, kl_kind=self.cfg.kl_estimator
+        )
+        return {
+            "scores": scores,
+            "kl": jnp.sum(kl, axis=1),
+            "length": jnp.sum(response_mask, axis=1).astype(jnp.float32),
+            "eos": has_eos.astype(jnp.float32),
+        }
 
     def _adapt_kl(self, kl: float, n: int) -> None:
         """Adaptive KL controller of Ziegler et al. (2019, arXiv:1909.08593), when `target_kl` is set."""

@@ -25,7 +25,7 @@ from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.config import ExperimentConfig, config_to_dict
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger
-from jaxrlhf.train.pipeline import resolve_data_path
+from jaxrlhf.train.pipeline import held_out_split, resolve_data_files
 from jaxrlhf.train.ppo import PPOEngine, ScoreFn
 from jaxrlhf.train.step import make_optimizer, make_schedule
 from jaxrlhf.train.trainer import (
@@ -103,6 +103,44 @@ def _collate_prompts(pad_id: int, buckets: Any) -> Callable[..., dict[str, np.nd
     return collate
 
 
+def _train_and_eval_prompts(cfg: ExperimentConfig, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+    """Training prompts, and held-out ones: `data.eval_files`, or `data.eval_fraction` of the
+    training prompts (chosen by `data.seed`), or none."""
+    d = cfg.data
+    length = d.max_prompt_length
+    prompts = load_prompts(resolve_data_files(d.train_files), tokenizer, max_prompt_length=length)
+    if d.eval_files:
+        return prompts, load_prompts(resolve_data_files(d.eval_files), tokenizer, max_prompt_length=length)
+    if d.eval_fraction > 0:
+        train_idx, eval_idx = held_out_split(len(prompts), d.eval_fraction, d.seed)
+        return [prompts[i] for i in train_idx], [prompts[i] for i in eval_idx]
+    return prompts, []
+
+
+def evaluate_policy(
+    engine: PPOEngine, batches: BatchIterator, mesh: Any, score_fn: ScoreFn | None, *, seed: int
+) -> dict[str, float]:
+    """Means over the held-out prompts of `PPOEngine.evaluate` (a fixed sampling seed per batch):
+    the score, the summed KL to the reference, `score - kl_coef * kl`, response length and the
+    fraction of responses that stop. Padding rows of the last batch are left out."""
+    per_row: dict[str, list[np.ndarray]] = {}
+    for i, batch in enumerate(batches):
+        rows = to_global(batch, mesh, micro=None)
+        out = engine.evaluate(rows["prompt_ids"], rows["prompt_mask"], score_fn, seed=seed * 100_003 + i)
+        real = host_array(rows["prompt_mask"]).sum(axis=1) > 0
+        for k, v in out.items():
+            per_row.setdefault(k, []).append(v[real])
+    v = {k: np.concatenate(x) for k, x in per_row.items()}
+    return {
+        "objective/scores": float(v["scores"].mean()),
+        "objective/kl": float(v["kl"].mean()),
+        "objective/rlhf_reward": float((v["scores"] - engine.kl_coef * v["kl"]).mean()),
+        "val/response_length": float(v["length"].mean()),
+        "val/eos_fraction": float(v["eos"].mean()),
+        "prompts": float(len(v["scores"])),
+    }
+
+
 def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> TrainResult:
     """RLHF with PPO as configured (`kind: ppo`)."""
     maybe_initialize_distributed(cfg)
@@ -115,9 +153,11 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     say = log or (lambda msg: print(msg, flush=True))
     policy_dir = model_directory(cfg.model.path)
     tokenizer = load_tokenizer(model_directory(cfg.model.tokenizer) if cfg.model.tokenizer else policy_dir)
-    files = [resolve_data_path(f) for f in cfg.data.train_file_list]
-    prompts = load_prompts(files, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
-    say(f"ppo: {len(prompts)} prompts, {jax.device_count()} devices, mesh {dict(mesh.shape)}")
+    prompts, eval_prompts = _train_and_eval_prompts(cfg, tokenizer)
+    say(
+        f"ppo: {len(prompts)} prompts ({len(eval_prompts)} held out), {jax.device_count()} devices, "
+        f"mesh {dict(mesh.shape)}"
+    )
     kw = dict(
         dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype,
@@ -159,9 +199,10 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     )
     del policy, critic, reward_model
     score_fn = load_score_fn(p.reward_fn, tokenizer) if p.reward_fn else None
+    collate = _collate_prompts(tokenizer.pad_token_id, cfg.data.buckets)
     batches = BatchIterator(
         prompts,
-        _collate_prompts(tokenizer.pad_token_id, cfg.data.buckets),
+        collate,
         global_batch_size=t.batch_size,
         seed=cfg.data.seed,
         drop_last=True,
@@ -189,13 +230,32 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     logger = MetricsLogger(t.output_dir, total_steps=total_steps, tensorboard=t.tensorboard, start_step=step)
     iterator = iter(batches)
 
+    def do_eval() -> dict[str, float] | None:
+        if not eval_prompts:
+            return None
+        held_out = BatchIterator(
+            eval_prompts, collate, global_batch_size=t.batch_size, shuffle=False, drop_last=False,
+            num_epochs=1, length_fn=len, shard_index=jax.process_index(), num_shards=jax.process_count(),
+        )  # fmt: skip
+        return evaluate_policy(engine, held_out, mesh, score_fn, seed=t.seed)
+
+    eval_before = do_eval() if step == 0 else None
+    if eval_before:
+        logger.log(step, eval_before, split="eval")
+
     def train_step() -> dict[str, float]:
         batch = to_global(next(iterator), mesh, micro=None)  # this host's rows -> the global batch
         return engine.step(batch["prompt_ids"], batch["prompt_mask"], score_fn)
 
-    def show_samples(step: int, saved: bool) -> None:  # what the scores mean, at the start and the end
-        if step not in (1, total_steps):
-            return
+    def after_step(step: int, saved: bool) -> None:
+        if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+            metrics = do_eval()
+            if metrics:
+                logger.log(step, metrics, split="eval")
+        if step in (1, total_steps):  # what the scores mean, at the start and the end
+            show_samples(step)
+
+    def show_samples(step: int) -> None:
         r = engine.last_rollout  # gathered on every process (a collective), printed by process 0
         ids, response_mask, scores = host_array(r.ids), host_array(r.response_mask), host_array(r.scores)
         prompts, completions = decode_rollout(ids, response_mask, tokenizer)
@@ -205,10 +265,13 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
 
     loop = run_loop(
         train_step, snapshot, checkpointer, logger, step=step, total_steps=total_steps,
-        log_every=t.log_every, save_every=t.save_every, say=logger.print, after_step=show_samples,
+        log_every=t.log_every, save_every=t.save_every, say=logger.print, after_step=after_step,
     )  # fmt: skip
     step, history, preempted = loop.step, loop.history, loop.preempted
     checkpointer.close()
+    eval_after = None if preempted else do_eval()
+    if eval_after:
+        logger.log(step, eval_after, split="eval")
     export_dir = None
     if t.export and not preempted:
         export_dir = os.path.join(t.output_dir, "export")
@@ -220,9 +283,11 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         "export_dir": export_dir,
         "first": history[0] if history else None,
         "last": history[-1] if history else None,
+        "eval_before": eval_before,
+        "eval_after": eval_after,
     }
     if jax.process_index() == 0:
         with open(os.path.join(t.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     logger.close()
-    return TrainResult(step, history, None, None, export_dir, preempted)
+    return TrainResult(step, history, eval_before, eval_after, export_dir, preempted)

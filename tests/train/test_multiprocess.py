@@ -34,29 +34,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(n: int, overrides: list[str], devices_per_process: int) -> list[str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}  # fmt: skip
-    port = _free_port()
-    procs = []
-    for i in range(n):
-        extra = [] if n == 1 else [f"mesh.coordinator_address=127.0.0.1:{port}", f"mesh.num_processes={n}",
-                                   f"mesh.process_id={i}"]  # fmt: skip
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER.format(n=n), *overrides, *extra], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))  # fmt: skip
-    outs = []
+def _launch(commands: list[list[str]], env: dict[str, str]) -> list[str]:
+    """Start every command at once (they join one jax.distributed run), wait, and return each one's
+    stdout + stderr; a failing process fails the test with its stderr."""
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]  # fmt: skip
+    logs = []
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-4000:]
-        outs.append(out)
-    return outs
+        logs.append(out + err)
+    return logs
 
 
-def _losses(out: str) -> list[float]:
-    line = next(line for line in out.splitlines() if line.startswith("LOSSES"))
-    return json.loads(line[len("LOSSES") :])
+def _cpu_env(devices_per_process: int, **extra: str) -> dict[str, str]:
+    flags = f"--xla_force_host_platform_device_count={devices_per_process}"
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
+
+
+def _mesh_args(n: int, i: int, port: int) -> list[str]:
+    if n == 1:
+        return []
+    return [f"mesh.coordinator_address=127.0.0.1:{port}", f"mesh.num_processes={n}", f"mesh.process_id={i}"]
+
+
+def _run(n: int, overrides: list[str], devices_per_process: int) -> list[str]:
+    port = _free_port()
+    return _launch(
+        [[sys.executable, "-c", WORKER.format(n=n), *overrides, *_mesh_args(n, i, port)] for i in range(n)],
+        _cpu_env(devices_per_process),
+    )
+
+
+def _tagged(out: str, tag: str):
+    return json.loads(next(line for line in out.splitlines() if line.startswith(tag))[len(tag) :])
 
 
 def test_two_processes_match_one(tiny_dir, data_files, tmp_path):  # noqa: F811
@@ -69,10 +80,10 @@ def test_two_processes_match_one(tiny_dir, data_files, tmp_path):  # noqa: F811
     }
     one = _run(1, _overrides(tiny_dir, data_files, str(tmp_path / "one"), **common), devices_per_process=4)
     two = _run(2, _overrides(tiny_dir, data_files, str(tmp_path / "two"), **common), devices_per_process=2)
-    ref = _losses(one[0])
+    ref = _tagged(one[0], "LOSSES")
     assert len(ref) == 3 and abs(ref[2] - ref[0]) > 1e-3  # the losses move: not trivially ln 2
     for out in two:  # every process reports the same global losses as the single process
-        got = _losses(out)
+        got = _tagged(out, "LOSSES")
         assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= 1e-5, (got, ref)
 
 
@@ -121,24 +132,11 @@ PPO_WORKER = textwrap.dedent(
 
 
 def _run_ppo(n: int, path: str, devices_per_process: int) -> list[str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}  # fmt: skip
     port = str(_free_port())
-    procs = [
-        subprocess.Popen([sys.executable, "-c", PPO_WORKER, path, str(n), str(i), port], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        for i in range(n)
-    ]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-4000:]
-        outs.append(out)
-    return outs
-
-
-def _tagged(out: str, tag: str):
-    return json.loads(next(line for line in out.splitlines() if line.startswith(tag))[len(tag) :])
+    return _launch(
+        [[sys.executable, "-c", PPO_WORKER, path, str(n), str(i), port] for i in range(n)],
+        _cpu_env(devices_per_process),
+    )
 
 
 def test_ppo_on_two_processes_matches_one(tmp_path):
@@ -168,26 +166,17 @@ def test_ppo_cli_on_two_processes(tmp_path):
 
     out = str(tmp_path / "run")
     args, env = ppo_cli_args(tmp_path, out)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = _cpu_env(1, PYTHONPATH=env["PYTHONPATH"])  # the reward function's module is on it
 
     def run(extra: list[str]) -> list[str]:
         port = _free_port()
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", "import jax; jax.config.update('jax_cpu_collectives_implementation', "
-                 "'gloo'); from jaxrlhf.cli import main; raise SystemExit(main())", "train", "ppo", *args,
-                 *extra, f"mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2",
-                 f"mesh.process_id={i}"],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            for i in range(2)
-        ]
-        logs = []
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=600)
-            assert p.returncode == 0, stderr[-4000:]
-            logs.append(stdout + stderr)
-        return logs
+        main = ("import jax; jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
+                "from jaxrlhf.cli import main; raise SystemExit(main())")  # fmt: skip
+        return _launch(
+            [[sys.executable, "-c", main, "train", "ppo", *args, *extra, *_mesh_args(2, i, port)]
+             for i in range(2)],
+            env,
+        )  # fmt: skip
 
     logs = run([])
     assert "step 2 samples" in logs[0] and "step 2 samples" not in logs[1]
@@ -197,6 +186,8 @@ def test_ppo_cli_on_two_processes(tmp_path):
     assert all("resumed from step 2" in log for log in logs), logs[0][-3000:]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows if "objective/scores" in r] == [1, 2, 3]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+    evals = [r for r in rows if r["split"] == "eval"]  # held-out prompts, split over the two hosts
+    assert [r["step"] for r in evals] == [0, 1, 2, 3] and all(r["prompts"] == 6 for r in evals), evals
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["steps"] == 3

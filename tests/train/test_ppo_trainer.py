@@ -159,6 +159,62 @@ def test_rescoring_the_policy_gives_the_same_rollout(tiny_llama):
         np.testing.assert_allclose(ma[name], mb[name], atol=1e-4, err_msg=name)
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_evaluate_scores_held_out_prompts_without_touching_training(tiny_llama):
+    """`PPOEngine.evaluate`: per-row scores are the reward function's on the sampled responses (with
+    the missing-EOS penalty); the summed KL is 0 while the policy is the reference and, after an
+    update, equals a numpy log-softmax of both models' logits; a fixed seed gives the same responses
+    every time; and evaluating between training steps does not change them."""
+    cfg = PPOConfig(response_length=6, temperature=0.8, num_ppo_epochs=2, num_mini_batches=2,
+                    missing_eos_penalty=1.0)  # fmt: skip
+    prompts, mask = _prompts(n=8, seed=6)
+    mask[:2, :2] = 0
+    prompts[:2, :2] = PAD
+    engine = _engine(tiny_llama, cfg, lr=1e-3, seed=1)
+    before = engine.evaluate(prompts, mask, low_token_fraction, seed=7)
+    again = engine.evaluate(prompts, mask, low_token_fraction, seed=7)
+    for k in before:
+        np.testing.assert_array_equal(before[k], again[k], err_msg=k)
+    np.testing.assert_allclose(before["kl"], 0.0, atol=1e-4)
+    gen = engine.generate(prompts, mask, seed=7)
+    ids = np.concatenate([prompts, np.asarray(gen.tokens)], axis=1)
+    rmask = np.asarray(gen.completion_mask)
+    has_eos = ((ids[:, -6:] == EOS) & (rmask == 1)).any(1)
+    np.testing.assert_allclose(before["scores"], low_token_fraction(ids, rmask) - 1.0 * ~has_eos, atol=1e-6)
+    np.testing.assert_array_equal(before["length"], rmask.sum(1))
+    np.testing.assert_array_equal(before["eos"], has_eos.astype(np.float32))
+
+    trained = [engine.step(prompts, mask, low_token_fraction)]
+    after = engine.evaluate(prompts, mask, low_token_fraction, seed=7)
+    trained.append(engine.step(prompts, mask, low_token_fraction))
+    plain = _engine(tiny_llama, cfg, lr=1e-3, seed=1)
+    untouched = [plain.step(prompts, mask, low_token_fraction) for _ in range(2)]
+    for a, b in zip(trained, untouched, strict=True):
+        assert a["objective/scores"] == b["objective/scores"] and a["loss/policy_avg"] == b["loss/policy_avg"]
+
+    # the KL after one update, from both models' full logits (numpy log-softmax at temperature 0.8)
+    reference = _engine(tiny_llama, cfg, lr=1e-3, seed=1).policy_model()  # the initial policy
+    moved = _engine(tiny_llama, cfg, lr=1e-3, seed=1)
+    moved.step(prompts, mask, low_token_fraction)  # the same first update as `engine`'s
+    g = moved.generate(prompts, mask, seed=7)
+    ids = np.concatenate([prompts, np.asarray(g.tokens)], axis=1)
+    full_mask = np.concatenate([mask, np.asarray(g.completion_mask)], axis=1)
+    positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+    rmask = np.asarray(g.completion_mask).astype(np.float64)
+    p = prompts.shape[1]
+    kl = 0.0
+    for model, sign in ((moved.policy_model(), 1.0), (reference, -1.0)):
+        logits = np.asarray(model(ids, full_mask, positions), np.float64)[:, p - 1 : -1] / 0.8
+        logp = np.take_along_axis(_log_softmax(logits), ids[:, p:, None], axis=-1)[..., 0]
+        kl = kl + sign * (logp * rmask).sum(1)
+    np.testing.assert_allclose(after["kl"], kl, atol=2e-4)
+    assert np.abs(after["kl"]).max() > 1e-3  # the update moved the policy
+
+
 def ppo_cli_args(tmp_path, out: str) -> tuple[list[str], dict[str, str]]:
     """CLI overrides and environment for `jaxrlhf train ppo` on a tiny model that uses the real
     tokenizer (prompts from the shipped data) with the `ppo_rewards:digit_fraction` reward."""
@@ -197,6 +253,8 @@ def ppo_cli_args(tmp_path, out: str) -> tuple[list[str], dict[str, str]]:
             "ppo.num_ppo_epochs": 2,
             "ppo.num_mini_batches": 2,
             "ppo.critic_init": "policy",
+            "data.eval_fraction": 0.1,  # 6 of the 64 prompts held out: batches of 4 and 2 (+2 padding rows)
+            "train.eval_every": 1,
         },
     )
     args = [a for a in args if not a.startswith(("data.eval_files", "train.grad_accum_steps"))]
@@ -239,6 +297,11 @@ def test_ppo_trainer_cli_with_reward_function(tmp_path):
 
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
+    # held-out evaluation before training, every step, and at the end (the resumed run: at the end)
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3] and all(r["prompts"] == 6 for r in evals), evals
+    assert abs(evals[0]["objective/kl"]) < 1e-3 and 0 <= evals[-1]["val/eos_fraction"] <= 1
+    rows = [r for r in rows if r["split"] == "train"]
     names = set(rows[0])
     for key in (
         "objective/kl",
