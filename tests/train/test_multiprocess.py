@@ -118,6 +118,7 @@ PPO_WORKER = textwrap.dedent(
     ids = np.random.default_rng(0).integers(3, 96, (8, 5)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[0, :2] = 0  # one left-padded prompt
+    held_out = engine.evaluate(ids[::-1].copy(), mask[::-1].copy(), low_tokens, seed=1)  # numpy: same on all
     if n > 1:  # each process holds its own half of the rows, as the trainer feeds them
         rows = slice(pid * 4, pid * 4 + 4)
         sharding = batch_sharding(mesh, 2, micro_axis=False)
@@ -126,6 +127,7 @@ PPO_WORKER = textwrap.dedent(
     history = [engine.step(ids, mask, low_tokens) for _ in range(3)]
     keys = ["objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg"]
     print("PPO", json.dumps([[m[k] for k in keys] for m in history]))
+    print("EVAL", json.dumps({k: v.tolist() for k, v in held_out.items()}))
     print("CALLS", json.dumps(calls))
     """
 )
@@ -142,7 +144,8 @@ def _run_ppo(n: int, path: str, devices_per_process: int) -> list[str]:
 def test_ppo_on_two_processes_matches_one(tmp_path):
     """PPO with a Python reward function on two processes (one CPU device each, each holding half of
     the prompts) reproduces one process with two devices: the rollout is gathered, scored once on
-    process 0 and broadcast, and the update runs over the global batch."""
+    process 0 and broadcast, and the update runs over the global batch. `evaluate` on a numpy batch
+    (the same on every process) agrees too."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
     from tiny_hf import make_hf_model
 
@@ -154,8 +157,10 @@ def test_ppo_on_two_processes_matches_one(tmp_path):
     assert np.all(np.isfinite(ref)) and abs(ref[2, 1]) > 0  # the policy moves away from the reference
     for out in two:
         np.testing.assert_allclose(np.asarray(_tagged(out, "PPO")), ref, rtol=1e-4, atol=1e-6)
-    # the reward function ran once per step, on process 0, on all 8 rows
-    assert _tagged(two[0], "CALLS") == [8, 8, 8] and _tagged(two[1], "CALLS") == []
+        for k, v in _tagged(out, "EVAL").items():  # evaluation from the same numpy batch on every process
+            np.testing.assert_allclose(v, _tagged(one, "EVAL")[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # the reward function ran once per call (an evaluation, then 3 steps), on process 0, on all 8 rows
+    assert _tagged(two[0], "CALLS") == [8, 8, 8, 8] and _tagged(two[1], "CALLS") == []
 
 
 def test_ppo_cli_on_two_processes(tmp_path):
