@@ -27,6 +27,7 @@ from jaxrlhf.generation.sampling import Generation, _generate
 from jaxrlhf.losses import (
     entropy_from_logits,
     gae,
+    kl_penalty,
     masked_mean,
     masked_whiten,
     per_token_rewards,
@@ -304,8 +305,7 @@ class PPOEngine:
         On several processes every process calls `step` with the same global batch (a global array of
         each host's rows, or the same numpy batch); `score_fn` then runs on process 0 only, on the
         whole rollout, and its scores are broadcast."""
-        if (self.rm_params is None) == (score_fn is None):
-            raise ValueError("PPO needs exactly one of a reward model (at construction) or a score_fn")
+        self._check_reward(score_fn)
         start = time.perf_counter()
         prompt_ids, prompt_mask = self._batch(prompt_ids), self._batch(prompt_mask)
         gen = self.generate(prompt_ids, prompt_mask)
@@ -341,6 +341,10 @@ class PPOEngine:
         self.last_rollout = rollout
         return out
 
+    def _check_reward(self, score_fn: ScoreFn | None) -> None:
+        if (self.rm_params is None) == (score_fn is None):
+            raise ValueError("PPO needs exactly one of a reward model (at construction) or a score_fn")
+
     def _host_scores(self, score_fn: ScoreFn, ids: Array, response_mask: Array) -> Array:
         """Scores of a Python reward function, as a replicated array. The whole rollout is gathered on
         every process (a collective), scored on process 0, and broadcast: one call, one answer."""
@@ -364,8 +368,7 @@ class PPOEngine:
         evaluations are comparable and the training stream is untouched; then `scores` (reward
         model or `score_fn`, with the missing-EOS rule), `kl` (the configured estimator summed over
         the response, to the reference), `length` (response tokens) and `eos` (1 if it stopped)."""
-        if (self.rm_params is None) == (score_fn is None):
-            raise ValueError("PPO needs exactly one of a reward model (at construction) or a score_fn")
+        self._check_reward(score_fn)
         prompt_ids, prompt_mask = self._batch(prompt_ids), self._batch(prompt_mask)
         gen = self.generate(prompt_ids, prompt_mask, seed=seed)
         ids = jnp.concatenate([prompt_ids, gen.tokens], axis=1)
@@ -383,9 +386,7 @@ class PPOEngine:
         scores, has_eos = self._final_scores(
             rm_params, ids, mask, positions, response_mask, host_scores, prompt_len
         )
-        _, _, kl = per_token_rewards(
-            scores, gen.logprobs, ref_logprobs, response_mask, kl_coef=0.0, kl_kind=self.cfg.kl_estimator
-        )
+        kl = kl_penalty(gen.logprobs, ref_logprobs, self.cfg.kl_estimator) * response_mask
         return {
             "scores": scores,
             "kl": jnp.sum(kl, axis=1),
