@@ -47,7 +47,7 @@ OUT_DIR = os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jaxrlhf", "assets", "dpo_demo")
 )
 
-Pair = tuple[str, str, str]  # (prompt, chosen, rejected)
+Pair = tuple[str, str, str, str]  # (prompt, chosen, rejected, answer for jaxrlhf.evaluation.checkers)
 
 # --------------------------------------------------------------------------------------- helpers
 
@@ -99,6 +99,7 @@ def arithmetic(rng: random.Random) -> Callable[[], Pair]:
             prompt,
             style.format(a=a, s=sym, b=b, c=c),
             style.format(a=a, s=sym, b=b, c=wrong),
+            str(c),
         )
 
     return make
@@ -147,7 +148,7 @@ def word_problem(rng: random.Random) -> Callable[[], Pair]:
             )
             tail = f"so each friend gets {{c}} {item}."
         line = f"{a} {sym} {b} = {{c}}, " + tail
-        return prompt, line.format(c=c), line.format(c=wrong)
+        return prompt, line.format(c=c), line.format(c=wrong), str(c)
 
     return make
 
@@ -193,7 +194,7 @@ def unit_convert(rng: random.Random) -> Callable[[], Pair]:
         else:  # right fact, arithmetic slip
             v = rng.choice([(n + 1) * f, (n - 1) * f])
             rejected = line.format(one=one, f=f, s=small, n=n, b=big_txt, v=v)
-        return prompt, chosen, rejected
+        return prompt, chosen, rejected, str(n * f)
 
     return make
 
@@ -240,14 +241,14 @@ def yes_no_check(rng: random.Random) -> Callable[[], Pair]:
                 break
         prompt = q + rng.choice([" Answer yes or no.", " Answer with yes or no only."])
         yes, no = "Yes.", "No."
-        return (prompt, yes, no) if truth else (prompt, no, yes)
+        return (prompt, yes, no, "yes") if truth else (prompt, no, yes, "no")
 
     return make
 
 
 # ------------------------------------------------------------------------------------------ facts
 
-# (question, correct sentence, wrong sentence)
+# (country, capital, another big city); FACTS: (question, correct sentence, wrong sentence, answer)
 CAPITALS = [
     ("France", "Paris", "Marseille"), ("Germany", "Berlin", "Munich"), ("Italy", "Rome", "Milan"),
     ("Spain", "Madrid", "Barcelona"), ("Japan", "Tokyo", "Osaka"), ("China", "Beijing", "Shanghai"),
@@ -269,58 +270,58 @@ CAPITALS = [
     ("Chile", "Santiago", "Valparaiso"), ("Saudi Arabia", "Riyadh", "Jeddah"), ("Iran", "Tehran", "Isfahan"),
 ]  # fmt: skip
 FACTS = [
-    ("How many days are in a week?", "There are seven days in a week.", "There are eight days in a week."),
+    ("How many days are in a week?", "There are seven days in a week.", "There are eight days in a week.", "seven"),
     ("How many months are in a year?", "There are twelve months in a year.",
-     "There are ten months in a year."),
-    ("How many legs does a spider have?", "A spider has eight legs.", "A spider has six legs."),
-    ("How many legs does an insect have?", "An insect has six legs.", "An insect has eight legs."),
+     "There are ten months in a year.", "twelve"),
+    ("How many legs does a spider have?", "A spider has eight legs.", "A spider has six legs.", "eight"),
+    ("How many legs does an insect have?", "An insect has six legs.", "An insect has eight legs.", "six"),
     ("What is the chemical symbol for gold?", "The chemical symbol for gold is Au.",
-     "The chemical symbol for gold is Ag."),
+     "The chemical symbol for gold is Ag.", "Au"),
     ("What is the chemical symbol for iron?", "The chemical symbol for iron is Fe.",
-     "The chemical symbol for iron is Ir."),
+     "The chemical symbol for iron is Ir.", "Fe"),
     ("Which planet is closest to the Sun?", "Mercury is the planet closest to the Sun.",
-     "Venus is the planet closest to the Sun."),
+     "Venus is the planet closest to the Sun.", "Mercury"),
     ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system.",
-     "Saturn is the largest planet in our solar system."),
+     "Saturn is the largest planet in our solar system.", "Jupiter"),
     ("At what temperature in Celsius does water freeze?", "Water freezes at 0 degrees Celsius.",
-     "Water freezes at 10 degrees Celsius."),
+     "Water freezes at 10 degrees Celsius.", "0"),
     ("At what temperature in Celsius does water boil at sea level?",
-     "At sea level, water boils at 100 degrees Celsius.", "At sea level, water boils at 90 degrees Celsius."),
-    ("How many sides does a hexagon have?", "A hexagon has six sides.", "A hexagon has eight sides."),
-    ("How many sides does an octagon have?", "An octagon has eight sides.", "An octagon has six sides."),
-    ("How many sides does a triangle have?", "A triangle has three sides.", "A triangle has four sides."),
+     "At sea level, water boils at 100 degrees Celsius.", "At sea level, water boils at 90 degrees Celsius.", "100"),
+    ("How many sides does a hexagon have?", "A hexagon has six sides.", "A hexagon has eight sides.", "six"),
+    ("How many sides does an octagon have?", "An octagon has eight sides.", "An octagon has six sides.", "eight"),
+    ("How many sides does a triangle have?", "A triangle has three sides.", "A triangle has four sides.", "three"),
     ("What gas do plants absorb from the air?", "Plants absorb carbon dioxide from the air.",
-     "Plants absorb helium from the air."),
-    ("How many hours are in a day?", "There are 24 hours in a day.", "There are 12 hours in a day."),
+     "Plants absorb helium from the air.", "carbon dioxide"),
+    ("How many hours are in a day?", "There are 24 hours in a day.", "There are 12 hours in a day.", "24"),
     ("How many minutes are in an hour?", "There are 60 minutes in an hour.",
-     "There are 100 minutes in an hour."),
+     "There are 100 minutes in an hour.", "60"),
     ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth.",
-     "The Atlantic Ocean is the largest ocean on Earth."),
+     "The Atlantic Ocean is the largest ocean on Earth.", "Pacific"),
     ("Who wrote Romeo and Juliet?", "Romeo and Juliet was written by William Shakespeare.",
-     "Romeo and Juliet was written by Charles Dickens."),
-    ("How many days are in a leap year?", "A leap year has 366 days.", "A leap year has 365 days."),
+     "Romeo and Juliet was written by Charles Dickens.", "Shakespeare"),
+    ("How many days are in a leap year?", "A leap year has 366 days.", "A leap year has 365 days.", "366"),
     ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet.",
-     "Jupiter is known as the Red Planet."),
+     "Jupiter is known as the Red Planet.", "Mars"),
     ("How many strings does a standard violin have?", "A standard violin has four strings.",
-     "A standard violin has six strings."),
-    ("How many wheels does a bicycle have?", "A bicycle has two wheels.", "A bicycle has three wheels."),
+     "A standard violin has six strings.", "four"),
+    ("How many wheels does a bicycle have?", "A bicycle has two wheels.", "A bicycle has three wheels.", "two"),
     ("What color do you get by mixing blue and yellow?", "Mixing blue and yellow gives green.",
-     "Mixing blue and yellow gives purple."),
+     "Mixing blue and yellow gives purple.", "green"),
     ("What is the largest mammal on Earth?", "The blue whale is the largest mammal on Earth.",
-     "The elephant is the largest mammal on Earth."),
-    ("What is the square root of 81?", "The square root of 81 is 9.", "The square root of 81 is 8."),
+     "The elephant is the largest mammal on Earth.", "blue whale"),
+    ("What is the square root of 81?", "The square root of 81 is 9.", "The square root of 81 is 8.", "9"),
     ("How many players does a soccer team have on the field?",
-     "A soccer team has eleven players on the field.", "A soccer team has nine players on the field."),
+     "A soccer team has eleven players on the field.", "A soccer team has nine players on the field.", "eleven"),
     ("What is the highest mountain on Earth above sea level?",
-     "Mount Everest is the highest mountain above sea level.", "K2 is the highest mountain above sea level."),
+     "Mount Everest is the highest mountain above sea level.", "K2 is the highest mountain above sea level.", "Everest"),
     ("How many centimeters are in a meter?", "There are 100 centimeters in a meter.",
-     "There are 1000 centimeters in a meter."),
+     "There are 1000 centimeters in a meter.", "100"),
 ]  # fmt: skip
 
 
 def fact_bank() -> list[Pair]:
     bank = [
-        (f"What is the capital of {c}?", f"The capital of {c} is {cap}.", f"The capital of {c} is {bad}.")
+        (f"What is the capital of {c}?", f"The capital of {c} is {cap}.", f"The capital of {c} is {bad}.", cap)
         for c, cap, bad in CAPITALS
     ]
     bank += FACTS
@@ -394,17 +395,17 @@ SIMPLE_QA = [
 
 def letter_case(qa: list[tuple[str, str, str]], rng: random.Random) -> list[Pair]:
     out = []
-    for q, _, sentence in qa:
+    for q, word, sentence in qa:
         if rng.random() < 0.5:
             instr = rng.choice(["Reply in all capital letters.", "Answer using only capital letters."])
-            chosen = sentence.upper()
+            chosen, case = sentence.upper(), "upper"
             rejected = sentence if rng.random() < 0.5 else sentence.lower()
         else:
             instr = rng.choice(["Reply in all lowercase letters.", "Answer using only lowercase letters."])
-            chosen = sentence.lower()
+            chosen, case = sentence.lower(), "lower"
             rejected = sentence if rng.random() < 0.5 else sentence.upper()
         prompt = f"{instr} {q}" if rng.random() < 0.5 else f"{q} {instr}"
-        out.append((prompt, chosen, rejected))
+        out.append((prompt, chosen, rejected, f"{case}:{word}"))
     return out
 
 
@@ -413,12 +414,12 @@ def one_word(qa: list[tuple[str, str, str]], rng: random.Random) -> list[Pair]:
     for i, (q, word, sentence) in enumerate(qa):
         if i % 2 == 0:  # half "one word", half "full sentence", so length never decides
             instr = rng.choice(["Answer in one word.", "Answer with a single word."])
-            chosen, rejected = f"{word}.", sentence
+            chosen, rejected, form = f"{word}.", sentence, "word"
         else:
             instr = rng.choice(["Answer in a full sentence.", "Answer with a complete sentence."])
-            chosen, rejected = sentence, f"{word}."
+            chosen, rejected, form = sentence, f"{word}.", "sentence"
         prompt = f"{instr} {q}" if rng.random() < 0.5 else f"{q} {instr}"
-        out.append((prompt, chosen, rejected))
+        out.append((prompt, chosen, rejected, f"{form}:{word}"))
     return out
 
 
@@ -470,7 +471,7 @@ def list_count(categories: list[str], rng: random.Random) -> Callable[[], Pair]:
         chosen = _render_list(items[:n])
         wrong_n = n + 1 if rng.random() < 0.5 else n - 1
         rejected = _render_list(items[:wrong_n])
-        return prompt, chosen, rejected
+        return prompt, chosen, rejected, str(n)
 
     return make
 
@@ -557,34 +558,36 @@ def build() -> dict[str, list[tuple[str, Pair]]]:
 
 def _validate(splits: dict[str, list[tuple[str, Pair]]]) -> None:
     for rows in splits.values():
-        prompts = [p for _, (p, _, _) in rows]
+        prompts = [p for _, (p, *_) in rows]
         assert len(prompts) == len(set(prompts)), "duplicate prompt within a split"
-        for _, (p, c, r) in rows:
-            assert p and c and r and c != r, (p, c, r)
-    train_prompts = {p for _, (p, _, _) in splits["train"]}
-    shared = [p for _, (p, _, _) in splits["test"] if p in train_prompts]
+        for _, (p, c, r, a) in rows:
+            assert p and c and r and a and c != r, (p, c, r, a)
+    train_prompts = {p for _, (p, *_) in splits["train"]}
+    shared = [p for _, (p, *_) in splits["test"] if p in train_prompts]
     assert not shared, f"held-out prompts also in train: {shared}"
     # Bank-based families: the underlying questions / categories are disjoint too.
     def questions(split: str) -> set[str]:
-        prompts = [p for f, (p, _, _) in splits[split] if f in ("letter_case", "one_word")]
+        prompts = [p for f, (p, *_) in splits[split] if f in ("letter_case", "one_word")]
         return {
             q for q, _, _ in SIMPLE_QA if any(p.startswith(q + " ") or p.endswith(" " + q) for p in prompts)
         }
 
     assert not questions("train") & questions("test"), questions("train") & questions("test")
     for cat in CATEGORIES:
-        tr = any(f == "list_count" and f" {cat}" in p for f, (p, _, _) in splits["train"])
-        te = any(f == "list_count" and f" {cat}" in p for f, (p, _, _) in splits["test"])
+        tr = any(f == "list_count" and f" {cat}" in p for f, (p, *_) in splits["train"])
+        te = any(f == "list_count" and f" {cat}" in p for f, (p, *_) in splits["test"])
         assert not (tr and te), cat
 
 
 def to_jsonl(rows: list[tuple[str, Pair]]) -> str:
     lines = []
-    for _, (prompt, chosen, rejected) in rows:
+    for family, (prompt, chosen, rejected, answer) in rows:
         record = {
             "prompt": [{"role": "user", "content": prompt}],
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],
+            "family": family,
+            "answer": answer,
         }
         lines.append(json.dumps(record, ensure_ascii=False))
     return "\n".join(lines) + "\n"
@@ -604,7 +607,7 @@ def token_stats(splits: dict[str, list[tuple[str, Pair]]]) -> None:
 
     for split, rows in splits.items():
         lens: dict[str, list[int]] = {"prompt": [], "prompt_raw": [], "chosen": [], "rejected": []}
-        for _, (p, c, r) in rows:
+        for _, (p, c, r, _) in rows:
             msgs = [{"role": "user", "content": p}]
             pre = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             lens["prompt"].append(count(pre))

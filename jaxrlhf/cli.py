@@ -1,17 +1,22 @@
-"""Command line: `jaxrlhf train sft|reward|dpo|ppo --config FILE [key=value ...]`, `demo`, `chat`.
+"""Command line: `jaxrlhf train sft|reward|dpo|ppo --config FILE [key=value ...]`, `demo`, `eval`, `chat`.
 
 `train` runs a trainer from a YAML config (see docs/configuration.md) with dotted `key=value`
-overrides; `demo` is the main job (DPO on the embedded demo model with held-out metrics and sample
-replies before and after); `chat` loads a model (default: the embedded SmolLM2-135M-Instruct) with
-our Flax model and prints the replies it generates (greedy decoding).
+overrides; `demo` is the main job (DPO on the embedded demo model with held-out task accuracy,
+preference metrics and sample replies before and after); `eval` measures task accuracy (greedy
+replies judged by the checker of each row's family); `chat` loads a model (default: the embedded
+SmolLM2-135M-Instruct) with our Flax model and prints the replies it generates (greedy decoding).
+
+Mistakes in what the user gave -- config, data, checkpoint, a run whose loss turns NaN -- are one
+line on stderr naming the file (and row and field) or the step, with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -52,7 +57,26 @@ def generate_replies(model_path: str, prompts: Sequence[str], max_new_tokens: in
     return replies, time.perf_counter() - start
 
 
-def run_chat(prompts: Sequence[str], max_new_tokens: int, model_path: str = "demo") -> None:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by what the user gave (config, data, checkpoint, a diverging run): reported as
+    one line on stderr with exit code 2, never as a traceback."""
+    from jaxrlhf.data import DataError
+    from jaxrlhf.models import CheckpointError, UnsupportedModelError
+    from jaxrlhf.train.checkpoint import NonFiniteError
+    from jaxrlhf.train.config import ConfigError
+
+    return (ConfigError, DataError, CheckpointError, UnsupportedModelError, NonFiniteError)
+
+
+def _reported(fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_chat(prompts: Sequence[str], max_new_tokens: int, model_path: str = "demo") -> int:
     from jaxrlhf.train.trainer import model_directory
 
     path = model_directory(model_path)
@@ -61,55 +85,83 @@ def run_chat(prompts: Sequence[str], max_new_tokens: int, model_path: str = "dem
     for prompt, reply in zip(prompts, replies, strict=True):
         print(f"\nuser: {prompt}\nassistant: {reply}")
     print(f"\n({seconds:.1f}s, compilation included)")
+    return 0
 
 
-def run_demo(config: str, overrides: Sequence[str], num_samples: int, max_new_tokens: int) -> int:
-    """The main job: DPO on the embedded demo model with the shipped data, with held-out metrics and
-    sample replies before and after."""
-    import json
+def run_eval(model_path: str, data: Sequence[str], max_new_tokens: int, batch_size: int, samples: int,
+             output: str | None) -> int:  # fmt: skip
+    """`jaxrlhf eval`: task accuracy of a model on data with `family` / `answer` columns."""
+    from jaxrlhf.evaluation import (
+        evaluate_tasks,
+        format_samples,
+        format_task_report,
+        load_task_prompts,
+        write_task_eval,
+    )
+    from jaxrlhf.models import from_pretrained, load_tokenizer
+    from jaxrlhf.train.pipeline import resolve_data_files
+    from jaxrlhf.train.trainer import model_directory
 
-    from jaxrlhf.models.demo import demo_model_path
+    path = model_directory(model_path)  # checked first: a bad model fails before the data is read
+    files = resolve_data_files(list(data))
+    tokenizer = load_tokenizer(path)
+    prompts = load_task_prompts(files, tokenizer)
+    start = time.perf_counter()
+    result = evaluate_tasks(
+        from_pretrained(path), tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        samples_per_family=samples,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    if output is None:
+        model_name = "demo" if model_path == "demo" else os.path.basename(os.path.normpath(path))
+        stem = "+".join(os.path.basename(f).split(".")[0] for f in files)
+        output = os.path.join("runs", "eval", f"{model_name}__{stem}.json")
+    write_task_eval(output, result, model=model_path, data=files)
+    print(f"model: {path}\ndata: {', '.join(files)} ({result.total} prompts, greedy, "
+          f"{max_new_tokens} new tokens at most; {seconds:.1f}s)\n")  # fmt: skip
+    print(format_task_report(None, result))
+    print(format_samples(None, result))
+    print(f"\nwritten: {output}")
+    return 0
+
+
+def run_demo(config: str, overrides: Sequence[str]) -> int:
+    """The main job: DPO on the embedded demo model with the shipped data; held-out task accuracy
+    (greedy replies judged by each family's checker) and preference metrics, before and after."""
+    from jaxrlhf.evaluation import format_samples, format_task_report
     from jaxrlhf.train.config import load_config
-    from jaxrlhf.train.pipeline import resolve_data_path
     from jaxrlhf.train.trainer import train
 
     cfg = load_config(config, overrides, kind="dpo")
-    eval_file = cfg.data.eval_files if isinstance(cfg.data.eval_files, str) else cfg.data.train_file_list[0]
-    with open(resolve_data_path(eval_file)) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    prompts = [r["prompt"][-1]["content"] for r in rows[:: max(len(rows) // max(num_samples, 1), 1)]][
-        :num_samples
-    ]
-    base = demo_model_path()
-    before, _ = generate_replies(base, prompts, max_new_tokens) if prompts else ([], 0.0)
     start = time.perf_counter()
     result = train(cfg)
     minutes = (time.perf_counter() - start) / 60
     if result.export_dir is None:
         return 1
-    after, _ = generate_replies(result.export_dir, prompts, max_new_tokens) if prompts else ([], 0.0)
-    print(f"\nDPO demo: {result.steps} steps in {minutes:.1f} min (data, reference, training, evaluation)\n")
-    print(format_eval(result.eval_before, result.eval_after))
-    for prompt, b, a in zip(prompts, before, after, strict=True):
-        print(f"\nuser:   {prompt}\nbefore: {b}\nafter:  {a}")
+    print(f"\nDPO demo: {result.steps} steps in {minutes:.1f} min (data, reference, training, evaluation)")
+    before, after = result.task_before, result.task_after
+    if before is not None and after is not None:
+        verdict = "better" if after.accuracy > before.accuracy else "not better"
+        print(f"held-out task accuracy (greedy replies, checked): {before.accuracy:.3f} -> "
+              f"{after.accuracy:.3f} ({verdict})\n")  # fmt: skip
+        print(format_task_report(before, after))
+    print()
+    print(format_eval(*(_preference_metrics(m) for m in (result.eval_before, result.eval_after))))
+    if after is not None:
+        print("\nsample replies (the first prompts of each family, whatever their outcome):")
+        print(format_samples(before, after))
     return 0
 
 
+def _preference_metrics(metrics: dict[str, float] | None) -> dict[str, float] | None:
+    return None if metrics is None else {k: v for k, v in metrics.items() if not k.startswith("task/")}
+
+
 def run_train(kind: str, config: str | None, overrides: Sequence[str]) -> int:
-    from jaxrlhf.data import DataError
-    from jaxrlhf.train.config import ConfigError, load_config
+    from jaxrlhf.train.config import load_config
     from jaxrlhf.train.trainer import train
 
-    try:
-        cfg = load_config(config, overrides, kind=kind)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = train(cfg)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = train(load_config(config, overrides, kind=kind))
     if result.eval_before or result.eval_after:
         print(format_eval(result.eval_before, result.eval_after))
     return 0
@@ -135,25 +187,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.learning_rate=1e-5")
     demo = sub.add_parser("demo", help="the main job: DPO on the embedded demo model, before/after")
     demo.add_argument("--config", default="configs/dpo_demo.yaml")
-    demo.add_argument("--samples", type=int, default=3, help="held-out prompts to answer before and after")
-    demo.add_argument("--max-new-tokens", type=int, default=40)
     demo.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    ev = sub.add_parser("eval", help="task accuracy: greedy replies to prompts with checkable answers")
+    ev.add_argument("--model", default="demo", help="checkpoint directory or hub id (default: demo model)")
+    ev.add_argument("--data", action="append", required=True,
+                    help="JSON Lines / parquet / ... with prompt, family and answer columns (repeatable); "
+                    "asset:dpo_demo/test.jsonl is the shipped held-out set")  # fmt: skip
+    ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--samples", type=int, default=2, help="replies shown per family (the first rows)")
+    ev.add_argument("--output", help="JSON report (default: runs/eval/<model>__<data>.json)")
     chat = sub.add_parser("chat", help="chat with a model through our Flax implementation")
     chat.add_argument("--model", default="demo", help="checkpoint directory or hub id (default: demo model)")
     chat.add_argument("--prompt", action="append", help="a user message (repeatable)")
     chat.add_argument("--max-new-tokens", type=int, default=64)
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "demo"):
         bad = [x for x in extra if "=" not in x]
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are key=value)")
-        return run_train(args.kind, args.config, [*args.overrides, *extra])
-    if args.command == "demo":
-        return run_demo(args.config, [*args.overrides, *extra], args.samples, args.max_new_tokens)
+        overrides = [*args.overrides, *extra]
+        if args.command == "train":
+            return _reported(lambda: run_train(args.kind, args.config, overrides))
+        return _reported(lambda: run_demo(args.config, overrides))
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    run_chat(args.prompt or DEFAULT_PROMPTS, args.max_new_tokens, args.model)
-    return 0
+    if args.command == "eval":
+        return _reported(lambda: run_eval(args.model, args.data, args.max_new_tokens, args.batch_size,
+                                          args.samples, args.output))  # fmt: skip
+    return _reported(lambda: run_chat(args.prompt or DEFAULT_PROMPTS, args.max_new_tokens, args.model))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from jaxrlhf.data.collate import (
     packed_attention_mask,
 )
 from jaxrlhf.data.iterator import BatchIterator, Collate
-from jaxrlhf.data.loading import DataError, Rows, load_rows
+from jaxrlhf.data.loading import DataError, Location, Rows, load_rows
 from jaxrlhf.data.preference import ParseStats, PreferenceExample, parse_preferences, parse_row
 from jaxrlhf.data.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
 
@@ -29,6 +29,7 @@ __all__ = [
     "BatchIterator",
     "Collate",
     "DataError",
+    "Location",
     "ParseStats",
     "PreferenceExample",
     "Rows",

@@ -10,8 +10,10 @@
 * anything else is taken as a hub dataset ID and passed to `datasets.load_dataset`.
 
 A missing or unreadable file raises `DataError` naming it. Later stages report bad rows with
-`DataError` too, located through `Rows.locate` (rows are 0-based, per file): ``data/train.jsonl,
-row 17, field 'chosen': expected a string, a list of messages or a list of token ids, got int``.
+`DataError` too, located through `Rows.locate`: for JSON Lines and CSV files by the 1-based line of
+the file where the row starts (blank lines and the CSV header counted, as an editor shows them), for
+JSON arrays, parquet and hub data by the 1-based row: ``data/train.jsonl, line 4, field 'chosen':
+expected a string, a list of messages or a list of token ids, got int``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ CSV_OPTIONS = {"keep_default_na": False}
 
 
 class DataError(ValueError):
-    """A problem with the data, located by file, 0-based row and field where known."""
+    """A problem with the data, located by file, 1-based row (or line: `unit`) and field where known."""
 
     def __init__(
         self,
@@ -44,11 +46,13 @@ class DataError(ValueError):
         file: str | None = None,
         row: int | None = None,
         field: str | None = None,
+        unit: str = "row",
     ) -> None:
         self.reason = reason
         self.file = file
         self.row = row
         self.field = field
+        self.unit = unit
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -56,18 +60,34 @@ class DataError(ValueError):
         if self.file is not None:
             where.append(str(self.file))
         if self.row is not None:
-            where.append(f"row {self.row}")
+            where.append(f"{self.unit} {self.row}")
         if self.field is not None:
             where.append(f"field {self.field!r}")
         return f"{', '.join(where)}: {self.reason}" if where else self.reason
 
-    def located(self, file: str | None, row: int | None) -> DataError:
-        """The same error with its file and row filled in."""
-        return DataError(self.reason, file=file, row=row, field=self.field)
+    def located(self, file: str | None, row: int | None, unit: str = "row") -> DataError:
+        """The same error with its file and 1-based row (or line) filled in."""
+        return DataError(self.reason, file=file, row=row, field=self.field, unit=unit)
 
     def __reduce__(self):
-        init = functools.partial(type(self), file=self.file, row=self.row, field=self.field)
+        init = functools.partial(type(self), file=self.file, row=self.row, field=self.field, unit=self.unit)
         return init, (self.reason,)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a row is, as a user finds it: `file`, and `number` in `unit` ("line" of the file for
+    JSON Lines / CSV, 1-based "row" otherwise)."""
+
+    file: str
+    number: int
+    unit: str
+
+    def __iter__(self) -> Iterator[Any]:  # `file, number, unit = rows.locate(i)`
+        return iter((self.file, self.number, self.unit))
+
+    def __str__(self) -> str:
+        return f"{self.file}, {self.unit} {self.number}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,7 @@ class Rows(Sequence[dict[str, Any]]):
 
     parts: tuple[datasets.Dataset, ...]
     files: tuple[str, ...]
+    paths: tuple[str | None, ...] = ()  # the local file behind each part (None: hub data)
 
     @functools.cached_property
     def starts(self) -> tuple[int, ...]:
@@ -98,10 +119,25 @@ class Rows(Sequence[dict[str, Any]]):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return itertools.chain.from_iterable(self.parts)
 
-    def locate(self, index: int) -> tuple[str, int]:
-        """(file, row within that file) of row ``index``."""
+    def locate(self, index: int) -> Location:
+        """Where row ``index`` is: its file, and the line of the file where it starts (JSON Lines,
+        CSV) or its 1-based row in that file (JSON arrays, parquet, hub data)."""
         part, row = self._part_and_row(index)
-        return self.files[part], row
+        lines = self._line_numbers(part)
+        if lines is not None:
+            return Location(self.files[part], lines[row], "line")
+        return Location(self.files[part], row + 1, "row")
+
+    @functools.cached_property
+    def _line_maps(self) -> dict[int, list[int] | None]:
+        return {}
+
+    def _line_numbers(self, part: int) -> list[int] | None:
+        if part not in self._line_maps:  # read each file once, and only when a row is located
+            path = self.paths[part] if part < len(self.paths) else None
+            lines = None if path is None else row_line_numbers(Path(path), len(self.parts[part]))
+            self._line_maps[part] = lines
+        return self._line_maps[part]
 
     def _part_and_row(self, index: int) -> tuple[int, int]:
         part = bisect.bisect_right(self.starts, index) - 1
@@ -133,7 +169,7 @@ def load_rows(
     name = str(source)
     path = Path(name).expanduser()
     if path.is_file():
-        return Rows((_load_file(path, name, split),), (name,))
+        return Rows((_load_file(path, name, split),), (name,), (str(path),))
     if path.is_dir():
         return _load_dir(path, name, split, data_files)
     if _looks_local(name):
@@ -159,7 +195,7 @@ def _load_dir(path: Path, name: str, split: str, data_files: Any) -> Rows:
         _load_file(Path(file), shown, "train", builder.name)
         for file, shown in zip(split_files[split], files, strict=True)
     ]
-    return Rows(tuple(parts), tuple(files))
+    return Rows(tuple(parts), tuple(files), tuple(str(f) for f in split_files[split]))
 
 
 def _load_file(path: Path, name: str, split: str, fmt: str | None = None) -> datasets.Dataset:
@@ -170,6 +206,60 @@ def _load_file(path: Path, name: str, split: str, fmt: str | None = None) -> dat
     except Exception as err:
         cause = err.__cause__ or err
         raise DataError(f"cannot read {fmt} file: {cause}", file=name) from err
+
+
+def _open_text(path: Path) -> Any:
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    if suffix == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rt", encoding="utf-8", newline="")
+    if suffix == ".xz":
+        import lzma
+
+        return lzma.open(path, "rt", encoding="utf-8", newline="")
+    if suffix == ".zst":
+        import io
+
+        import zstandard  # installed with datasets' zstd support; else ImportError -> rows numbered
+
+        return io.TextIOWrapper(zstandard.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def row_line_numbers(path: Path, num_rows: int) -> list[int] | None:
+    """The 1-based line of `path` where each of its `num_rows` rows starts: the non-blank lines of a
+    JSON Lines file, the records after the header of a CSV file (a quoted cell may span lines). None
+    for other formats, or when the count does not match what `datasets` read (then rows are numbered)."""
+    try:
+        fmt = _format_of(path, str(path))
+        starts: list[int] = []
+        with _open_text(path) as f:
+            if fmt == "json":
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        if not starts and line.lstrip().startswith("["):
+                            return None  # a JSON array: rows, not lines
+                        starts.append(number)
+            elif fmt == "csv":
+                import csv
+
+                reader = csv.reader(f)
+                line = 1
+                for record in reader:
+                    if record:  # pandas skips blank lines
+                        starts.append(line)
+                    line = reader.line_num + 1
+                starts = starts[1:]  # the header
+            else:
+                return None
+    except (OSError, ValueError, ImportError, UnicodeDecodeError, DataError):
+        return None
+    return starts if len(starts) == num_rows else None
 
 
 def _shown_name(file: Path, root: Path, root_name: str) -> str:

@@ -23,10 +23,12 @@ Each row is read on its own; its format follows from its fields:
 * **margin** -- an optional number (or numeric string; null or ``""`` means none), e.g.
   for reward models.
 
-A bad row -- missing field, wrong type, empty prompt or completion, a chat template that
-cannot be split -- raises `DataError` naming file, row and field; with
-``skip_invalid=True`` it is skipped and counted in `ParseStats`. A row whose chosen equals
-its rejected is kept but counted (``ParseStats.identical``) and logged.
+A bad row -- missing field, wrong type, empty prompt, a chat template that cannot be split --
+raises `DataError` naming file, row (or line) and field; with ``skip_invalid=True`` it is skipped
+and counted in `ParseStats`. *Degenerate* rows are well formed but teach nothing useful: a
+completion that is empty (blank text, or messages with blank content) or a chosen answer equal to
+the rejected one. They are counted (``ParseStats.empty_completion`` / ``identical``) and logged,
+and with ``drop_degenerate=True`` dropped (``ParseStats.dropped_degenerate``); never silently kept.
 """
 
 from __future__ import annotations
@@ -58,12 +60,15 @@ class PreferenceExample:
 
 @dataclass
 class ParseStats:
-    """What `parse_preferences` saw: rows read, kept, skipped (with their errors)."""
+    """What `parse_preferences` saw: rows read, kept, skipped (with their errors), degenerate rows
+    (an empty completion, chosen == rejected) and how many of those were dropped."""
 
     rows: int = 0
     kept: int = 0
     skipped: int = 0
+    empty_completion: int = 0
     identical: int = 0
+    dropped_degenerate: int = 0
     errors: list[DataError] = field(default_factory=list)
 
 
@@ -72,12 +77,13 @@ def parse_preferences(
     tokenizer: Any = None,
     *,
     skip_invalid: bool = False,
+    drop_degenerate: bool = False,
     source: str | None = None,
 ) -> tuple[list[PreferenceExample], ParseStats]:
     """Normalise every row; ``tokenizer`` (with a chat template) is needed for conversations.
 
-    Errors are located through ``rows.locate`` for `Rows` from `load_rows`, else as
-    ``source, row i``.
+    Errors are located through ``rows.locate`` for `Rows` from `load_rows` (line of a JSON Lines /
+    CSV file, else 1-based row), else as ``source, row i + 1``.
     """
     stats = ParseStats()
     examples = []
@@ -86,21 +92,50 @@ def parse_preferences(
         try:
             example = parse_row(row, tokenizer)
         except DataError as err:
-            file, line = rows.locate(index) if isinstance(rows, Rows) else (source, index)
-            located = err.located(file, line)
+            where = rows.locate(index) if isinstance(rows, Rows) else (source, index + 1, "row")
+            located = err.located(*where)
             if not skip_invalid:
                 raise located from None
             stats.skipped += 1
             stats.errors.append(located)
             continue
+        empty = has_empty_completion(row, example)
+        identical = example.chosen == example.rejected
+        stats.empty_completion += empty
+        stats.identical += identical
+        if (empty or identical) and drop_degenerate:
+            stats.dropped_degenerate += 1
+            continue
         stats.kept += 1
-        stats.identical += example.chosen == example.rejected
         examples.append(example)
     if stats.skipped:
         logger.warning("skipped %d of %d preference rows", stats.skipped, stats.rows)
-    if stats.identical:
-        logger.warning("%d preference rows have chosen == rejected", stats.identical)
+    if stats.empty_completion or stats.identical:
+        logger.warning(
+            "%d preference rows have an empty completion, %d have chosen == rejected (%s)",
+            stats.empty_completion, stats.identical,
+            "dropped" if drop_degenerate else "kept; data.drop_degenerate=true drops them",
+        )  # fmt: skip
     return examples, stats
+
+
+def _blank(value: Any) -> bool:
+    """An empty completion: blank text, or messages whose contents are all blank."""
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list) and value and all(isinstance(m, Mapping) for m in value):
+        return all(not str(m.get("content") or "").strip() for m in value)
+    return False
+
+
+def has_empty_completion(row: Mapping[str, Any], example: PreferenceExample) -> bool:
+    """Whether the chosen or rejected completion of `row` (as written, or as split off an implicit
+    prompt) is empty."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if _kind(chosen, "chosen") == "messages" and not isinstance(row.get("prompt"), list):
+        _, chosen, rejected = _split_implicit(chosen, rejected, "messages")  # as parse_row split them
+    parts = [chosen, rejected, example.chosen, example.rejected]
+    return any(_blank(p) for p in parts[:2]) or any(isinstance(p, str) and _blank(p) for p in parts[2:])
 
 
 def parse_row(row: Mapping[str, Any], tokenizer: Any = None) -> PreferenceExample:
@@ -124,8 +159,6 @@ def parse_row(row: Mapping[str, Any], tokenizer: Any = None) -> PreferenceExampl
         _check_completion_messages(rejected, "rejected")
         prompt, chosen, rejected = _render(prompt, chosen, rejected, tokenizer)
     _check_not_empty(prompt, "prompt")
-    _check_not_empty(chosen, "chosen")
-    _check_not_empty(rejected, "rejected")
     return PreferenceExample(prompt, chosen, rejected, margin)
 
 

@@ -9,6 +9,7 @@ from jaxrlhf.models.config import (
 from jaxrlhf.models.decoder import CausalLM, default_positions, make_attention_mask
 from jaxrlhf.models.hf_io import CheckpointError
 from jaxrlhf.models.pretrained import (
+    check_checkpoint,
     from_pretrained,
     load_tokenizer,
     resolve_checkpoint,
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "ModelConfig",
     "UnsupportedModelError",
+    "check_checkpoint",
     "default_positions",
     "from_hf_config",
     "from_pretrained",

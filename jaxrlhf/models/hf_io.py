@@ -135,6 +135,10 @@ class SafetensorsReader:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
         return self._handles[file]
 
+    def check_file(self, file: str) -> None:
+        """Open `file` (parsing its header): a missing, corrupt or truncated file raises here."""
+        self._handle(file)
+
     def resolve(self, name: str, prefix: str, top_level: bool) -> str | None:
         """The checkpoint key for `name`: with the base prefix first, then bare (e.g. `GPT2Model`)."""
         candidates = [name] if top_level else [prefix + name, name]

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxrlhf.models.config import ModelConfig, from_hf_config
+from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, from_hf_config
 from jaxrlhf.models.decoder import CausalLM
-from jaxrlhf.models.hf_io import CheckpointError, load_params, write_safetensors
+from jaxrlhf.models.hf_io import CheckpointError, SafetensorsReader, load_params, write_safetensors
 from jaxrlhf.parallel.partition import DEFAULT_RULES, Rule, param_sharding
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,10 @@ def resolve_checkpoint(path_or_hub_id: str, *, allow_patterns: Sequence[str] | N
     path = os.path.expanduser(str(path_or_hub_id))
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise CheckpointError(f"{path_or_hub_id}: not a checkpoint directory")
+    if os.path.exists(path):
+        raise CheckpointError(f"{path_or_hub_id}: not a directory (a checkpoint is a directory of files)")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise CheckpointError(f"{path_or_hub_id}: no such checkpoint directory")
     from huggingface_hub import snapshot_download
 
     patterns = list(allow_patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
@@ -58,6 +60,34 @@ def read_hf_config(directory: str) -> dict[str, Any]:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot read the model config ({e})") from e
+
+
+def model_config(directory: str, **overrides: Any) -> ModelConfig:
+    """`ModelConfig` of the checkpoint in `directory`; errors name its config.json."""
+    hf = read_hf_config(directory)
+    file = os.path.join(directory, "config.json")
+    try:
+        return from_hf_config(hf, **overrides)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{file}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: incomplete or invalid model config ({type(e).__name__}: {e})") from e
+
+
+def check_checkpoint(path_or_hub_id: str) -> str:
+    """The checkpoint's local directory, after checking, without loading any weight, that it can be
+    loaded: config.json readable and of a supported model type, every safetensors file present and
+    whole (headers parsed; a truncated file fails here). Raises `CheckpointError` or
+    `UnsupportedModelError` naming the path; the trainers call this before reading data."""
+    directory = resolve_checkpoint(path_or_hub_id)
+    model_config(directory)
+    reader = SafetensorsReader(directory)
+    try:
+        for file in sorted(set(reader.files.values())):
+            reader.check_file(file)
+    finally:
+        reader.close()
+    return directory
 
 
 def _as_dtype(dtype: Any) -> Any:
@@ -92,7 +122,7 @@ def from_pretrained(
     """
     directory = resolve_checkpoint(path_or_hub_id)
     hf = read_hf_config(directory)
-    cfg = from_hf_config(hf, dtype=_as_dtype(dtype), param_dtype=_as_dtype(param_dtype), remat=remat)
+    cfg = model_config(directory, dtype=_as_dtype(dtype), param_dtype=_as_dtype(param_dtype), remat=remat)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, head=head, rngs=nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)
     flat = [(tuple(path), var.get_value()) for path, var in nnx.to_flat_state(abstract_state)]
@@ -219,7 +249,11 @@ def load_tokenizer(path_or_hub_id: str, *, pad_token: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     directory = resolve_checkpoint(path_or_hub_id)
-    tok = AutoTokenizer.from_pretrained(directory)
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # missing files, a tokenizer class needing an uninstalled package, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{directory}: cannot load a tokenizer ({first})") from e
     eos = tok.eos_token
     if pad_token is not None:
         tok.add_special_tokens({"pad_token": pad_token})

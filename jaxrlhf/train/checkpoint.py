@@ -48,10 +48,11 @@ from types import FrameType
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "PreemptionGuard"]
+__all__ = ["Checkpointer", "NonFiniteError", "PreemptionGuard", "all_finite"]
 
 _FORMAT = 1
 _ITEMS = ("state", "extra", "meta")
@@ -114,6 +115,25 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"extra must be JSON-able; got a {type(x).__name__}: {x!r}")
 
 
+class NonFiniteError(RuntimeError):
+    """A loss, gradient norm or parameter is NaN or infinite."""
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)]))
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of `tree` is finite (one compiled reduction; on several
+    processes every process must call it)."""
+    leaves = [
+        x for x in jax.tree.leaves(tree)
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+    ]  # fmt: skip
+    return bool(_all_finite(leaves)) if leaves else True
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -161,12 +181,18 @@ class Checkpointer:
         """Start saving `state` (a pytree of arrays) and `extra` (JSON-able) as `step`.
 
         Returns whether a save was started: False when `step` is already saved, or -- without
-        `force` -- not newer than the latest checkpoint. The arrays are copied to host memory
+        `force` -- not newer than the latest checkpoint. A state with a NaN or infinite float raises
+        `NonFiniteError` instead: a bad checkpoint is never written. The arrays are copied to host memory
         before this returns; call `wait` to block until the files are written.
         """
         step = int(step)
         if step in self._manager.all_steps():
             return False
+        if not all_finite(state):
+            raise NonFiniteError(
+                f"{self.directory}: not saving step {step}: the state holds NaN or infinite values "
+                f"(the checkpoints kept are of earlier steps)"
+            )
         extra_json = json.loads(json.dumps(dict(extra or {}), default=_json_default))
         raw_state, impls = _split_keys(state)
         meta = {"format": _FORMAT, "prng_keys": impls}

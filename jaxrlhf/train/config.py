@@ -1,7 +1,7 @@
 """Typed experiment configuration: dataclasses loaded from YAML plus ``key=value`` overrides.
 
 A config file is a YAML mapping with one section per dataclass below (``model``, ``data``, ``optim``,
-``mesh``, ``train``, ``dpo``, ``reward``, ``sft``) plus the top-level ``kind``::
+``mesh``, ``train``, ``dpo``, ``reward``, ``sft``, ``ppo``, ``task_eval``) plus the top-level ``kind``::
 
     kind: dpo
     model: {path: HuggingFaceTB/SmolLM2-135M-Instruct, dtype: bfloat16}
@@ -64,6 +64,7 @@ __all__ = [
     "PPOConfig",
     "RewardConfig",
     "SFTConfig",
+    "TaskEvalConfig",
     "TrainConfig",
     "config_from_dict",
     "config_markdown",
@@ -204,6 +205,11 @@ class DataConfig(_Section):
     skip_invalid: bool = _field(
         False, help="Skip (and count) malformed rows instead of failing on the first one."
     )
+    drop_degenerate: bool = _field(
+        False,
+        help="Drop rows whose completion is empty or whose chosen equals rejected (always counted in "
+        "the data report; kept and trained on when false).",
+    )
     buckets: list[int] | None = _field(
         None,
         help="Padded sequence lengths (each batch is padded to the smallest bucket that fits); "
@@ -334,6 +340,13 @@ class TrainConfig(_Section):
         True,
         help="At the end, save the model in Hugging Face format (`save_pretrained`) to output_dir/export.",
     )
+    on_nonfinite: str = _field(
+        "stop",
+        choices=("stop", "skip"),
+        help="A step whose loss or gradient norm is NaN/inf: stop the run naming the step (the "
+        "parameters of the step before are kept; no checkpoint of bad values is written), or skip "
+        "that update (parameters and optimizer state unchanged; counted as `nonfinite_skipped`).",
+    )
 
     def validate(self, prefix: str) -> None:
         if self.batch_size % self.grad_accum_steps:
@@ -341,6 +354,22 @@ class TrainConfig(_Section):
                 f"{prefix}batch_size ({self.batch_size}) must be a multiple of "
                 f"{prefix}grad_accum_steps ({self.grad_accum_steps})"
             )
+
+
+@dataclass(kw_only=True)
+class TaskEvalConfig(_Section):
+    """Task accuracy before and after training: greedy replies to the held-out prompts, judged by
+    the checker of each row's `family` (jaxrlhf.evaluation). Runs when every eval file has `family`
+    and `answer` columns (the shipped demo data does); sft, dpo and ppo."""
+
+    SECTION: ClassVar[str] = "task_eval"
+
+    enabled: bool = _field(True, help="Evaluate task accuracy when the eval data has checkers.")
+    max_new_tokens: int = _field(48, check=_positive, help="Reply length limit (greedy decoding).")
+    batch_size: int = _field(64, check=_positive, help="Prompts per generation batch.")
+    samples_per_family: int = _field(
+        2, check=_non_negative, help="Replies shown per family: the first N rows of each family."
+    )
 
 
 @dataclass(kw_only=True)
@@ -375,6 +404,12 @@ class DPOConfig(_Section):
         'data before training ("precompute").',
     )
     simpo_gamma: float = _field(0.5, help="SimPO target reward margin gamma.")
+    rpo_alpha: float | None = _field(
+        None,
+        check=_non_negative,
+        help="RPO (Pang et al. 2024, arXiv:2404.19733; TRL's name): add `rpo_alpha` x the token-mean "
+        "negative log-likelihood of the chosen completions to the loss (the paper uses 1.0); None: off.",
+    )
     discopop_tau: float = _field(0.05, check=_positive, help="DiscoPOP temperature tau.")
 
     @property
@@ -492,6 +527,7 @@ _SECTIONS: dict[str, type] = {
     "reward": RewardConfig,
     "sft": SFTConfig,
     "ppo": PPOConfig,
+    "task_eval": TaskEvalConfig,
 }
 
 
@@ -509,6 +545,7 @@ class ExperimentConfig(_Section):
     reward: RewardConfig = _field(factory=RewardConfig, help="See the `reward` section.")
     sft: SFTConfig = _field(factory=SFTConfig, help="See the `sft` section.")
     ppo: PPOConfig = _field(factory=PPOConfig, help="See the `ppo` section.")
+    task_eval: TaskEvalConfig = _field(factory=TaskEvalConfig, help="See the `task_eval` section.")
 
 
 def _validate_fields(obj: Any, prefix: str) -> None:

@@ -1,6 +1,11 @@
 """The step loop every trainer shares: run steps, log them, checkpoint every `save_every` steps, save
 and stop when the job is preempted (SIGTERM), and save once more at the end.
 
+A step whose metrics carry `nonfinite > 0` (its loss or gradient norm was NaN/inf; the compiled step
+then left the parameters and optimizer state as they were) either stops the run (`on_nonfinite="stop"`:
+the state is saved as that step's checkpoint -- its update not applied -- and `NonFiniteError` names
+the step) or is counted and trained past (`"skip"`: `nonfinite_skipped` in the metrics).
+
 The trainer keeps its own state; `run_loop` sees it through two callables: `train_step()` advances
 it by one step and returns that step's metrics, `snapshot()` returns `(state, extra)` to checkpoint
 (`extra`: JSON-able host state such as the data iterator position).
@@ -12,7 +17,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
+from jaxrlhf.train.checkpoint import Checkpointer, NonFiniteError, PreemptionGuard
 from jaxrlhf.train.metrics import MetricsLogger
 
 
@@ -35,16 +40,33 @@ def run_loop(
     save_every: int,
     say: Callable[[str], None],
     after_step: Callable[[int, bool], None] | None = None,
+    on_nonfinite: str = "stop",
 ) -> LoopResult:
     """Steps `step + 1 .. total_steps`. `after_step(step, saved)` runs after each step's bookkeeping
     (evaluation, test hooks). A final checkpoint is written unless the run was preempted, in which case
     the checkpoint of the step it stopped at is already on disk."""
     history: list[dict[str, float]] = []
     preempted = False
+    skipped = 0
     with PreemptionGuard() as guard:
         while step < total_steps:
             metrics = train_step()
             step += 1
+            if metrics.pop("nonfinite", 0.0) > 0:
+                if on_nonfinite == "stop":
+                    checkpointer.save(step, *snapshot(), force=True)
+                    checkpointer.wait()
+                    raise NonFiniteError(
+                        f"step {step}: the loss ({metrics.get('loss', float('nan')):.4g}) or gradient norm "
+                        f"({metrics.get('grad_norm', float('nan')):.4g}) is not finite; stopped "
+                        f"(train.on_nonfinite=stop). Its update was not applied: checkpoint {step} in "
+                        f"{checkpointer.directory} holds the parameters after step {step - 1}; "
+                        "train.on_nonfinite=skip trains past such steps"
+                    )
+                skipped += 1
+                say(f"step {step}: non-finite loss or gradient norm, update skipped ({skipped} so far)")
+            if on_nonfinite == "skip":
+                metrics["nonfinite_skipped"] = float(skipped)
             history.append({"step": step, **metrics})
             if step % log_every == 0 or step == 1 or step == total_steps:
                 logger.log(step, metrics)

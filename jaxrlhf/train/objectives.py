@@ -88,6 +88,7 @@ class DPOObjective:
     reference_free: bool = False
     simpo_gamma: float = 0.5
     discopop_tau: float = 0.05
+    rpo_alpha: float | None = None
     chunk_size: int = 1024
 
     @property
@@ -110,6 +111,10 @@ class DPOObjective:
                 discopop_tau=self.discopop_tau,
             )  # fmt: skip
         metrics = dict(metrics)
+        if self.rpo_alpha is not None:  # RPO (arXiv:2404.19733): + alpha * token-mean NLL of chosen
+            nll = -jnp.sum(pc) / jnp.maximum(jnp.sum(lc), 1.0)
+            loss = loss + self.rpo_alpha * nll
+            metrics["nll_loss"] = jax.lax.stop_gradient(nll)
         metrics.setdefault("logps/chosen", jnp.mean(jax.lax.stop_gradient(pc)))
         metrics.setdefault("logps/rejected", jnp.mean(jax.lax.stop_gradient(pr)))
         return loss, metrics

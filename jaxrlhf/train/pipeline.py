@@ -59,16 +59,17 @@ class PreparedData:
 
 
 def _parse_sft(
-    rows: Any, tokenizer: Any, *, skip_invalid: bool, source: str
-) -> tuple[list[PreferenceExample], int]:
+    rows: Any, tokenizer: Any, *, skip_invalid: bool, drop_degenerate: bool, source: str
+) -> tuple[list[PreferenceExample], dict[str, int]]:
     """SFT rows: `prompt`/`completion` strings, a `messages` conversation (the last assistant message
     is the completion), or a conversational preference row (its `chosen` answer is the completion).
-    Returned as PreferenceExample with `rejected` empty."""
+    Returned as PreferenceExample with `rejected` empty, and counts of skipped rows and of rows with
+    an empty completion (dropped with `drop_degenerate`)."""
     out: list[PreferenceExample] = []
-    skipped = 0
+    counts = {"skipped": 0, "empty_completion": 0, "dropped_degenerate": 0}
     for i in range(len(rows)):
         row = rows[i]
-        file, r = rows.locate(i) if hasattr(rows, "locate") else (source, i)
+        where = rows.locate(i) if hasattr(rows, "locate") else (source, i + 1, "row")
         try:
             if isinstance(row.get("prompt"), list) and isinstance(row.get("chosen"), list):
                 row = {"messages": row["prompt"] + row["chosen"]}  # a conversational preference row
@@ -87,6 +88,7 @@ def _parse_sft(
                 completion = full[len(prompt) :]
                 if tokenizer.eos_token and completion.rstrip().endswith(tokenizer.eos_token):
                     completion = completion.rstrip()
+                empty = not str(msgs[-1].get("content") or "").strip()
             else:
                 for field in ("prompt", "completion"):
                     if field not in row:
@@ -94,15 +96,19 @@ def _parse_sft(
                     if not isinstance(row[field], str):
                         raise DataError(f"expected a string, got {type(row[field]).__name__}", field=field)
                 prompt, completion = row["prompt"], row["completion"]
-            if not completion.strip():
-                raise DataError("empty completion", field="completion")
-            out.append(PreferenceExample(prompt, completion, "", None))
+                empty = not completion.strip()
         except DataError as e:
-            e = e.located(file, r) if hasattr(e, "located") else e
+            e = e.located(*where) if hasattr(e, "located") else e
             if not skip_invalid:
                 raise e from None
-            skipped += 1
-    return out, skipped
+            counts["skipped"] += 1
+            continue
+        counts["empty_completion"] += empty
+        if empty and drop_degenerate:
+            counts["dropped_degenerate"] += 1
+            continue
+        out.append(PreferenceExample(prompt, completion, "", None))
+    return out, counts
 
 
 def prepare_data(
@@ -116,12 +122,27 @@ def prepare_data(
         for file in files:
             rows = load_rows(file)
             if kind == "sft":
-                parsed, skipped = _parse_sft(rows, tokenizer, skip_invalid=cfg.skip_invalid, source=file)
+                parsed, counts = _parse_sft(
+                    rows, tokenizer, skip_invalid=cfg.skip_invalid, drop_degenerate=cfg.drop_degenerate,
+                    source=file,
+                )  # fmt: skip
             else:
-                parsed, stats = parse_preferences(rows, tokenizer, skip_invalid=cfg.skip_invalid, source=file)
-                skipped = stats.skipped
-            report[f"{split}/rows_skipped_invalid"] = report.get(f"{split}/rows_skipped_invalid", 0) + skipped
+                parsed, stats = parse_preferences(
+                    rows, tokenizer, skip_invalid=cfg.skip_invalid, drop_degenerate=cfg.drop_degenerate,
+                    source=file,
+                )  # fmt: skip
+                counts = {"skipped": stats.skipped, "empty_completion": stats.empty_completion,
+                          "chosen_equals_rejected": stats.identical,
+                          "dropped_degenerate": stats.dropped_degenerate}  # fmt: skip
+            for name, n in counts.items():
+                key = f"{split}/rows_{'skipped_invalid' if name == 'skipped' else name}"
+                report[key] = report.get(key, 0) + n
             examples.extend(parsed)
+        degenerate = report.get(f"{split}/rows_empty_completion", 0) + report.get(
+            f"{split}/rows_chosen_equals_rejected", 0)  # fmt: skip
+        if degenerate and not cfg.drop_degenerate:
+            log(f"data: {split} has {degenerate} degenerate rows (empty completion or chosen == rejected); "
+                "they are trained on: set data.drop_degenerate=true to drop them")  # fmt: skip
         return examples
 
     train_files = resolve_data_files(cfg.train_files)

@@ -39,6 +39,7 @@ from jaxrlhf.losses import (
 from jaxrlhf.models.decoder import CausalLM, default_positions
 from jaxrlhf.parallel import host_array
 from jaxrlhf.train.config import PPOConfig
+from jaxrlhf.train.step import keep_if
 
 Array = jax.Array
 # score_fn(query_response_BxL, response_mask_BxN) -> scores [B] (host or traced), for verifiable rewards
@@ -283,10 +284,14 @@ class PPOEngine:
 
         def minibatch(state: PPOState, idx: Array):
             batch = jax.tree.map(lambda x: x[idx], rollout)
-            grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch)
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics["grad_norm"] = optax.tree.norm(grads)
+            # A NaN/inf minibatch changes nothing (train.on_nonfinite: stop or skip, in run_loop).
+            finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+            params, opt_state = keep_if(finite, (params, opt_state), (state.params, state.opt_state))
+            metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
             return state.replace(params=params, opt_state=opt_state), metrics
 
         def epoch(state: PPOState, key: Array):  # detail: a fresh permutation every epoch

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from jaxrlhf.data import BatchIterator, DataError, bucket_length, left_pad, load_rows
+from jaxrlhf.evaluation import format_task_report
 from jaxrlhf.models import from_pretrained, load_tokenizer, save_pretrained
 from jaxrlhf.parallel import host_array
 from jaxrlhf.train.checkpoint import Checkpointer
@@ -34,7 +35,10 @@ from jaxrlhf.train.trainer import (
     maybe_initialize_distributed,
     mesh_and_rules,
     model_directory,
+    run_task_eval,
+    task_prompts,
     to_global,
+    tokenizer_directory,
 )
 
 
@@ -45,26 +49,20 @@ def load_prompts(files: list[str], tokenizer: Any, *, max_prompt_length: int) ->
     for file in files:
         rows = load_rows(file)
         for i in range(len(rows)):
-            row = rows[i]
-            where, r = rows.locate(i)
-            prompt = row.get("prompt")
+            prompt = rows[i].get("prompt")
             if isinstance(prompt, list):
                 try:
                     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
                 except Exception as e:  # malformed messages
-                    raise DataError(
-                        f"cannot render the conversation ({e})", file=where, row=r, field="prompt"
-                    ) from e
+                    error = DataError(f"cannot render the conversation ({e})", field="prompt")
+                    raise error.located(*rows.locate(i)) from e
             elif isinstance(prompt, str) and prompt.strip():
                 text = prompt
             else:
                 got = "missing" if prompt is None else f"a {type(prompt).__name__}"
-                raise DataError(
-                    f"expected a non-empty string or a list of messages, got {got}",
-                    file=where,
-                    row=r,
-                    field="prompt",
-                )
+                error = DataError(f"expected a non-empty string or a list of messages, got {got}",
+                                  field="prompt")  # fmt: skip
+                raise error.located(*rows.locate(i))
             ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
             out.append(ids[-max_prompt_length:])
     return out
@@ -151,9 +149,11 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of ppo.num_mini_batches")
     mesh, rules = mesh_and_rules(cfg)
     say = log or (lambda msg: print(msg, flush=True))
-    policy_dir = model_directory(cfg.model.path)
-    tokenizer = load_tokenizer(model_directory(cfg.model.tokenizer) if cfg.model.tokenizer else policy_dir)
+    policy_dir = model_directory(cfg.model.path)  # bad checkpoints fail here, before any data is read
+    reward_dir = model_directory(p.reward_model) if p.reward_model is not None else None
+    tokenizer = load_tokenizer(tokenizer_directory(cfg, policy_dir))
     prompts, eval_prompts = _train_and_eval_prompts(cfg, tokenizer)
+    tasks = task_prompts(cfg, tokenizer)
     say(
         f"ppo: {len(prompts)} prompts ({len(eval_prompts)} held out), {jax.device_count()} devices, "
         f"mesh {dict(mesh.shape)}"
@@ -167,10 +167,10 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     )
     policy = from_pretrained(policy_dir, **kw)
     reward_model = None
-    if p.reward_model is not None:
-        reward_model = from_pretrained(model_directory(p.reward_model), head="score", **kw)
-    if p.critic_init == "reward_model" and p.reward_model is not None:
-        critic = from_pretrained(model_directory(p.reward_model), head="score", **kw)
+    if reward_dir is not None:
+        reward_model = from_pretrained(reward_dir, head="score", **kw)
+    if p.critic_init == "reward_model" and reward_dir is not None:
+        critic = from_pretrained(reward_dir, head="score", **kw)
     else:
         critic = from_pretrained(policy_dir, head="score", init_score_head=True, seed=t.seed, **kw)
     total_steps = t.max_steps or t.num_epochs * (len(prompts) // t.batch_size)
@@ -240,6 +240,11 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         return evaluate_policy(engine, held_out, mesh, score_fn, seed=t.seed)
 
     eval_before = do_eval() if step == 0 else None
+    task_before = None
+    if tasks and step == 0:
+        task_before = run_task_eval(engine.policy_model(), tokenizer, tasks, cfg, mesh, "before")
+        eval_before = {**(eval_before or {}), **task_before.summary()}
+        logger.print(format_task_report(task_before, None))
     if eval_before:
         logger.log(step, eval_before, split="eval")
 
@@ -263,13 +268,24 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         for i in range(min(3, len(completions))):
             logger.print(f"  {scores[i]:+.2f} | ...{prompts[i].strip()[-60:]!r} | {completions[i]!r}")
 
-    loop = run_loop(
-        train_step, snapshot, checkpointer, logger, step=step, total_steps=total_steps,
-        log_every=t.log_every, save_every=t.save_every, say=logger.print, after_step=after_step,
-    )  # fmt: skip
+    try:
+        loop = run_loop(
+            train_step, snapshot, checkpointer, logger, step=step, total_steps=total_steps,
+            log_every=t.log_every, save_every=t.save_every, say=logger.print, after_step=after_step,
+            on_nonfinite=t.on_nonfinite,
+        )  # fmt: skip
+    except BaseException:
+        logger.close()
+        raise
+    finally:
+        checkpointer.close()
     step, history, preempted = loop.step, loop.history, loop.preempted
-    checkpointer.close()
     eval_after = None if preempted else do_eval()
+    task_after = None
+    if tasks and not preempted:
+        task_after = run_task_eval(engine.policy_model(), tokenizer, tasks, cfg, mesh, "after")
+        eval_after = {**(eval_after or {}), **task_after.summary()}
+        logger.print(format_task_report(task_before, task_after))
     if eval_after:
         logger.log(step, eval_after, split="eval")
     export_dir = None
@@ -290,4 +306,4 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         with open(os.path.join(t.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     logger.close()
-    return TrainResult(step, history, eval_before, eval_after, export_dir, preempted)
+    return TrainResult(step, history, eval_before, eval_after, export_dir, preempted, task_before, task_after)

@@ -130,6 +130,13 @@ def batch_sharding(mesh: Mesh, ndim: int, *, micro_axis: bool = True) -> NamedSh
     return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - len(spec)))))
 
 
+def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where the scalar `ok` holds, else `old` (leaf by leaf; non-array leaves from `new`)."""
+    return jax.tree.map(
+        lambda n, o: jnp.where(ok, n, o) if isinstance(n, jax.Array) else n, new, old
+    )
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     objective: Objective,
@@ -159,13 +166,19 @@ def make_train_step(
         (grads, num, den), metrics = jax.lax.scan(micro, init, batch)
         grads = jax.tree.map(lambda g, p: (g / den).astype(p.dtype), grads, state.params)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        loss, grad_norm = num / den, optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A NaN/inf loss or gradient changes nothing: the trainer then stops or counts the skipped
+        # update (train.on_nonfinite), and no bad value ever reaches the parameters or Adam's moments.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = keep_if(finite, (params, opt_state), (state.params, state.opt_state))
         metrics = {
             **metrics,
-            "loss": num / den,
-            "grad_norm": optax.tree.norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -23,8 +23,23 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from jaxrlhf.data import BatchIterator, TokenizedPair, collate_pairs, collate_sequences
+from jaxrlhf.evaluation import (
+    TaskEvalResult,
+    TaskPrompt,
+    evaluate_tasks,
+    format_task_report,
+    has_task_columns,
+    load_task_prompts,
+    write_task_eval,
+)
 from jaxrlhf.losses import dpo_loss, reward_loss
-from jaxrlhf.models import from_pretrained, load_tokenizer, resolve_checkpoint, save_pretrained
+from jaxrlhf.models import (
+    check_checkpoint,
+    from_pretrained,
+    load_tokenizer,
+    resolve_checkpoint,
+    save_pretrained,
+)
 from jaxrlhf.models.demo import cache_dir, demo_model_path
 from jaxrlhf.parallel import DEFAULT_RULES, make_mesh
 from jaxrlhf.train.checkpoint import Checkpointer
@@ -32,7 +47,7 @@ from jaxrlhf.train.config import ExperimentConfig, config_to_dict
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
 from jaxrlhf.train.objectives import DPOObjective, RewardObjective, SFTObjective, add_targets, pair_logps
-from jaxrlhf.train.pipeline import checkpoint_fingerprint, pairs_fingerprint, prepare_data
+from jaxrlhf.train.pipeline import checkpoint_fingerprint, pairs_fingerprint, prepare_data, resolve_data_files
 from jaxrlhf.train.step import (
     batch_sharding,
     create_state,
@@ -55,6 +70,8 @@ class TrainResult:
     eval_after: dict[str, float] | None
     export_dir: str | None
     preempted: bool = False
+    task_before: TaskEvalResult | None = None  # task accuracy (eval data with checkers), before training
+    task_after: TaskEvalResult | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +119,40 @@ def mesh_and_rules(cfg: ExperimentConfig) -> tuple[Any, Any]:
 
 
 def model_directory(path: str) -> str:
-    return demo_model_path() if path == "demo" else resolve_checkpoint(path)
+    """The local checkpoint directory of `model.path` ("demo": the embedded model), checked to be
+    loadable (config, model type, whole safetensors files) before anything else is read."""
+    return demo_model_path() if path == "demo" else check_checkpoint(path)
+
+
+def tokenizer_directory(cfg: ExperimentConfig, model_dir: str) -> str:
+    if not cfg.model.tokenizer:
+        return model_dir
+    return demo_model_path() if cfg.model.tokenizer == "demo" else resolve_checkpoint(cfg.model.tokenizer)
+
+
+def task_prompts(cfg: ExperimentConfig, tokenizer: Any) -> list[TaskPrompt]:
+    """The held-out prompts to measure task accuracy on: those of `data.eval_files` when every eval
+    file has `family` and `answer` columns and `task_eval.enabled`; else none."""
+    files = resolve_data_files(cfg.data.eval_files)
+    if not cfg.task_eval.enabled or not files or not has_task_columns(files):
+        return []
+    return load_task_prompts(files, tokenizer)
+
+
+def run_task_eval(
+    model: Any, tokenizer: Any, prompts: list[TaskPrompt], cfg: ExperimentConfig, mesh: Any, name: str,
+) -> TaskEvalResult:  # fmt: skip
+    """Task accuracy of `model` (greedy replies), written to `<output_dir>/task_eval/<name>.json`."""
+    te = cfg.task_eval
+    result = evaluate_tasks(
+        model, tokenizer, prompts, max_new_tokens=te.max_new_tokens, batch_size=te.batch_size,
+        samples_per_family=te.samples_per_family, mesh=mesh,
+    )  # fmt: skip
+    if jax.process_index() == 0:
+        path = os.path.join(cfg.train.output_dir, "task_eval", f"{name}.json")
+        write_task_eval(path, result, model=cfg.model.path, data=resolve_data_files(cfg.data.eval_files),
+                        stage=name)  # fmt: skip
+    return result
 
 
 def _objective(cfg: ExperimentConfig) -> Any:
@@ -111,6 +161,7 @@ def _objective(cfg: ExperimentConfig) -> Any:
         return DPOObjective(
             beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
             reference_free=d.reference_free, simpo_gamma=d.simpo_gamma, discopop_tau=d.discopop_tau,
+            rpo_alpha=d.rpo_alpha,
         )  # fmt: skip
     if cfg.kind == "reward":
         return RewardObjective(cfg.reward.center_rewards_coefficient, cfg.reward.use_margin)
@@ -331,9 +382,10 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
 
     say(f"jaxrlhf {cfg.kind}: {jax.device_count()} devices, mesh {dict(mesh.shape)}")
 
-    model_dir = model_directory(cfg.model.path)
-    tokenizer = load_tokenizer(model_directory(cfg.model.tokenizer) if cfg.model.tokenizer else model_dir)
+    model_dir = model_directory(cfg.model.path)  # a bad model fails here, before the data is read
+    tokenizer = load_tokenizer(tokenizer_directory(cfg, model_dir))
     data = prepare_data(cfg.data, tokenizer, kind=cfg.kind, log=say)
+    tasks = task_prompts(cfg, tokenizer) if cfg.kind in ("sft", "dpo") else []
     train_ex = [Indexed(i, p) for i, p in enumerate(data.train)]
     eval_ex = [Indexed(i, p) for i, p in enumerate(data.eval)]
     pad_id = tokenizer.pad_token_id
@@ -394,6 +446,11 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     eval_before = None
     if eval_ex and step == 0:  # at step 0 the DPO policy is the reference: reuse its log-probs
         eval_before = dpo_eval_metrics(eval_ref, eval_ref, cfg) if eval_ref is not None else do_eval()
+    task_before = None
+    if tasks and step == 0:
+        task_before = run_task_eval(nnx.merge(graphdef, state.params), tokenizer, tasks, cfg, mesh, "before")
+        eval_before = {**(eval_before or {}), **task_before.summary()}
+        say(format_task_report(task_before, None))
     if eval_before:
         logger.log(step, eval_before, split="eval")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -426,13 +483,24 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         if t.eval_every and step % t.eval_every == 0 and step < total_steps and eval_ex:
             logger.log(step, do_eval(), split="eval")
 
-    loop = run_loop(
-        train_step, snapshot, checkpointer, logger, step=step, total_steps=total_steps,
-        log_every=t.log_every, save_every=t.save_every, say=say, after_step=after_step,
-    )  # fmt: skip
+    try:
+        loop = run_loop(
+            train_step, snapshot, checkpointer, logger, step=step, total_steps=total_steps,
+            log_every=t.log_every, save_every=t.save_every, say=say, after_step=after_step,
+            on_nonfinite=t.on_nonfinite,
+        )  # fmt: skip
+    except BaseException:  # a stop (non-finite step, error, Ctrl-C): flush the metrics written so far
+        logger.close()
+        raise
+    finally:  # and finish pending checkpoints
+        checkpointer.close()
     step, history, preempted = loop.step, loop.history, loop.preempted
-    checkpointer.close()
     eval_after = None if preempted or not eval_ex else do_eval()
+    task_after = None
+    if tasks and not preempted:
+        task_after = run_task_eval(nnx.merge(graphdef, state.params), tokenizer, tasks, cfg, mesh, "after")
+        eval_after = {**(eval_after or {}), **task_after.summary()}
+        say(format_task_report(task_before, task_after))
     if eval_after:
         logger.log(step, eval_after, split="eval")
     export_dir = None
@@ -442,8 +510,10 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         say(f"exported to {export_dir}")
     summary = {"steps": step, "eval_before": eval_before, "eval_after": eval_after, "export_dir": export_dir,
                "preempted": preempted, "data": data.report}  # fmt: skip
+    if t.on_nonfinite == "skip" and history:
+        summary["nonfinite_skipped"] = int(history[-1].get("nonfinite_skipped", 0))
     if jax.process_index() == 0:
         with open(os.path.join(t.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     logger.close()
-    return TrainResult(step, history, eval_before, eval_after, export_dir, preempted)
+    return TrainResult(step, history, eval_before, eval_after, export_dir, preempted, task_before, task_after)

@@ -1,4 +1,5 @@
-"""Bad files and bad rows give a `DataError` naming file, row and field; or are skipped."""
+"""Bad files and bad rows give a `DataError` naming file, line (JSON Lines) or 1-based row, and field;
+or are skipped."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ MESSAGES_GOOD = {
 }
 ANY_TEXT = "expected a string, a list of messages or a list of token ids"
 
-BAD_ROWS = {  # case: (good row 0, bad row 1, field, message after "field 'x': ")
+BAD_ROWS = {  # case: (good row on line 1, bad row on line 2, field, message after "field 'x': ")
     "missing column": (GOOD, {"prompt": "p", "chosen": "c"}, "rejected", "missing"),
     "null value": (GOOD, dict(GOOD, chosen=None), "chosen", "missing"),
     "int completion": (GOOD, dict(GOOD, chosen=3), "chosen", f"{ANY_TEXT}, got int"),
@@ -29,7 +30,6 @@ BAD_ROWS = {  # case: (good row 0, bad row 1, field, message after "field 'x': "
         "chosen",
         f"{ANY_TEXT}, got a list of int and str",
     ),
-    "empty completion": (GOOD, dict(GOOD, chosen=""), "chosen", "empty"),
     "empty prompt": (GOOD, dict(GOOD, prompt=""), "prompt", "empty"),
     "prompt kind": (
         GOOD,
@@ -81,8 +81,8 @@ def test_bad_row_names_file_row_and_field(tmp_path, write_rows, tokenizer, case)
     with pytest.raises(DataError) as info:
         parse_preferences(load_rows(path), tokenizer)
     err = info.value
-    assert (err.file, err.row, err.field) == (str(path), 1, field)
-    assert str(err) == f"{path}, row 1, field '{field}': {message}"
+    assert (err.file, err.row, err.unit, err.field) == (str(path), 2, "line", field)
+    assert str(err) == f"{path}, line 2, field '{field}': {message}"
 
     examples, stats = parse_preferences(load_rows(path), tokenizer, skip_invalid=True)
     assert len(examples) == 1
@@ -95,23 +95,34 @@ def test_message_format_of_the_brief(tmp_path, write_rows, monkeypatch):
     write_rows(tmp_path / "data" / "train.jsonl", [GOOD] * 17 + [dict(GOOD, chosen=7)])
     with pytest.raises(DataError) as info:
         parse_preferences(load_rows("data/train.jsonl"))
-    assert str(info.value) == f"data/train.jsonl, row 17, field 'chosen': {ANY_TEXT}, got int"
+    assert str(info.value) == f"data/train.jsonl, line 18, field 'chosen': {ANY_TEXT}, got int"
 
 
 def test_skip_invalid_counts(tmp_path, write_rows):
-    rows = [GOOD, dict(GOOD, chosen=""), GOOD, {"prompt": "p"}, dict(GOOD, margin="x"), GOOD]
+    rows = [GOOD, dict(GOOD, chosen=3), GOOD, {"prompt": "p"}, dict(GOOD, margin="x"), GOOD]
     examples, stats = parse_preferences(
         load_rows(write_rows(tmp_path / "t.jsonl", rows)), skip_invalid=True
     )
     assert len(examples) == 3
     assert (stats.rows, stats.kept, stats.skipped) == (6, 3, 3)
-    assert [(e.row, e.field) for e in stats.errors] == [(1, "chosen"), (3, "chosen"), (4, "margin")]
+    assert [(e.row, e.unit, e.field) for e in stats.errors] == [
+        (2, "line", "chosen"), (4, "line", "chosen"), (5, "line", "margin"),
+    ]  # fmt: skip
+
+
+def test_empty_completion_is_not_an_error(tmp_path, write_rows):
+    """A blank completion is well formed (degenerate, counted), not a bad row; an empty list is."""
+    rows = [GOOD, dict(GOOD, chosen=""), dict(GOOD, rejected="  \n"), GOOD]
+    examples, stats = parse_preferences(load_rows(write_rows(tmp_path / "t.jsonl", rows)))
+    assert len(examples) == 4 and (stats.kept, stats.skipped, stats.empty_completion) == (4, 0, 2)
+    with pytest.raises(DataError, match=r"t2\.jsonl, line 1, field 'chosen': empty$"):
+        parse_preferences(load_rows(write_rows(tmp_path / "t2.jsonl", [dict(GOOD, chosen=[])])))
 
 
 def test_row_in_second_file_of_directory(tmp_path, write_rows):
     write_rows(tmp_path / "d" / "train-0.jsonl", [GOOD, GOOD])
     write_rows(tmp_path / "d" / "train-1.jsonl", [GOOD, dict(GOOD, rejected=5)])
-    with pytest.raises(DataError, match=r"train-1\.jsonl, row 1, field 'rejected'"):
+    with pytest.raises(DataError, match=r"train-1\.jsonl, line 2, field 'rejected'"):
         parse_preferences(load_rows(tmp_path / "d"))
 
 
@@ -120,12 +131,12 @@ def test_identical_pairs_are_kept_and_counted(caplog):
     with caplog.at_level(logging.WARNING):
         examples, stats = parse_preferences(rows, source="mem")
     assert len(examples) == 2 and stats.identical == 1
-    assert "1 preference rows have chosen == rejected" in caplog.text
+    assert "0 preference rows have an empty completion, 1 have chosen == rejected" in caplog.text
 
 
 def test_rows_without_a_file_use_source():
-    with pytest.raises(DataError, match=r"^mem, row 0, field 'chosen': empty$"):
-        parse_preferences([dict(GOOD, chosen="")], source="mem")
+    with pytest.raises(DataError, match=r"^mem, row 2, field 'chosen': empty$"):
+        parse_preferences([GOOD, dict(GOOD, chosen=[])], source="mem")
 
 
 def test_template_that_does_not_extend_the_prompt(tmp_path, write_rows, tokenizer_dir):
@@ -134,7 +145,7 @@ def test_template_that_does_not_extend_the_prompt(tmp_path, write_rows, tokenize
         "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>{% endif %}"
     )
     path = write_rows(tmp_path / "t.jsonl", [MESSAGES_GOOD])
-    with pytest.raises(DataError, match="row 0, field 'chosen': the chat template's rendering"):
+    with pytest.raises(DataError, match="line 1, field 'chosen': the chat template's rendering"):
         parse_preferences(load_rows(path), thinking)
 
 
@@ -145,7 +156,7 @@ def test_template_that_raises(tmp_path, write_rows, tokenizer_dir):
         + strict.chat_template
     )
     row = dict(MESSAGES_GOOD, prompt=[{"role": "system", "content": "x"}])
-    with pytest.raises(DataError, match="row 0, field 'prompt': chat template failed: no system"):
+    with pytest.raises(DataError, match="mem, row 1, field 'prompt': chat template failed: no system"):
         parse_preferences([row], strict, source="mem")
 
 
@@ -186,7 +197,8 @@ def test_missing_split_in_directory(tmp_path, write_rows):
 
 
 def test_data_error_pickles():
-    err = DataError("empty", file="a.jsonl", row=3, field="chosen")
+    err = DataError("empty", file="a.jsonl", row=3, field="chosen", unit="line")
     copy = pickle.loads(pickle.dumps(err))
-    assert (copy.file, copy.row, copy.field, str(copy)) == ("a.jsonl", 3, "chosen", str(err))
+    assert (copy.file, copy.row, copy.unit, copy.field) == ("a.jsonl", 3, "line", "chosen")
+    assert str(copy) == str(err) == "a.jsonl, line 3, field 'chosen': empty"
     assert isinstance(copy, ValueError)

@@ -138,7 +138,7 @@ def test_directory_split_files(tmp_path, write_rows):
     write_rows(tmp_path / "prefs" / "test-0.jsonl", [dict(STANDARD[0], prompt="Held out")])
     rows = load_rows(tmp_path / "prefs")
     assert [row["prompt"] for row in rows] == [row["prompt"] for row in STANDARD]
-    assert rows.locate(1) == (str(tmp_path / "prefs" / "train-1.jsonl"), 0)
+    assert tuple(rows.locate(1)) == (str(tmp_path / "prefs" / "train-1.jsonl"), 1, "line")
     assert [row["prompt"] for row in load_rows(tmp_path / "prefs", split="test")] == ["Held out"]
 
 
@@ -154,7 +154,7 @@ def test_hub_id_goes_to_load_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     rows = load_rows("someorg/prefs", split="test", data_files={"test": "x.parquet"})
     assert calls == [("someorg/prefs", {"split": "test", "data_files": {"test": "x.parquet"}})]
-    assert rows.locate(1) == ("someorg/prefs", 1)
+    assert tuple(rows.locate(1)) == ("someorg/prefs", 2, "row")
     assert len(parse_preferences(rows)[0]) == 2
 
 
@@ -195,5 +195,5 @@ def test_compressed_file_and_rows_access(tmp_path):
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(row) + "\n" for row in STANDARD)
     rows = load_rows(path)
-    assert len(rows) == 2 and rows[-1] == STANDARD[1] and rows.locate(1) == (str(path), 1)
+    assert len(rows) == 2 and rows[-1] == STANDARD[1] and tuple(rows.locate(1)) == (str(path), 2, "line")
     assert rows.dataset.column_names == ["prompt", "chosen", "rejected"]
