@@ -270,7 +270,8 @@ CAPITALS = [
     ("Chile", "Santiago", "Valparaiso"), ("Saudi Arabia", "Riyadh", "Jeddah"), ("Iran", "Tehran", "Isfahan"),
 ]  # fmt: skip
 FACTS = [
-    ("How many days are in a week?", "There are seven days in a week.", "There are eight days in a week.", "seven"),
+    ("How many days are in a week?", "There are seven days in a week.", "There are eight days in a week.",
+     "seven"),
     ("How many months are in a year?", "There are twelve months in a year.",
      "There are ten months in a year.", "twelve"),
     ("How many legs does a spider have?", "A spider has eight legs.", "A spider has six legs.", "eight"),
@@ -286,10 +287,13 @@ FACTS = [
     ("At what temperature in Celsius does water freeze?", "Water freezes at 0 degrees Celsius.",
      "Water freezes at 10 degrees Celsius.", "0"),
     ("At what temperature in Celsius does water boil at sea level?",
-     "At sea level, water boils at 100 degrees Celsius.", "At sea level, water boils at 90 degrees Celsius.", "100"),
+     "At sea level, water boils at 100 degrees Celsius.", "At sea level, water boils at 90 degrees Celsius.",
+      "100"),
     ("How many sides does a hexagon have?", "A hexagon has six sides.", "A hexagon has eight sides.", "six"),
-    ("How many sides does an octagon have?", "An octagon has eight sides.", "An octagon has six sides.", "eight"),
-    ("How many sides does a triangle have?", "A triangle has three sides.", "A triangle has four sides.", "three"),
+    ("How many sides does an octagon have?", "An octagon has eight sides.", "An octagon has six sides.",
+     "eight"),
+    ("How many sides does a triangle have?", "A triangle has three sides.", "A triangle has four sides.",
+     "three"),
     ("What gas do plants absorb from the air?", "Plants absorb carbon dioxide from the air.",
      "Plants absorb helium from the air.", "carbon dioxide"),
     ("How many hours are in a day?", "There are 24 hours in a day.", "There are 12 hours in a day.", "24"),
@@ -304,16 +308,19 @@ FACTS = [
      "Jupiter is known as the Red Planet.", "Mars"),
     ("How many strings does a standard violin have?", "A standard violin has four strings.",
      "A standard violin has six strings.", "four"),
-    ("How many wheels does a bicycle have?", "A bicycle has two wheels.", "A bicycle has three wheels.", "two"),
+    ("How many wheels does a bicycle have?", "A bicycle has two wheels.", "A bicycle has three wheels.",
+     "two"),
     ("What color do you get by mixing blue and yellow?", "Mixing blue and yellow gives green.",
      "Mixing blue and yellow gives purple.", "green"),
     ("What is the largest mammal on Earth?", "The blue whale is the largest mammal on Earth.",
      "The elephant is the largest mammal on Earth.", "blue whale"),
     ("What is the square root of 81?", "The square root of 81 is 9.", "The square root of 81 is 8.", "9"),
     ("How many players does a soccer team have on the field?",
-     "A soccer team has eleven players on the field.", "A soccer team has nine players on the field.", "eleven"),
+     "A soccer team has eleven players on the field.", "A soccer team has nine players on the field.",
+      "eleven"),
     ("What is the highest mountain on Earth above sea level?",
-     "Mount Everest is the highest mountain above sea level.", "K2 is the highest mountain above sea level.", "Everest"),
+     "Mount Everest is the highest mountain above sea level.", "K2 is the highest mountain above sea level.",
+      "Everest"),
     ("How many centimeters are in a meter?", "There are 100 centimeters in a meter.",
      "There are 1000 centimeters in a meter.", "100"),
 ]  # fmt: skip
@@ -321,7 +328,8 @@ FACTS = [
 
 def fact_bank() -> list[Pair]:
     bank = [
-        (f"What is the capital of {c}?", f"The capital of {c} is {cap}.", f"The capital of {c} is {bad}.", cap)
+        (f"What is the capital of {c}?", f"The capital of {c} is {cap}.", f"The capital of {c} is {bad}.",
+         cap)
         for c, cap, bad in CAPITALS
     ]
     bank += FACTS

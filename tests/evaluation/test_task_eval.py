@@ -155,7 +155,8 @@ def test_cli_eval_on_the_demo_model_is_reproducible(tmp_path, tokenizer):
     assert set(report["families"]) == seen and all(set(r) == ROW_KEYS for r in report["rows"])
     assert f"overall            {report['accuracy']:.3f}" in proc.stdout
     # The same greedy replies in this process (a different batch width and compilation).
-    again = evaluate_tasks(from_pretrained(demo_model_path()), tokenizer, load_task_prompts([data], tokenizer),
-                           max_new_tokens=24, batch_size=3)  # fmt: skip
+    prompts = load_task_prompts([data], tokenizer)
+    model = from_pretrained(demo_model_path())
+    again = evaluate_tasks(model, tokenizer, prompts, max_new_tokens=24, batch_size=3)
     assert [r["reply"] for r in report["rows"]] == [r["reply"] for r in again.rows]
     assert report["correct"] == again.correct
