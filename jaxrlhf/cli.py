@@ -69,6 +69,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _reported(fn: Callable[[], int]) -> int:
+    import datasets
+
+    datasets.disable_progress_bars()  # "Generating train split" bars would bury the one error line
     try:
         return fn()
     except user_errors() as e:

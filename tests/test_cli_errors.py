@@ -189,11 +189,7 @@ def test_every_bad_checkpoint_with_every_command(setup, capsys, command, kind):
 def test_bad_data_row_names_its_line(results, setup):
     proc, _ = results["bad_row"]
     where = f"{setup['bad_row_file']}, line {setup['bad_line']}, field 'chosen': missing"
-    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
-    # before the error: only the progress bar `datasets` shows while it reads the file
-    *before, last = proc.stderr.strip().splitlines()
-    assert all(line.startswith("Generating train split") for line in before), proc.stderr[-3000:]
-    _assert_error_line(last, where)
+    _assert_one_line_error(proc, where)  # the progress bars of `datasets` are off: one line
 
 
 def test_bad_config_value_names_the_key(results):
@@ -208,3 +204,30 @@ def test_demo_with_a_missing_model_fails_fast(results, setup):
     _assert_one_line_error(proc, str(setup["bad"]["missing"]))
     assert "data:" not in proc.stdout  # no data was read
     assert seconds < 60, seconds
+
+
+PPO_AND_DATA_MISTAKES = {  # overrides -> what the one line names
+    "reward_fn_module": (["ppo.reward_fn=no_such_module:f"], "cannot import module 'no_such_module'"),
+    "reward_fn_name": (["ppo.reward_fn=json:nope"], "module 'json' has no function 'nope'"),
+    "reward_fn_form": (["ppo.reward_fn=ppo_rewards"], "expected 'module:function'"),
+    "no_reward": (["ppo.reward_fn=null"], "exactly one of ppo.reward_model and ppo.reward_fn"),
+    "mini_batches": (["ppo.num_mini_batches=3"], "multiple of ppo.num_mini_batches (3)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PPO_AND_DATA_MISTAKES))
+def test_ppo_config_mistakes_are_one_line(setup, capsys, case):
+    from jaxrlhf.cli import main
+
+    overrides, needle = PPO_AND_DATA_MISTAKES[case]
+    argv = _argv(setup, "ppo", str(setup["good"]), str(setup["root"] / f"ppo-{case}")) + overrides
+    assert main(argv) == 2
+    _assert_error_line(capsys.readouterr().err, needle)
+
+
+def test_too_little_data_is_one_line(setup, capsys):
+    from jaxrlhf.cli import main
+
+    argv = _argv(setup, "dpo", str(setup["good"]), str(setup["root"] / "small")) + ["train.batch_size=64"]
+    assert main(argv) == 2
+    _assert_error_line(capsys.readouterr().err, "8 training examples are fewer than one batch")

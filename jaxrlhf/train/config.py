@@ -259,6 +259,23 @@ class OptimConfig(_Section):
     max_grad_norm: float | None = _field(
         1.0, check=_positive, help="Clip the global gradient norm to this value; None: no clipping."
     )
+    head_learning_rate: float | None = _field(
+        None,
+        check=_non_negative,
+        help="Peak learning rate of the score head (reward models, PPO critics), on the same schedule; "
+        "a fresh head learns faster with a larger one. None: `learning_rate`.",
+    )
+
+    def validate(self, prefix: str) -> None:
+        if self.head_learning_rate is not None and self.learning_rate == 0 and self.head_learning_rate:
+            raise ConfigError(f"{prefix}head_learning_rate needs {prefix}learning_rate > 0")
+
+    @property
+    def head_lr_scale(self) -> float | None:
+        """`head_learning_rate / learning_rate` (what `make_optimizer` takes), or None."""
+        if self.head_learning_rate is None or self.learning_rate == 0:
+            return None
+        return self.head_learning_rate / self.learning_rate
 
 
 @dataclass(kw_only=True)

@@ -23,7 +23,7 @@ from jaxrlhf.evaluation import format_task_report
 from jaxrlhf.models import from_pretrained, load_tokenizer, save_pretrained
 from jaxrlhf.parallel import host_array
 from jaxrlhf.train.checkpoint import Checkpointer
-from jaxrlhf.train.config import ExperimentConfig, config_to_dict
+from jaxrlhf.train.config import ConfigError, ExperimentConfig, config_to_dict
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger
 from jaxrlhf.train.pipeline import held_out_split, resolve_data_files
@@ -84,7 +84,14 @@ def load_score_fn(spec: str, tokenizer: Any) -> ScoreFn:
     """`module:function` taking `(prompts: list[str], completions: list[str]) -> scores`, wrapped to
     take token ids."""
     module, _, name = spec.partition(":")
-    fn = getattr(importlib.import_module(module), name)
+    if not module or not name:
+        raise ConfigError(f"ppo.reward_fn: expected 'module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise ConfigError(f"ppo.reward_fn: cannot import module {module!r} ({e})") from e
+    except AttributeError:
+        raise ConfigError(f"ppo.reward_fn: module {module!r} has no function {name!r}") from None
 
     def score(ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
         return np.asarray(fn(*decode_rollout(ids, response_mask, tokenizer)), np.float32)
@@ -144,14 +151,18 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     maybe_initialize_distributed(cfg)
     t, p = cfg.train, cfg.ppo
     if (p.reward_model is None) == (p.reward_fn is None):
-        raise ValueError("ppo: give exactly one of ppo.reward_model and ppo.reward_fn")
+        raise ConfigError("ppo: give exactly one of ppo.reward_model and ppo.reward_fn")
     if t.batch_size % p.num_mini_batches:
-        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of ppo.num_mini_batches")
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of ppo.num_mini_batches "
+            f"({p.num_mini_batches})"
+        )
     mesh, rules = mesh_and_rules(cfg)
     say = log or (lambda msg: print(msg, flush=True))
     policy_dir = model_directory(cfg.model.path)  # bad checkpoints fail here, before any data is read
     reward_dir = model_directory(p.reward_model) if p.reward_model is not None else None
     tokenizer = load_tokenizer(tokenizer_directory(cfg, policy_dir))
+    score_fn = load_score_fn(p.reward_fn, tokenizer) if p.reward_fn else None  # a typo fails here, early
     prompts, eval_prompts = _train_and_eval_prompts(cfg, tokenizer)
     tasks = task_prompts(cfg, tokenizer)
     say(
@@ -183,7 +194,8 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         min_lr_ratio=o.min_lr_ratio,
     )
     optimizer = make_optimizer(
-        schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm
+        schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
+        head_lr_scale=o.head_lr_scale,
     )
     eos_ids = sorted({int(tokenizer.eos_token_id)})
     engine = PPOEngine(
@@ -198,7 +210,6 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         seed=t.seed,
     )
     del policy, critic, reward_model
-    score_fn = load_score_fn(p.reward_fn, tokenizer) if p.reward_fn else None
     collate = _collate_prompts(tokenizer.pad_token_id, cfg.data.buckets)
     batches = BatchIterator(
         prompts,

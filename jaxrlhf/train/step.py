@@ -68,13 +68,28 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     max_grad_norm: float | None = 1.0,
+    head_lr_scale: float | None = None,
 ) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; no weight decay on vectors (norm scales, biases)."""
+    """AdamW with global-norm clipping; no weight decay on vectors (norm scales, biases).
+
+    `head_lr_scale`: the score head's updates (reward models, PPO critics; parameters under
+    `score`) are multiplied by it, i.e. the head follows the schedule at `head_lr_scale` times the
+    learning rate (Adam's update does not depend on the gradient's scale, so this is exactly a
+    separate learning rate with the same schedule shape)."""
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
-    if max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
+    parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
+    parts.append(adamw)
+    if head_lr_scale is not None and head_lr_scale != 1.0:
+        parts.append(optax.masked(optax.scale(head_lr_scale), is_score_head))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
+
+
+def is_score_head(params: Any) -> Any:
+    """A bool tree over `params`: True on the parameters of a score head (path component `score`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(k, "key", getattr(k, "name", None)) == "score" for k in path), params
+    )
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxrlhf.data import BatchIterator, TokenizedPair, collate_pairs, collate_sequences
+from jaxrlhf.data import BatchIterator, DataError, TokenizedPair, collate_pairs, collate_sequences
 from jaxrlhf.evaluation import (
     TaskEvalResult,
     TaskPrompt,
@@ -399,7 +399,10 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     needs_ref = cfg.kind == "dpo" and objective.needs_reference
     steps_per_epoch = len(train_ex) // t.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_ex)} training examples are fewer than one batch ({t.batch_size})")
+        raise DataError(
+            f"{len(train_ex)} training examples are fewer than one batch (train.batch_size={t.batch_size})",
+            field="train_files",
+        )
     total_steps = t.max_steps or t.num_epochs * steps_per_epoch
     o = cfg.optim
     schedule = make_schedule(
@@ -410,7 +413,8 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         min_lr_ratio=o.min_lr_ratio,
     )
     optimizer = make_optimizer(
-        schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm
+        schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
+        head_lr_scale=o.head_lr_scale,
     )
     same_step_ref = needs_ref and cfg.dpo.reference == "same_step"
     graphdef, state = create_state(model, optimizer, mesh, seed=t.seed, with_reference=same_step_ref)

@@ -110,3 +110,41 @@ def test_reward_objective_trains(tmp_path):
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0] and float(m["accuracy"]) >= 0.75
+
+
+def test_rpo_adds_the_token_mean_nll_of_chosen(tmp_path):
+    """RPO = DPO + alpha * NLL(chosen), the NLL a token mean over the batch (TRL's rpo_alpha), checked
+    against transformers' log-probs of the unpacked chosen sequences."""
+    hf = make_hf_model("smollm2")
+    hf.save_pretrained(str(tmp_path))
+    model = from_pretrained(str(tmp_path))
+    pairs = random_pairs(4, seed=5)
+    batch = _batch(pairs)
+    ref = {"chosen": jnp.zeros(4) - 3.0, "rejected": jnp.zeros(4) - 2.0}
+    plain, _ = DPOObjective(beta=0.1).loss(pair_logps(model, batch), ref)
+    rpo, metrics = DPOObjective(beta=0.1, rpo_alpha=0.5).loss(pair_logps(model, batch), ref)
+    total = sum(_torch_logps(hf, p.prompt_ids, p.chosen_ids) for p in pairs)
+    nll = -total / sum(len(p.chosen_ids) for p in pairs)
+    np.testing.assert_allclose(float(metrics["nll_loss"]), nll, rtol=1e-5)
+    np.testing.assert_allclose(float(rpo), float(plain) + 0.5 * nll, rtol=1e-5)
+
+
+def test_head_learning_rate_scales_only_the_score_head(tmp_path):
+    make_hf_model("llama").save_pretrained(str(tmp_path))
+    mesh = make_mesh(devices=jax.devices()[:1])
+    batch = {k: v[None] for k, v in _batch(random_pairs(8, seed=4)).items()}
+    moved = {}
+    for scale in (1.0, 10.0):
+        model = from_pretrained(str(tmp_path), head="score", init_score_head=True, mesh=mesh)
+        schedule = make_schedule(1e-3, 10, kind="constant")
+        opt = make_optimizer(schedule, head_lr_scale=scale)
+        graphdef, state = create_state(model, opt, mesh)
+        before = jax.tree.map(np.asarray, state.params)
+        step = make_train_step(graphdef, RewardObjective(), opt, schedule, state_shardings(state), mesh)
+        state, _ = step(state, batch)
+        moved[scale] = jax.tree.map(lambda a, b: np.asarray(b) - a, before, state.params)
+    head = lambda d: np.asarray(d["score"]["kernel"].get_value())  # noqa: E731
+    np.testing.assert_allclose(head(moved[10.0]), 10.0 * head(moved[1.0]), rtol=1e-5, atol=1e-9)
+    assert np.abs(head(moved[1.0])).max() > 0
+    body = lambda d: np.asarray(d["norm"]["scale"].get_value())  # noqa: E731
+    np.testing.assert_array_equal(body(moved[10.0]), body(moved[1.0]))
