@@ -53,6 +53,7 @@ class ModelConfig:
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
     remat: bool = False
+    frozen_layers: int = 0  # the embeddings and layers 0..N-1 get no gradient (backward stops above them)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

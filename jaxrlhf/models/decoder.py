@@ -287,6 +287,8 @@ class CausalLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             mask = window_mask if cfg.layer_uses_window(i) else full_mask
             x = layer_fn(layer, x, mask, cos, sin)
+            if i + 1 == cfg.frozen_layers:  # frozen below: their backward pass is never computed
+                x = jax.lax.stop_gradient(x)
         return self.norm(x)
 
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> list[tuple[Array, Array]]:

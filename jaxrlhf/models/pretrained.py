@@ -103,6 +103,7 @@ def from_pretrained(
     mesh: Mesh | None = None,
     rules: Sequence[Rule] = DEFAULT_RULES,
     remat: bool = False,
+    frozen_layers: int = 0,
     init_score_head: bool = False,
     seed: int = 0,
 ) -> CausalLM:
@@ -117,12 +118,17 @@ def from_pretrained(
       mesh: place each parameter directly at its `NamedSharding` under `rules`, reading only each
         shard's slice from disk.
       remat: rematerialise each decoder layer in the backward pass.
+      frozen_layers: stop the backward pass above the first N decoder layers (with
+        `jaxrlhf.train.step.make_optimizer(frozen=frozen_params(N))` they are not trained).
       init_score_head: with `head="score"` and a checkpoint without `score.weight` (a causal LM), draw
         the score head from N(0, 1/sqrt(D+1)) (seeded by `seed`) instead of raising.
     """
     directory = resolve_checkpoint(path_or_hub_id)
     hf = read_hf_config(directory)
-    cfg = model_config(directory, dtype=_as_dtype(dtype), param_dtype=_as_dtype(param_dtype), remat=remat)
+    cfg = model_config(directory, dtype=_as_dtype(dtype), param_dtype=_as_dtype(param_dtype), remat=remat,
+                       frozen_layers=frozen_layers)  # fmt: skip
+    if not 0 <= frozen_layers <= cfg.num_layers:
+        raise ValueError(f"frozen_layers must be in [0, {cfg.num_layers}], got {frozen_layers}")
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, head=head, rngs=nnx.Rngs(seed)))
     graphdef, abstract_state = nnx.split(abstract)
     flat = [(tuple(path), var.get_value()) for path, var in nnx.to_flat_state(abstract_state)]

@@ -169,6 +169,13 @@ class ModelConfig(_Section):
     dtype: str = _field("float32", choices=DTYPES, help="Computation dtype of activations.")
     param_dtype: str = _field("float32", choices=DTYPES, help="Storage dtype of the parameters.")
     remat: bool = _field(False, help="Rematerialise (gradient-checkpoint) each decoder layer.")
+    frozen_layers: int = _field(
+        0,
+        check=_non_negative,
+        help="Train only above the first N decoder layers: the embeddings (and a tied LM head) and "
+        "layers 0..N-1 get no gradient, no optimizer state and no update, and the backward pass "
+        "stops above them (cheaper steps). 0: train everything.",
+    )
 
 
 @dataclass(kw_only=True)

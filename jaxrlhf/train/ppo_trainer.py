@@ -28,7 +28,7 @@ from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger
 from jaxrlhf.train.pipeline import held_out_split, resolve_data_files
 from jaxrlhf.train.ppo import PPOEngine, ScoreFn
-from jaxrlhf.train.step import make_optimizer, make_schedule
+from jaxrlhf.train.step import frozen_params, make_optimizer, make_schedule
 from jaxrlhf.train.trainer import (
     TrainResult,
     fresh_start,
@@ -175,6 +175,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         mesh=mesh,
         rules=rules,
         remat=cfg.model.remat,
+        frozen_layers=cfg.model.frozen_layers,
     )
     policy = from_pretrained(policy_dir, **kw)
     reward_model = None
@@ -196,6 +197,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     optimizer = make_optimizer(
         schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
         head_lr_scale=o.head_lr_scale,
+        frozen=frozen_params(cfg.model.frozen_layers) if cfg.model.frozen_layers else None,
     )
     eos_ids = sorted({int(tokenizer.eos_token_id)})
     engine = PPOEngine(

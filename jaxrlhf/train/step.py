@@ -69,20 +69,44 @@ def make_optimizer(
     eps: float = 1e-8,
     max_grad_norm: float | None = 1.0,
     head_lr_scale: float | None = None,
+    frozen: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; no weight decay on vectors (norm scales, biases).
 
     `head_lr_scale`: the score head's updates (reward models, PPO critics; parameters under
     `score`) are multiplied by it, i.e. the head follows the schedule at `head_lr_scale` times the
     learning rate (Adam's update does not depend on the gradient's scale, so this is exactly a
-    separate learning rate with the same schedule shape)."""
+    separate learning rate with the same schedule shape).
+
+    `frozen`: a function of the parameters giving a bool tree (e.g. `frozen_params(n)`); those
+    parameters get no update and no optimizer state, and gradient clipping sees the others only."""
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
     parts.append(adamw)
     if head_lr_scale is not None and head_lr_scale != 1.0:
         parts.append(optax.masked(optax.scale(head_lr_scale), is_score_head))
-    return parts[0] if len(parts) == 1 else optax.chain(*parts)
+    train = parts[0] if len(parts) == 1 else optax.chain(*parts)
+    if frozen is None:
+        return train
+    labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "train", frozen(params))  # noqa: E731
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+def frozen_params(num_layers: int) -> Callable[[Any], Any]:
+    """The parameters below the trained part of a model with `frozen_layers=num_layers`: the token
+    and position embeddings (and so a tied LM head) and decoder layers `0 .. num_layers - 1`, found by
+    path (`embed_tokens`, `embed_positions`, `layers/<i>`) wherever the model sits in the tree."""
+
+    def is_frozen(path: Any) -> bool:
+        keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+        if num_layers <= 0:
+            return False
+        if any(k in ("embed_tokens", "embed_positions") for k in keys):
+            return True
+        return any(k == "layers" and int(nxt) < num_layers for k, nxt in zip(keys, keys[1:], strict=False))
+
+    return lambda params: jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(path), params)
 
 
 def is_score_head(params: Any) -> Any:

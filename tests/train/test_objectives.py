@@ -148,3 +148,42 @@ def test_head_learning_rate_scales_only_the_score_head(tmp_path):
     assert np.abs(head(moved[1.0])).max() > 0
     body = lambda d: np.asarray(d["norm"]["scale"].get_value())  # noqa: E731
     np.testing.assert_array_equal(body(moved[10.0]), body(moved[1.0]))
+
+
+def test_frozen_layers_train_only_the_top(tmp_path):
+    """With `frozen_layers=1` (of 2) the embeddings and layer 0 never move and hold no Adam moments;
+    every other parameter takes exactly the update of an unfrozen run (no clipping, so Adam is
+    per-coordinate): stopping the backward pass below changes no gradient above it."""
+    from jaxrlhf.train.step import frozen_params
+
+    make_hf_model("llama").save_pretrained(str(tmp_path))
+    mesh = make_mesh(devices=jax.devices()[:1])
+    batch = {k: v[None] for k, v in _batch(random_pairs(8, seed=6)).items()}
+    runs = {}
+    for n in (0, 1):
+        model = from_pretrained(str(tmp_path), head="score", init_score_head=True, mesh=mesh, frozen_layers=n)
+        schedule = make_schedule(1e-3, 10, kind="constant")
+        opt = make_optimizer(schedule, max_grad_norm=None, frozen=frozen_params(n) if n else None)
+        graphdef, state = create_state(model, opt, mesh)
+        before = jax.tree.map(np.asarray, state.params)
+        step = make_train_step(graphdef, RewardObjective(), opt, schedule, state_shardings(state), mesh)
+        state, metrics = step(state, batch)
+        delta = jax.tree.map(lambda a, b: np.asarray(b) - a, before, state.params)
+        runs[n] = (delta, state.opt_state, float(metrics["loss"]))
+    assert runs[0][2] == pytest.approx(runs[1][2], rel=1e-6)  # the same forward
+    flat0 = dict(jax.tree_util.tree_leaves_with_path(runs[0][0]))
+    frozen = frozen_params(1)(runs[1][0])
+    for (path, d1), is_frozen in zip(jax.tree_util.tree_leaves_with_path(runs[1][0]),
+                                     jax.tree.leaves(frozen), strict=True):  # fmt: skip
+        name = jax.tree_util.keystr(path)
+        if is_frozen:
+            assert not np.any(d1), name
+        else:
+            np.testing.assert_allclose(d1, flat0[path], rtol=1e-4, atol=1e-7, err_msg=name)
+    assert any(jax.tree.leaves(frozen)) and not all(jax.tree.leaves(frozen))
+    assert "embed_tokens" in str([p for p, f in zip(jax.tree_util.tree_leaves_with_path(frozen),
+                                                    jax.tree.leaves(frozen), strict=True) if f])  # fmt: skip
+    n_moments = lambda opt_state: sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim >= 1)  # noqa: E731
+    sizes = [x.size for x in jax.tree.leaves(runs[1][0])]
+    n_frozen = sum(n for n, f in zip(sizes, jax.tree.leaves(frozen), strict=True) if f)
+    assert n_moments(runs[0][1]) - n_moments(runs[1][1]) == 2 * n_frozen  # no mu / nu for frozen ones
