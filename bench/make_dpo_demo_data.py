@@ -41,7 +41,8 @@ import sys
 from collections.abc import Callable
 
 SEED = 20240611
-N_TRAIN = 40  # per family
+N_TRAIN = 40  # per family: the first training pairs (unchanged since the first data release)
+N_EXTRA = 40  # per family: more training pairs, drawn after everything else (the held-out set is unchanged)
 N_TEST = 8  # per family
 OUT_DIR = os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jaxrlhf", "assets", "dpo_demo")
@@ -515,6 +516,7 @@ def build() -> dict[str, list[tuple[str, Pair]]]:
         splits["train"] += [(family, p) for p in train]
         splits["test"] += [(family, p) for p in test]
 
+    makers: dict[str, tuple[Callable[[], Pair], set[str]]] = {}
     # Generated families: test drawn first, then train from the same distribution, prompts distinct.
     for i, (family, factory) in enumerate(
         [("arithmetic", arithmetic), ("word_problem", word_problem), ("unit_convert", unit_convert),
@@ -526,6 +528,7 @@ def build() -> dict[str, list[tuple[str, Pair]]]:
         test = _draw(make, N_TEST, seen)
         train = _draw(make, N_TRAIN, seen)
         add(family, train, test)
+        makers[family] = (make, seen)
 
     # Facts: held-out facts are facts absent from training.
     rng = random.Random(SEED + 10)
@@ -560,8 +563,51 @@ def build() -> dict[str, list[tuple[str, Pair]]]:
     rng = random.Random(SEED + 99)
     for rows in splits.values():
         rng.shuffle(rows)
+    extra = _extra_train(splits, makers, bank_train, qa_train, cat_train)
+    splits["train"] = splits["train"] + extra
+    random.Random(SEED + 98).shuffle(splits["train"])  # the held-out order above is untouched
     _validate(splits)
     return splits
+
+
+def _extra_train(
+    splits: dict[str, list[tuple[str, Pair]]],
+    makers: dict[str, tuple[Callable[[], Pair], set[str]]],
+    bank_train: list[Pair],
+    qa_train: list[tuple[str, str, str]],
+    cat_train: list[str],
+) -> list[tuple[str, Pair]]:
+    """`N_EXTRA` more training pairs per family, from training material only (training facts,
+    questions and categories) and with prompts new to both splits."""
+    taken = {p for rows in splits.values() for _, (p, *_) in rows}
+    out: list[tuple[str, Pair]] = []
+
+    def fresh(family: str, candidates: Callable[[], list[Pair]]) -> None:
+        got: list[Pair] = []
+        for _ in range(200):
+            for pair in candidates():
+                if pair[0] not in taken and len(got) < N_EXTRA:
+                    taken.add(pair[0])
+                    got.append(pair)
+            if len(got) == N_EXTRA:
+                out.extend((family, p) for p in got)
+                return
+        raise RuntimeError(f"{family}: could not draw {N_EXTRA} more distinct prompts")
+
+    for family, (make, _) in makers.items():  # the same generators, continued
+        fresh(family, lambda make=make: [make()])
+    # Facts: the training facts not used yet, then capitals of training countries asked another way.
+    rephrased = [
+        (p.replace("What is the capital of ", "Which city is the capital of "), c, r, a)
+        for p, c, r, a in bank_train
+        if p.startswith("What is the capital of ")
+    ]
+    fresh("fact", lambda: bank_train[N_TRAIN:] + rephrased)
+    rng = random.Random(SEED + 111)
+    fresh("letter_case", lambda: letter_case(rng.sample(qa_train, 8), rng))
+    fresh("one_word", lambda: one_word(rng.sample(qa_train, 8), rng))
+    fresh("list_count", lambda: [list_count(cat_train, rng)()])
+    return out
 
 
 def _validate(splits: dict[str, list[tuple[str, Pair]]]) -> None:
