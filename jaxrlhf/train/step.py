@@ -104,7 +104,8 @@ def frozen_params(num_layers: int) -> Callable[[Any], Any]:
             return False
         if any(k in ("embed_tokens", "embed_positions") for k in keys):
             return True
-        return any(k == "layers" and int(nxt) < num_layers for k, nxt in zip(keys, keys[1:], strict=False))
+        pairs = zip(keys, keys[1:], strict=False)
+        return any(k == "layers" and isinstance(i, int) and i < num_layers for k, i in pairs)
 
     return lambda params: jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(path), params)
 
