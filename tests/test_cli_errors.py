@@ -44,19 +44,10 @@ WORKERS = 2  # concurrent processes (a 2-core machine)
 
 def _good_checkpoint(path: Path) -> None:
     """A real tiny llama checkpoint with SmolLM2's tokenizer (what the trainers and chat accept)."""
-    import torch
-    import transformers as tf
+    sys.path.insert(0, str(REPO / "tests" / "models"))
+    from tiny_hf import save_tiny_smollm
 
-    from jaxrlhf.models import load_tokenizer
-    from jaxrlhf.models.demo import demo_model_path
-
-    cfg = tf.LlamaConfig(
-        vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    load_tokenizer(demo_model_path()).save_pretrained(path)
+    save_tiny_smollm(str(path), hidden=16, layers=1, heads=2, kv_heads=1)
 
 
 def _bad_checkpoints(root: Path, good: Path) -> dict[str, Path]:

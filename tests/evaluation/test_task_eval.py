@@ -10,8 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import transformers as tf
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+from tiny_hf import save_tiny_smollm  # noqa: E402
 
 from jaxrlhf.data import DataError
 from jaxrlhf.evaluation import (
@@ -46,14 +47,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny"))
-    cfg = tf.LlamaConfig(
-        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return from_pretrained(path)
+    return from_pretrained(save_tiny_smollm(str(tmp_path_factory.mktemp("tiny"))))
 
 
 def _write(path, rows):

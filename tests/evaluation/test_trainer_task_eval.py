@@ -8,30 +8,21 @@ import os
 import sys
 
 import pytest
-import torch
-import transformers as tf
 
 from jaxrlhf.evaluation import SCHEMA, evaluate_tasks, load_task_prompts
 from jaxrlhf.models import from_pretrained, load_tokenizer
-from jaxrlhf.models.demo import demo_model_path
 from jaxrlhf.train import load_config
 from jaxrlhf.train.trainer import train
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))  # ppo_rewards
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+from tiny_hf import save_tiny_smollm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny"))
-    cfg = tf.LlamaConfig(
-        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    load_tokenizer(demo_model_path()).save_pretrained(path)
-    return path
+    return save_tiny_smollm(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")

@@ -123,3 +123,22 @@ def run_with_cpu_devices(script: str, devices: int = 8, timeout: int = 600) -> s
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "OK" in proc.stdout
     return proc.stdout
+
+
+def save_tiny_smollm(
+    path: str, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2
+) -> str:
+    """A random llama with SmolLM2's vocabulary and tokenizer (chat template included) saved at `path`:
+    a checkpoint the trainers, `jaxrlhf eval` and `chat` take as they take the demo model."""
+    from jaxrlhf.models import load_tokenizer
+    from jaxrlhf.models.demo import demo_model_path
+
+    cfg = tf.LlamaConfig(
+        vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    load_tokenizer(demo_model_path()).save_pretrained(path)
+    return path

@@ -18,8 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf.train.checkpoint import Checkpointer, NonFiniteError
-from jaxrlhf.train.loop import run_loop
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+from tiny_hf import save_tiny_smollm  # noqa: E402
+
+from jaxrlhf.train.checkpoint import Checkpointer, NonFiniteError  # noqa: E402
+from jaxrlhf.train.loop import run_loop  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo")
 POISONED_STEP = 3
@@ -28,21 +31,7 @@ POISONED_STEP = 3
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A 1-layer random llama with SmolLM2's vocabulary and tokenizer."""
-    import torch
-    import transformers as tf
-
-    from jaxrlhf.models import load_tokenizer
-    from jaxrlhf.models.demo import demo_model_path
-
-    path = str(tmp_path_factory.mktemp("tiny"))
-    cfg = tf.LlamaConfig(
-        vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    load_tokenizer(demo_model_path()).save_pretrained(path)
-    return path
+    return save_tiny_smollm(str(tmp_path_factory.mktemp("tiny")), hidden=16, layers=1, heads=2, kv_heads=1)
 
 
 @pytest.fixture(scope="module")

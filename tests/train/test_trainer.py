@@ -12,13 +12,13 @@ import sys
 import time
 
 import pytest
-import torch
 import transformers as tf
 
-from jaxrlhf.models import load_tokenizer
-from jaxrlhf.models.demo import demo_model_path
-from jaxrlhf.train import load_config
-from jaxrlhf.train.trainer import train
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+from tiny_hf import save_tiny_smollm  # noqa: E402
+
+from jaxrlhf.train import load_config  # noqa: E402
+from jaxrlhf.train.trainer import train  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo")
 
@@ -26,16 +26,7 @@ ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets"
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A 2-layer random llama with SmolLM2's vocabulary and tokenizer (chat template included)."""
-    path = str(tmp_path_factory.mktemp("tiny"))
-    tok = load_tokenizer(demo_model_path())
-    cfg = tf.LlamaConfig(
-        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_smollm(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")
