@@ -15,6 +15,12 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
+# What the backward pass keeps from each decoder layer's forward (jax.checkpoint_policies names):
+# none = everything (no remat); full = only the layer's input; dots_saveable = matmul outputs;
+# dots_with_no_batch_dims_saveable = matmuls against weights (not attention's QK^T / PV);
+# offload_dots = those same matmul outputs, moved to pinned host memory between passes.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
+
 _ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -52,8 +58,15 @@ class ModelConfig:
     # Numerics and memory; not part of the checkpoint.
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: str = "none"  # per-layer rematerialisation policy: one of REMAT_POLICIES
+    scan_layers: bool = False  # parameters stacked [L, ...] and applied with one lax.scan
     frozen_layers: int = 0  # the embeddings and layers 0..N-1 get no gradient (backward stops above them)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.remat, bool):  # the old switch: True = full, False = none
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -172,6 +172,18 @@ class MLP(nnx.Module):
         return self.down_proj(act(self.up_proj(x_BxTxD)))
 
 
+def remat_policy(name: str) -> Any:
+    """The `jax.checkpoint` policy of `ModelConfig.remat` (None: save nothing but the layer input)."""
+    cp = jax.checkpoint_policies
+    if name == "dots_saveable":
+        return cp.dots_saveable
+    if name == "dots_with_no_batch_dims_saveable":
+        return cp.dots_with_no_batch_dims_saveable
+    if name == "offload_dots":
+        return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+    return None  # "full" (and "none", where no checkpoint is applied at all)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.input_layernorm = Norm(cfg.hidden_size, kind=cfg.norm_type, eps=cfg.norm_eps, cfg=cfg)
@@ -189,6 +201,17 @@ class DecoderLayer(nnx.Module):
         attn, cache = self.self_attn.cached(self.input_layernorm(x), mask, cos, sin, cache, index)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """`num_layers` decoder layers as one module with parameters stacked on a leading `[L]` axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(layer_rngs: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(cfg, rngs=layer_rngs)
+
+    return make(rngs)
 
 
 def make_attention_mask(
@@ -248,7 +271,10 @@ class CausalLM(nnx.Module):
             )
         else:
             self.embed_positions = None
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:  # one module whose parameters are stacked [L, ...]
+            self.layers = _stacked_layers(cfg, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = Norm(cfg.hidden_size, kind=cfg.norm_type, eps=cfg.norm_eps, cfg=cfg)
         untied = head == "lm" and not cfg.tie_word_embeddings
         self.lm_head = (
@@ -283,7 +309,12 @@ class CausalLM(nnx.Module):
         window_mask = None
         if cfg.sliding_window is not None:
             window_mask = make_attention_mask(attention_mask, positions, window=cfg.sliding_window)
-        layer_fn = nnx.remat(DecoderLayer.__call__) if cfg.remat else DecoderLayer.__call__
+        if cfg.scan_layers:
+            return self.norm(self._scanned(x, full_mask, window_mask, cos, sin))
+        policy = remat_policy(cfg.remat)
+        layer_fn = DecoderLayer.__call__
+        if cfg.remat != "none":
+            layer_fn = nnx.remat(layer_fn, policy=policy)
         for i, layer in enumerate(self.layers):
             mask = window_mask if cfg.layer_uses_window(i) else full_mask
             x = layer_fn(layer, x, mask, cos, sin)
@@ -291,11 +322,56 @@ class CausalLM(nnx.Module):
                 x = jax.lax.stop_gradient(x)
         return self.norm(x)
 
-    def init_cache(self, batch: int, length: int, dtype: Any = None) -> list[tuple[Array, Array]]:
-        """Empty key/value cache: per layer two `[B, S, K, H]` arrays (compute dtype by default)."""
+    def _window_flags(self) -> Array | None:
+        """Per layer `[L]`: does the sliding window apply? None when every layer is alike."""
+        cfg = self.config
+        if cfg.sliding_window is None or cfg.sliding_layers is None or all(cfg.sliding_layers):
+            return None
+        return jnp.asarray(cfg.sliding_layers, dtype=bool)
+
+    def _layer_mask(self, flag: Array | None, full_mask: Array, window_mask: Array | None) -> Array:
+        if window_mask is None:
+            return full_mask
+        return window_mask if flag is None else jnp.where(flag, window_mask, full_mask)
+
+    def _scanned(
+        self, x: Array, full_mask: Array, window_mask: Array | None, cos: Any, sin: Any
+    ) -> Array:
+        """All decoder layers as one `lax.scan` over the stacked parameters: traced and compiled once
+        whatever the depth; the remat policy applies inside the scanned body (per layer)."""
+        cfg = self.config
+        graphdef, stacked = nnx.split(self.layers)
+        flags = self._window_flags()
+
+        def body(x: Array, xs: Any) -> tuple[Array, None]:
+            layer_state, flag = xs
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(x, self._layer_mask(flag, full_mask, window_mask), cos, sin), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=False)
+
+        def run(x: Array, start: int, stop: int) -> Array:
+            whole = (start, stop) == (0, cfg.num_layers)
+            part = stacked if whole else jax.tree.map(lambda a: a[start:stop], stacked)
+            part_flags = None if flags is None else flags[start:stop]
+            return jax.lax.scan(body, x, (part, part_flags))[0]
+
+        n = cfg.frozen_layers
+        if n == 0:
+            return run(x, 0, cfg.num_layers)
+        x = jax.lax.stop_gradient(run(x, 0, n))  # frozen below: their backward pass is never computed
+        return run(x, n, cfg.num_layers) if n < cfg.num_layers else x
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> Any:
+        """Empty key/value cache (compute dtype by default): per layer two `[B, S, K, H]` arrays, or
+        with scanned layers two stacked `[L, B, S, K, H]` arrays."""
         cfg = self.config
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
         dtype = dtype or cfg.dtype
+        if cfg.scan_layers:
+            stacked = (cfg.num_layers, *shape)
+            return (jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
     def cached_hidden_states(
@@ -323,6 +399,18 @@ class CausalLM(nnx.Module):
         if cfg.sliding_window is not None:
             distance = positions_BxT[:, :, None] - key_positions_BxS[:, None, :]
             window = full & (distance < cfg.sliding_window)
+        if cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+            flags = self._window_flags()
+
+            def body(x: Array, xs: Any) -> tuple[Array, tuple[Array, Array]]:
+                layer_state, k_BxSxKxH, v_BxSxKxH, flag = xs
+                layer = nnx.merge(graphdef, layer_state)
+                mask = self._layer_mask(flag, full, window)
+                return layer.cached(x, mask, cos, sin, (k_BxSxKxH, v_BxSxKxH), index)
+
+            x, new_stacked = jax.lax.scan(body, x, (stacked, cache[0], cache[1], flags))
+            return self.norm(x), new_stacked
         new_cache = []
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
             mask = window if cfg.layer_uses_window(i) else full

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.parallel.partition import host_array
+from jaxrlhf.parallel.partition import host_array, is_stacked
 
 Path = tuple[Any, ...]
 
@@ -176,29 +176,47 @@ def load_params(
     reader = SafetensorsReader(directory)
     prefix = base_prefix(cfg)
     out: dict[Path, jax.Array] = {}
+
+    def locate(path: Path, shape: tuple[int, ...]) -> tuple[TensorMap, str] | None:
+        tmap = tensor_map(cfg, path, shape)
+        key = reader.resolve(tmap.name, prefix, tmap.top_level)
+        if key is None:
+            if missing_ok(path):
+                return None
+            shown = tmap.name if tmap.top_level else prefix + tmap.name
+            raise CheckpointError(f"{directory}: tensor {shown!r} is missing from the checkpoint")
+        found = reader.shape(key)
+        if found != tmap.hf_shape:
+            raise CheckpointError(
+                f"{reader.files[key]}: tensor {key!r} has shape {list(found)}, "
+                f"expected {list(tmap.hf_shape)} for {cfg.model_type} with this config"
+            )
+        return tmap, key
+
+    def read(tmap: TensorMap, key: str, index: tuple[slice, ...], dtype: Any) -> np.ndarray:
+        part = reader.read(key, tmap.hf_index(index))
+        return np.ascontiguousarray((part.T if tmap.transpose else part).astype(dtype))
+
     try:
         for path, abstract in flat_abstract:
             shape, dtype = tuple(abstract.shape), abstract.dtype
-            tmap = tensor_map(cfg, path, shape)
-            key = reader.resolve(tmap.name, prefix, tmap.top_level)
-            if key is None:
-                if missing_ok(path):
+            if is_stacked(path):  # [L, ...]: layer i is HF's per-layer tensor `layers.i.*`
+                per_layer = [locate(_layer_path(path, i), shape[1:]) for i in range(shape[0])]
+                if any(p is None for p in per_layer):
                     continue
-                shown = tmap.name if tmap.top_level else prefix + tmap.name
-                raise CheckpointError(f"{directory}: tensor {shown!r} is missing from the checkpoint")
-            found = reader.shape(key)
-            if found != tmap.hf_shape:
-                raise CheckpointError(
-                    f"{reader.files[key]}: tensor {key!r} has shape {list(found)}, "
-                    f"expected {list(tmap.hf_shape)} for {cfg.model_type} with this config"
-                )
 
-            def read_slice(
-                index: tuple[slice, ...], tmap: TensorMap = tmap, key: str = key, dtype: Any = dtype
-            ) -> Any:
-                part = reader.read(key, tmap.hf_index(index))
-                part = part.T if tmap.transpose else part
-                return np.ascontiguousarray(part.astype(dtype))
+                def read_slice(
+                    index: tuple[slice, ...], per_layer: Any = per_layer, dtype: Any = dtype
+                ) -> Any:
+                    layers = range(*index[0].indices(len(per_layer)))
+                    return np.stack([read(*per_layer[i], index[1:], dtype) for i in layers])
+            else:
+                found = locate(path, shape)
+                if found is None:
+                    continue
+
+                def read_slice(index: tuple[slice, ...], found: Any = found, dtype: Any = dtype) -> Any:
+                    return read(*found, index, dtype)
 
             sharding = sharding_for(path, shape)
             if sharding is None:
@@ -224,13 +242,48 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
+def _layer_path(stacked_path: Path, layer: int) -> Path:
+    """`layers/self_attn/...` (stacked) -> `layers/<layer>/self_attn/...` (one layer's path)."""
+    i = [str(p) for p in stacked_path].index("layers")
+    return (*stacked_path[: i + 1], layer, *stacked_path[i + 1 :])
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSlice:
+    """Layer `index` of a stacked `[L, ...]` parameter, gathered only when it is written."""
+
+    stacked: jax.Array
+    index: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stacked.shape[1:])
+
+    @property
+    def dtype(self) -> Any:
+        return self.stacked.dtype
+
+
+def _host(value: jax.Array | LayerSlice) -> np.ndarray:
+    if isinstance(value, LayerSlice):
+        return host_array(value.stacked[value.index])
+    return host_array(value)
+
+
 def _hf_tensors(
     flat_params: list[tuple[Path, jax.Array]], cfg: ModelConfig
-) -> dict[str, list[tuple[TensorMap, jax.Array]]]:
-    """Group our parameters by the HF tensor they form (GPT-2's q, k, v form one c_attn)."""
+) -> dict[str, list[tuple[TensorMap, Any]]]:
+    """Group our parameters by the HF tensor they form (GPT-2's q, k, v form one c_attn); a stacked
+    parameter of a scanned model becomes one entry per layer."""
     prefix = base_prefix(cfg)
-    groups: dict[str, list[tuple[TensorMap, jax.Array]]] = {}
+    groups: dict[str, list[tuple[TensorMap, Any]]] = {}
+    entries: list[tuple[Path, Any]] = []
     for path, value in flat_params:
+        if is_stacked(path):
+            entries += [(_layer_path(path, i), LayerSlice(value, i)) for i in range(value.shape[0])]
+        else:
+            entries.append((path, value))
+    for path, value in entries:
         tmap = tensor_map(cfg, path, tuple(value.shape))
         key = tmap.name if tmap.top_level else prefix + tmap.name
         groups.setdefault(key, []).append((tmap, value))
@@ -244,11 +297,11 @@ def _assemble(parts: list[tuple[TensorMap, jax.Array]]) -> np.ndarray:
         and not first.offset
         and first.hf_shape == (tuple(reversed(first.shape)) if first.transpose else first.shape)
     ):
-        host = host_array(parts[0][1])
+        host = _host(parts[0][1])
         return np.ascontiguousarray(host.T if first.transpose else host)
     full = np.empty(first.hf_shape, dtype=parts[0][1].dtype)
     for tmap, value in parts:
-        host = host_array(value)
+        host = _host(value)
         full[tmap.hf_index(tuple(slice(None) for _ in tmap.shape))] = host.T if tmap.transpose else host
     return full
 

@@ -102,7 +102,8 @@ def from_pretrained(
     param_dtype: Any = jnp.float32,
     mesh: Mesh | None = None,
     rules: Sequence[Rule] = DEFAULT_RULES,
-    remat: bool = False,
+    remat: bool | str = "none",
+    scan_layers: bool = False,
     frozen_layers: int = 0,
     init_score_head: bool = False,
     seed: int = 0,
@@ -117,7 +118,11 @@ def from_pretrained(
       dtype: compute dtype (`jnp.float32` or `jnp.bfloat16`); param_dtype: storage dtype of parameters.
       mesh: place each parameter directly at its `NamedSharding` under `rules`, reading only each
         shard's slice from disk.
-      remat: rematerialise each decoder layer in the backward pass.
+      remat: what the backward pass keeps of each decoder layer: a `REMAT_POLICIES` name ("none",
+        "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots"); True/False
+        mean "full"/"none".
+      scan_layers: stack the layers' parameters `[L, ...]` (each HF per-layer tensor read straight
+        into its slice) and run them with one `lax.scan`: compile time no longer grows with depth.
       frozen_layers: stop the backward pass above the first N decoder layers (with
         `jaxrlhf.train.step.make_optimizer(frozen=frozen_params(N))` they are not trained).
       init_score_head: with `head="score"` and a checkpoint without `score.weight` (a causal LM), draw
@@ -126,7 +131,7 @@ def from_pretrained(
     directory = resolve_checkpoint(path_or_hub_id)
     hf = read_hf_config(directory)
     cfg = model_config(directory, dtype=_as_dtype(dtype), param_dtype=_as_dtype(param_dtype), remat=remat,
-                       frozen_layers=frozen_layers)  # fmt: skip
+                       scan_layers=scan_layers, frozen_layers=frozen_layers)  # fmt: skip
     if not 0 <= frozen_layers <= cfg.num_layers:
         raise ValueError(f"frozen_layers must be in [0, {cfg.num_layers}], got {frozen_layers}")
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, head=head, rngs=nnx.Rngs(seed)))

@@ -4,10 +4,20 @@ from jaxrlhf.parallel.partition import (
     AXES,
     DEFAULT_RULES,
     host_array,
+    is_stacked,
     make_mesh,
     param_sharding,
     partition_spec,
     path_str,
 )
 
-__all__ = ["AXES", "DEFAULT_RULES", "host_array", "make_mesh", "param_sharding", "partition_spec", "path_str"]
+__all__ = [
+    "AXES",
+    "DEFAULT_RULES",
+    "host_array",
+    "is_stacked",
+    "make_mesh",
+    "param_sharding",
+    "partition_spec",
+    "path_str",
+]

@@ -61,11 +61,26 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(str(p) for p in path)
 
 
+def is_stacked(path: Sequence[Any]) -> bool:
+    """A scanned model's stacked layer parameter (`layers/self_attn/...`, leading `[L]` axis), as
+    opposed to one layer's (`layers/3/self_attn/...`)."""
+    parts = [str(p) for p in path]
+    return any(p == "layers" and not q.isdigit() for p, q in zip(parts, parts[1:], strict=False))
+
+
 def partition_spec(
     path: Sequence[Any], shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
 ) -> PartitionSpec:
-    """The PartitionSpec of one parameter under `rules`, reduced to what `mesh` and `shape` allow."""
-    name = path_str(path)
+    """The PartitionSpec of one parameter under `rules`, reduced to what `mesh` and `shape` allow.
+
+    The rules describe one layer; a stacked `[L, ...]` parameter keeps its layer axis whole (each
+    device holds its shard of every layer, which is what a scan over layers reads)."""
+    if is_stacked(path):
+        return PartitionSpec(None, *_rule_spec(path_str(path), shape[1:], mesh, rules))
+    return _rule_spec(path_str(path), shape, mesh, rules)
+
+
+def _rule_spec(name: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule]) -> PartitionSpec:
     spec = next((spec for pattern, spec in rules if re.search(pattern, name)), ())
     axes: list[Any] = []
     for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):

@@ -124,6 +124,14 @@ def _positive(v: Any) -> str | None:
     return None if v is None or v > 0 else "must be > 0"
 
 
+def _remat_check(v: Any) -> str | None:
+    from jaxrlhf.models.config import REMAT_POLICIES
+
+    if isinstance(v, bool) or v in REMAT_POLICIES:
+        return None
+    return f"must be true, false or one of {', '.join(REMAT_POLICIES)}"
+
+
 def _non_negative(v: Any) -> str | None:
     return None if v is None or v >= 0 else "must be >= 0"
 
@@ -168,7 +176,26 @@ class ModelConfig(_Section):
     tokenizer: str | None = _field(None, help="Tokenizer directory or hub id (None: same as `path`).")
     dtype: str = _field("float32", choices=DTYPES, help="Computation dtype of activations.")
     param_dtype: str = _field("float32", choices=DTYPES, help="Storage dtype of the parameters.")
-    remat: bool = _field(False, help="Rematerialise (gradient-checkpoint) each decoder layer.")
+    remat: bool | str = _field(
+        "none",
+        check=_remat_check,
+        help="What the backward pass keeps of each decoder layer (jax.checkpoint policies): "
+        '"none" (everything: fastest, most memory), "full" (the layer input only: recompute the '
+        'layer), "dots_saveable" (matmul outputs), "dots_with_no_batch_dims_saveable" (matmuls '
+        'with weights, not attention scores), "offload_dots" (those, in pinned host memory). '
+        "true/false mean full/none. See docs/scaling.md.",
+    )
+    scan_layers: bool = _field(
+        False,
+        help="Stack the decoder layers' parameters [L, ...] and run them with one lax.scan: tracing "
+        "and compiling no longer grow with depth (checkpoints stay per-layer Hugging Face tensors).",
+    )
+    frozen_dtype: str | None = _field(
+        None,
+        choices=DTYPES,
+        help="Storage dtype of the frozen models (DPO's same-step reference; PPO's reference and "
+        "reward model): bfloat16 halves their memory. None: `param_dtype`.",
+    )
     frozen_layers: int = _field(
         0,
         check=_non_negative,

@@ -108,7 +108,7 @@ def last_token_scores(reward_model: CausalLM, ids: Array, mask: Array, positions
 
 class PPOEngine:
     """Compiled PPO on a mesh. Models are given as loaded `CausalLM`s; the reference is a frozen copy
-    of the initial policy."""
+    of the initial policy (stored in `frozen_dtype` when given)."""
 
     def __init__(
         self,
@@ -122,13 +122,18 @@ class PPOEngine:
         eos_token_ids: list[int],
         pad_token_id: int,
         seed: int = 0,
+        frozen_dtype: Any = None,
     ):
         self.cfg, self.optimizer, self.mesh = cfg, optimizer, mesh
         self.eos = np.asarray(eos_token_ids, np.int32)
         self.pad_id = int(pad_token_id)
         self.policy_def, policy_params = nnx.split(policy, nnx.Param)
         self.critic_def, critic_params = nnx.split(critic, nnx.Param)
-        self.ref_params = jax.tree.map(jnp.copy, policy_params)
+        # The reference may be stored narrower (e.g. bfloat16): it only feeds forward passes, which
+        # compute in the model's compute dtype anyway.
+        self.ref_params = jax.tree.map(
+            lambda p: p.astype(frozen_dtype) if frozen_dtype is not None else jnp.copy(p), policy_params
+        )
         self.rm_def, self.rm_params = (
             nnx.split(reward_model, nnx.Param) if reward_model is not None else (None, None)
         )

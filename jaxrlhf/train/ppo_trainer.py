@@ -175,12 +175,14 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         mesh=mesh,
         rules=rules,
         remat=cfg.model.remat,
+        scan_layers=cfg.model.scan_layers,
         frozen_layers=cfg.model.frozen_layers,
     )
     policy = from_pretrained(policy_dir, **kw)
     reward_model = None
     if reward_dir is not None:
-        reward_model = from_pretrained(reward_dir, head="score", **kw)
+        frozen = {"param_dtype": cfg.model.frozen_dtype} if cfg.model.frozen_dtype else {}
+        reward_model = from_pretrained(reward_dir, head="score", **{**kw, **frozen})
     if p.critic_init == "reward_model" and reward_dir is not None:
         critic = from_pretrained(reward_dir, head="score", **kw)
     else:
@@ -197,7 +199,11 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     optimizer = make_optimizer(
         schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
         head_lr_scale=o.head_lr_scale,
-        frozen=frozen_params(cfg.model.frozen_layers) if cfg.model.frozen_layers else None,
+        frozen=(
+            frozen_params(cfg.model.frozen_layers, scan_layers=cfg.model.scan_layers)
+            if cfg.model.frozen_layers
+            else None
+        ),
     )
     eos_ids = sorted({int(tokenizer.eos_token_id)})
     engine = PPOEngine(
@@ -210,6 +216,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         eos_token_ids=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
         seed=t.seed,
+        frozen_dtype=cfg.model.frozen_dtype,
     )
     del policy, critic, reward_model
     collate = _collate_prompts(tokenizer.pad_token_id, cfg.data.buckets)

@@ -18,6 +18,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.models.decoder import CausalLM
+from jaxrlhf.parallel.partition import is_stacked
 from jaxrlhf.train.objectives import Objective
 
 BATCH_AXES = ("data", "fsdp")
@@ -86,6 +87,9 @@ def make_optimizer(
     parts.append(adamw)
     if head_lr_scale is not None and head_lr_scale != 1.0:
         parts.append(optax.masked(optax.scale(head_lr_scale), is_score_head))
+    n_stacked = getattr(frozen, "stacked_layers", 0)
+    if n_stacked:  # scanned layers: the frozen layers are the first slices of each stacked array
+        parts.append(zero_leading_layers(n_stacked))
     train = parts[0] if len(parts) == 1 else optax.chain(*parts)
     if frozen is None:
         return train
@@ -93,13 +97,38 @@ def make_optimizer(
     return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
 
 
-def frozen_params(num_layers: int) -> Callable[[Any], Any]:
+def zero_leading_layers(num_layers: int) -> optax.GradientTransformation:
+    """Zero the updates of layers `0 .. num_layers - 1` in stacked `[L, ...]` parameters (a scanned
+    model's `layers/...`); other parameters pass through. Their gradients are already exactly zero
+    (the forward stops the gradient above them), so this also cancels weight decay."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        def zero(path: Any, u: jax.Array) -> jax.Array:
+            if not is_stacked(_keys(path)):
+                return u
+            keep = (jnp.arange(u.shape[0]) >= num_layers).reshape((-1,) + (1,) * (u.ndim - 1))
+            return jnp.where(keep, u, jnp.zeros_like(u))
+
+        return jax.tree_util.tree_map_with_path(zero, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _keys(path: Any) -> list[Any]:
+    return [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+
+
+def frozen_params(num_layers: int, *, scan_layers: bool = False) -> Callable[[Any], Any]:
     """The parameters below the trained part of a model with `frozen_layers=num_layers`: the token
     and position embeddings (and so a tied LM head) and decoder layers `0 .. num_layers - 1`, found by
-    path (`embed_tokens`, `embed_positions`, `layers/<i>`) wherever the model sits in the tree."""
+    path (`embed_tokens`, `embed_positions`, `layers/<i>`) wherever the model sits in the tree.
+
+    With `scan_layers` the layers are slices of stacked arrays, which stay "trained" in this tree;
+    `make_optimizer` then zeroes their first `num_layers` slices (`zero_leading_layers`), and their
+    Adam moments exist but stay zero."""
 
     def is_frozen(path: Any) -> bool:
-        keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+        keys = _keys(path)
         if num_layers <= 0:
             return False
         if any(k in ("embed_tokens", "embed_positions") for k in keys):
@@ -107,14 +136,16 @@ def frozen_params(num_layers: int) -> Callable[[Any], Any]:
         pairs = zip(keys, keys[1:], strict=False)
         return any(k == "layers" and isinstance(i, int) and i < num_layers for k, i in pairs)
 
-    return lambda params: jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(path), params)
+    def frozen(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(path), params)
+
+    frozen.stacked_layers = num_layers if scan_layers else 0  # type: ignore[attr-defined]
+    return frozen
 
 
 def is_score_head(params: Any) -> Any:
     """A bool tree over `params`: True on the parameters of a score head (path component `score`)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(getattr(k, "key", getattr(k, "name", None)) == "score" for k in path), params
-    )
+    return jax.tree_util.tree_map_with_path(lambda path, _: "score" in _keys(path), params)
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
@@ -139,16 +170,23 @@ def create_state(
     *,
     seed: int = 0,
     with_reference: bool = False,
+    reference_dtype: Any = None,
 ) -> tuple[nnx.GraphDef, TrainState]:
     """Split `model` into its graph definition and a `TrainState` placed on `mesh`.
 
     Parameters keep the shardings they were loaded with (`from_pretrained(..., mesh=mesh)`); the
     optimizer state is created under `jit`, which gives its moments the parameters' shardings.
+    `with_reference` adds a frozen copy of the parameters (DPO's same-step reference), stored in
+    `reference_dtype` when given.
     """
     graphdef, params = nnx.split(model, nnx.Param)
     params = _on_mesh(params, mesh)
     opt_state = _on_mesh(jax.jit(optimizer.init)(params), mesh)
-    ref = jax.tree.map(jnp.copy, params) if with_reference else None
+    ref = None
+    if with_reference:  # a frozen copy, optionally narrower (it only runs forward passes)
+        ref = jax.tree.map(
+            lambda p: p.astype(reference_dtype) if reference_dtype is not None else jnp.copy(p), params
+        )
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), _replicated(mesh)),
         params=params,
@@ -227,8 +265,8 @@ def make_train_step(
 
     jitted: dict[Any, Any] = {}
 
-    def run(state: TrainState, batch: dict[str, jax.Array]):
-        key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    def compiled_for(batch: dict[str, Any]) -> Any:
+        key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
         if key not in jitted:  # one compilation per bucketed batch shape
             jitted[key] = jax.jit(
                 step,
@@ -236,9 +274,15 @@ def make_train_step(
                 out_shardings=(shardings, _replicated(mesh)),
                 donate_argnums=(0,),
             )
-        return jitted[key](state, batch)
+        return jitted[key]
+
+    def run(state: TrainState, batch: dict[str, jax.Array]):
+        return compiled_for(batch)(state, batch)
 
     run.num_compilations = lambda: len(jitted)  # type: ignore[attr-defined]
+    # `run.lower(state, batch)` takes arrays or `jax.ShapeDtypeStruct`s (no allocation): what
+    # bench/memory_plan.py compiles to read XLA's per-device memory analysis.
+    run.lower = lambda state, batch: compiled_for(batch).lower(state, batch)  # type: ignore[attr-defined]
     return run
 
 

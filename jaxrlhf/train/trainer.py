@@ -394,7 +394,7 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     model = from_pretrained(
         model_dir, head="score" if cfg.kind == "reward" else "lm", dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype, mesh=mesh, rules=rules, remat=cfg.model.remat,
-        frozen_layers=cfg.model.frozen_layers,
+        scan_layers=cfg.model.scan_layers, frozen_layers=cfg.model.frozen_layers,
         init_score_head=cfg.kind == "reward", seed=t.seed,
     )  # fmt: skip
     objective = _objective(cfg)
@@ -417,10 +417,17 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     optimizer = make_optimizer(
         schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
         head_lr_scale=o.head_lr_scale,
-        frozen=frozen_params(cfg.model.frozen_layers) if cfg.model.frozen_layers else None,
+        frozen=(
+            frozen_params(cfg.model.frozen_layers, scan_layers=cfg.model.scan_layers)
+            if cfg.model.frozen_layers
+            else None
+        ),
     )
     same_step_ref = needs_ref and cfg.dpo.reference == "same_step"
-    graphdef, state = create_state(model, optimizer, mesh, seed=t.seed, with_reference=same_step_ref)
+    graphdef, state = create_state(
+        model, optimizer, mesh, seed=t.seed, with_reference=same_step_ref,
+        reference_dtype=cfg.model.frozen_dtype,
+    )  # fmt: skip
     del model
 
     train_ref = eval_ref = None

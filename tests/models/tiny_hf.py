@@ -17,6 +17,8 @@ import transformers as tf
 VOCAB = 96
 
 MODEL_TYPES = ("llama", "llama3_rope", "smollm2", "mistral", "qwen2", "qwen3", "gpt2")
+# Families whose layers differ: qwen2 with the sliding window on the middle layer of three only.
+MIXED_TYPES = ("qwen2_mixed",)
 
 
 def tiny_config(kind: str) -> tf.PretrainedConfig:
@@ -53,6 +55,12 @@ def tiny_config(kind: str) -> tf.PretrainedConfig:
         return tf.MistralConfig(**common, sliding_window=5, tie_word_embeddings=False)
     if kind == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=False)
+    if kind == "qwen2_mixed":
+        layer_types = ["full_attention", "sliding_attention", "full_attention"]
+        return tf.Qwen2Config(
+            **{**common, "num_hidden_layers": 3}, sliding_window=5, use_sliding_window=True,
+            layer_types=layer_types, tie_word_embeddings=False,
+        )  # fmt: skip
     if kind == "qwen3":
         return tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False)
     if kind == "gpt2":
