@@ -161,7 +161,7 @@ def spawn(kind: str, scan: bool, remat: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--remat", nargs="+", default=["none"])
+    p.add_argument("--remat", nargs="*", default=["none"], help="policies to time (none given: no step)")
     p.add_argument("--generate", action="store_true", help="also time greedy generation")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)

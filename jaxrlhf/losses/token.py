@@ -183,8 +183,10 @@ def token_logprobs_from_hidden(
 
     .. math:: \log p(y_n) = h_n W_{:,y_n} / \tau - \operatorname{logsumexp}_v(h_n W_{:,v} / \tau)
 
-    The ``N = prod(hidden.shape[:-1])`` positions are flattened, padded up to a multiple of
-    ``chunk_size`` and processed one chunk at a time with ``jax.lax.map``. Each chunk's body is
+    The ``N = prod(hidden.shape[:-1])`` positions are processed about ``chunk_size`` at a time with
+    ``jax.lax.map``: for ``[B, T, D]`` input a chunk is every row's next ``chunk_size // B``
+    positions (the batch axis stays whole, so a batch sharded over devices stays sharded); a 1-D
+    lead shape is flattened and padded up to a multiple of ``chunk_size``. Each chunk's body is
     wrapped in ``jax.checkpoint``, so the backward pass recomputes that chunk's logits instead of
     saving them: peak memory is O(chunk_size * V) instead of O(N * V) (the "chunked / fused
     cross-entropy" trick, e.g. Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language
@@ -225,23 +227,35 @@ def token_logprobs_from_hidden(
     N = math.prod(lead_shape)
     if N == 0:
         return jnp.zeros(lead_shape, jnp.float32)
+    labels = jnp.asarray(labels_BxT).astype(jnp.int32)
+
+    @jax.checkpoint  # backward recomputes this chunk's logits instead of storing them
+    def chunk_logps(hidden_xD: Array, labels_x: Array) -> Array:
+        # bf16 operands stay bf16 for the matmul but accumulate and return float32.
+        logits_xV = jnp.dot(hidden_xD, lm_head_DxV, preferred_element_type=jnp.float32)
+        return token_logprobs(logits_xV, labels_x, temperature=temperature)
+
+    if len(lead_shape) >= 2:
+        # Chunks run along T and keep the whole batch axis, so a batch split over devices stays
+        # split: each device computes its own rows' chunks (chunk_size positions in all).
+        B, T = lead_shape[0], N // lead_shape[0]
+        K = max(1, min(chunk_size // max(B, 1), T))
+        C = -(-T // K)
+        pad = C * K - T
+        # Padding positions are zeros / label 0: finite, sliced off before anything depends on
+        # them, so they contribute exactly zero gradient.
+        hidden_BxTxD = jnp.pad(hidden_BxTxD.reshape(B, T, D), ((0, 0), (0, pad), (0, 0)))
+        labels_BxT = jnp.pad(labels.reshape(B, T), ((0, 0), (0, pad)))
+        hidden_CxBxKxD = hidden_BxTxD.reshape(B, C, K, D).transpose(1, 0, 2, 3)
+        labels_CxBxK = labels_BxT.reshape(B, C, K).transpose(1, 0, 2)
+        logps_CxBxK = jax.lax.map(lambda args: chunk_logps(*args), (hidden_CxBxKxD, labels_CxBxK))
+        return logps_CxBxK.transpose(1, 0, 2).reshape(B, C * K)[:, :T].reshape(lead_shape)
+
     K = min(chunk_size, N)  # no point padding a short input up to a big chunk
     C = -(-N // K)  # number of chunks
     pad = C * K - N
-
-    hidden_NxD = hidden_BxTxD.reshape(N, D)
-    labels_N = jnp.asarray(labels_BxT).reshape(N).astype(jnp.int32)
-    # Padding rows are zeros / label 0: finite, and sliced off before anything depends on them,
-    # so they contribute exactly zero gradient.
-    hidden_CxKxD = jnp.pad(hidden_NxD, ((0, pad), (0, 0))).reshape(C, K, D)
-    labels_CxK = jnp.pad(labels_N, (0, pad)).reshape(C, K)
-
-    @jax.checkpoint  # backward recomputes this chunk's [K, V] logits instead of storing them
-    def chunk_logps(hidden_KxD: Array, labels_K: Array) -> Array:
-        # bf16 operands stay bf16 for the matmul but accumulate and return float32.
-        logits_KxV = jnp.dot(hidden_KxD, lm_head_DxV, preferred_element_type=jnp.float32)
-        return token_logprobs(logits_KxV, labels_K, temperature=temperature)
-
+    hidden_CxKxD = jnp.pad(hidden_BxTxD.reshape(N, D), ((0, pad), (0, 0))).reshape(C, K, D)
+    labels_CxK = jnp.pad(labels.reshape(N), (0, pad)).reshape(C, K)
     logps_CxK = jax.lax.map(lambda args: chunk_logps(*args), (hidden_CxKxD, labels_CxK))
     return logps_CxK.reshape(C * K)[:N].reshape(lead_shape)
 

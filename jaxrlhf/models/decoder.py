@@ -147,6 +147,19 @@ class Attention(nnx.Module):
         v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
         return self.attend(q, k_cache, v_cache, mask_BxTxS), (k_cache, v_cache)
 
+    def cached_stacked(
+        self, x_BxTxD: Array, mask_BxTxS: Array, cos: Any, sin: Any, cache: tuple[Array, Array],
+        layer: Array, index: Array,
+    ) -> tuple[Array, tuple[Array, Array]]:
+        """`cached` for a scanned model: the cache is the stacked `[L, B, S, K, H]` pair, and only
+        the T new keys/values of `layer` are written into it (in place inside the decode loop)."""
+        q, k, v = self.project(x_BxTxD, cos, sin)
+        at = (layer, 0, index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), at)
+        v_all = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), at)
+        out = self.attend(q, k_all[layer], v_all[layer], mask_BxTxS)
+        return out, (k_all, v_all)
+
 
 _ACT = {
     "silu": jax.nn.silu,
@@ -184,6 +197,21 @@ def remat_policy(name: str) -> Any:
     return None  # "full" (and "none", where no checkpoint is applied at all)
 
 
+def _checkpointed(policy: Any) -> Any:
+    """`DecoderLayer.__call__` under `jax.checkpoint(policy=...)`: the layer's parameters go in as a
+    pure state (merged inside), so it works wherever the model was merged, jit included."""
+
+    def call(layer: DecoderLayer, x: Array, mask: Array, cos: Any, sin: Any) -> Array:
+        graphdef, state = nnx.split(layer)
+
+        def pure(state: Any, x: Array, mask: Array, cos: Any, sin: Any) -> Array:
+            return nnx.merge(graphdef, state)(x, mask, cos, sin)
+
+        return jax.checkpoint(pure, policy=policy)(state, x, mask, cos, sin)
+
+    return call
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.input_layernorm = Norm(cfg.hidden_size, kind=cfg.norm_type, eps=cfg.norm_eps, cfg=cfg)
@@ -199,6 +227,14 @@ class DecoderLayer(nnx.Module):
         self, x: Array, mask: Array, cos: Any, sin: Any, cache: Any, index: Array
     ) -> tuple[Array, Any]:
         attn, cache = self.self_attn.cached(self.input_layernorm(x), mask, cos, sin, cache, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+    def cached_stacked(
+        self, x: Array, mask: Array, cos: Any, sin: Any, cache: Any, layer: Array, index: Array
+    ) -> tuple[Array, Any]:
+        normed = self.input_layernorm(x)
+        attn, cache = self.self_attn.cached_stacked(normed, mask, cos, sin, cache, layer, index)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -251,6 +287,9 @@ class CausalLM(nnx.Module):
         if head not in ("lm", "score"):
             raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
         self.config, self.head_type = cfg, head
+        # Set by from_pretrained(mesh=...): the [B, T, D] activations between layers are pinned to
+        # the batch sharding, so the partitioner gathers (FSDP) weights rather than activations.
+        self.activation_sharding: Any = None
         embed_init = jax.nn.initializers.normal(0.02)
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
@@ -285,6 +324,16 @@ class CausalLM(nnx.Module):
             std = 1.0 / math.sqrt(cfg.hidden_size + 1)
             self.score.kernel = _init(rngs, (cfg.hidden_size, 1), cfg.param_dtype, std=std)
 
+    def _constrain(self, x_BxTxD: Array) -> Array:
+        sharding = self.activation_sharding
+        if sharding is None:
+            return x_BxTxD
+        spec = sharding.spec[0]
+        axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+        if x_BxTxD.shape[0] % math.prod(sharding.mesh.shape[a] for a in axes):
+            return x_BxTxD  # a batch the mesh does not divide (e.g. a tiny eval batch): leave it
+        return jax.lax.with_sharding_constraint(x_BxTxD, sharding)
+
     def _embed(self, input_ids: Array, positions: Array) -> tuple[Array, Array | None, Array | None]:
         # Ids outside the vocabulary (e.g. a pad token added past it) may only sit at masked
         # positions; embed them as id 0 so they cannot bring NaN (jnp.take fills with NaN).
@@ -311,13 +360,13 @@ class CausalLM(nnx.Module):
             window_mask = make_attention_mask(attention_mask, positions, window=cfg.sliding_window)
         if cfg.scan_layers:
             return self.norm(self._scanned(x, full_mask, window_mask, cos, sin))
-        policy = remat_policy(cfg.remat)
         layer_fn = DecoderLayer.__call__
         if cfg.remat != "none":
-            layer_fn = nnx.remat(layer_fn, policy=policy)
+            layer_fn = _checkpointed(remat_policy(cfg.remat))
+        x = self._constrain(x)
         for i, layer in enumerate(self.layers):
             mask = window_mask if cfg.layer_uses_window(i) else full_mask
-            x = layer_fn(layer, x, mask, cos, sin)
+            x = self._constrain(layer_fn(layer, x, mask, cos, sin))
             if i + 1 == cfg.frozen_layers:  # frozen below: their backward pass is never computed
                 x = jax.lax.stop_gradient(x)
         return self.norm(x)
@@ -346,7 +395,8 @@ class CausalLM(nnx.Module):
         def body(x: Array, xs: Any) -> tuple[Array, None]:
             layer_state, flag = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(x, self._layer_mask(flag, full_mask, window_mask), cos, sin), None
+            mask = self._layer_mask(flag, full_mask, window_mask)
+            return self._constrain(layer(self._constrain(x), mask, cos, sin)), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=False)
@@ -403,18 +453,24 @@ class CausalLM(nnx.Module):
             graphdef, stacked = nnx.split(self.layers)
             flags = self._window_flags()
 
-            def body(x: Array, xs: Any) -> tuple[Array, tuple[Array, Array]]:
-                layer_state, k_BxSxKxH, v_BxSxKxH, flag = xs
+            # The stacked cache rides in the carry, so each layer writes only its T new
+            # keys/values in place (as xs/ys it would be copied whole at every decode step).
+            def body(carry: Any, xs: Any) -> tuple[Any, None]:
+                x, cache = carry
+                layer_state, flag, i = xs
                 layer = nnx.merge(graphdef, layer_state)
                 mask = self._layer_mask(flag, full, window)
-                return layer.cached(x, mask, cos, sin, (k_BxSxKxH, v_BxSxKxH), index)
+                x, cache = layer.cached_stacked(self._constrain(x), mask, cos, sin, cache, i, index)
+                return (self._constrain(x), cache), None
 
-            x, new_stacked = jax.lax.scan(body, x, (stacked, cache[0], cache[1], flags))
-            return self.norm(x), new_stacked
+            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            (x, cache), _ = jax.lax.scan(body, (x, tuple(cache)), (stacked, flags, layer_ids))
+            return self.norm(x), cache
         new_cache = []
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
             mask = window if cfg.layer_uses_window(i) else full
-            x, layer_cache = layer.cached(x, mask, cos, sin, layer_cache, index)
+            x, layer_cache = layer.cached(self._constrain(x), mask, cos, sin, layer_cache, index)
+            x = self._constrain(x)
             new_cache.append(layer_cache)
         return self.norm(x), new_cache
 

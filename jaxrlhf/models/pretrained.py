@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, from_hf_config
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.hf_io import CheckpointError, SafetensorsReader, load_params, write_safetensors
-from jaxrlhf.parallel.partition import DEFAULT_RULES, Rule, param_sharding
+from jaxrlhf.parallel.partition import DEFAULT_RULES, Rule, activation_sharding, param_sharding
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,8 @@ def from_pretrained(
     nnx.replace_by_pure_dict(abstract_state, pure)
     model = nnx.merge(graphdef, abstract_state)
     model.hf_config_json = json.dumps(hf, sort_keys=True)
+    if mesh is not None:
+        model.activation_sharding = activation_sharding(mesh)
     return model
 
 

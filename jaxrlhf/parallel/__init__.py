@@ -2,7 +2,10 @@
 
 from jaxrlhf.parallel.partition import (
     AXES,
+    BATCH_AXES,
     DEFAULT_RULES,
+    activation_sharding,
+    batch_axes,
     host_array,
     is_stacked,
     make_mesh,
@@ -13,7 +16,10 @@ from jaxrlhf.parallel.partition import (
 
 __all__ = [
     "AXES",
+    "BATCH_AXES",
     "DEFAULT_RULES",
+    "activation_sharding",
+    "batch_axes",
     "host_array",
     "is_stacked",
     "make_mesh",

@@ -89,6 +89,19 @@ def _rule_spec(name: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule
     return PartitionSpec(*axes)
 
 
+BATCH_AXES = ("data", "fsdp")
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...] | None:
+    """The mesh axes a batch dimension is split over: `data` and `fsdp` where larger than 1."""
+    return tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1) or None
+
+
+def activation_sharding(mesh: Mesh) -> NamedSharding:
+    """Activations `[B, T, D]`: the batch split over (`data`, `fsdp`), the rest whole."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), None, None))
+
+
 def param_sharding(
     path: Sequence[Any], shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES
 ) -> NamedSharding:

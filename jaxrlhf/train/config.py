@@ -124,6 +124,10 @@ def _positive(v: Any) -> str | None:
     return None if v is None or v > 0 else "must be > 0"
 
 
+def _scan_check(v: Any) -> str | None:
+    return None if isinstance(v, bool) or v == "auto" else 'must be true, false or "auto"'
+
+
 def _remat_check(v: Any) -> str | None:
     from jaxrlhf.models.config import REMAT_POLICIES
 
@@ -185,10 +189,13 @@ class ModelConfig(_Section):
         'with weights, not attention scores), "offload_dots" (those, in pinned host memory). '
         "true/false mean full/none. See docs/scaling.md.",
     )
-    scan_layers: bool = _field(
-        False,
+    scan_layers: bool | str = _field(
+        "auto",
+        check=_scan_check,
         help="Stack the decoder layers' parameters [L, ...] and run them with one lax.scan: tracing "
-        "and compiling no longer grow with depth (checkpoints stay per-layer Hugging Face tensors).",
+        "and compiling no longer grow with depth (checkpoints stay per-layer Hugging Face tensors). "
+        '"auto": on for GPU/TPU, off on CPU (where the scanned step measured 13% slower; see '
+        "docs/benchmarks.md).",
     )
     frozen_dtype: str | None = _field(
         None,
@@ -203,6 +210,15 @@ class ModelConfig(_Section):
         "layers 0..N-1 get no gradient, no optimizer state and no update, and the backward pass "
         "stops above them (cheaper steps). 0: train everything.",
     )
+
+    @property
+    def use_scan(self) -> bool:
+        """`scan_layers` resolved: "auto" is on unless the default JAX backend is the CPU."""
+        if self.scan_layers == "auto":
+            import jax
+
+            return jax.default_backend() != "cpu"
+        return bool(self.scan_layers)
 
 
 @dataclass(kw_only=True)

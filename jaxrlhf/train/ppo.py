@@ -39,7 +39,7 @@ from jaxrlhf.losses import (
 from jaxrlhf.models.decoder import CausalLM, default_positions
 from jaxrlhf.parallel import host_array
 from jaxrlhf.train.config import PPOConfig
-from jaxrlhf.train.step import keep_if
+from jaxrlhf.train.step import init_optimizer_state, keep_if
 
 Array = jax.Array
 # score_fn(query_response_BxL, response_mask_BxN) -> scores [B] (host or traced), for verifiable rewards
@@ -139,15 +139,7 @@ class PPOEngine:
         )
         params = {"policy": policy_params, "critic": critic_params}
         replicated = NamedSharding(mesh, PartitionSpec())
-        opt_state = jax.jit(optimizer.init)(params)
-        opt_state = jax.tree.map(
-            lambda x: (
-                x
-                if isinstance(getattr(x, "sharding", None), NamedSharding)
-                else jax.device_put(x, replicated)
-            ),
-            opt_state,
-        )
+        opt_state = init_optimizer_state(optimizer, params, mesh)  # moments sharded like params
         self.state = PPOState(
             step=jax.device_put(np.zeros((), np.int32), replicated),
             params=params,

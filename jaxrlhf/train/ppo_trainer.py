@@ -175,7 +175,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         mesh=mesh,
         rules=rules,
         remat=cfg.model.remat,
-        scan_layers=cfg.model.scan_layers,
+        scan_layers=cfg.model.use_scan,
         frozen_layers=cfg.model.frozen_layers,
     )
     policy = from_pretrained(policy_dir, **kw)
@@ -200,7 +200,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
         head_lr_scale=o.head_lr_scale,
         frozen=(
-            frozen_params(cfg.model.frozen_layers, scan_layers=cfg.model.scan_layers)
+            frozen_params(cfg.model.frozen_layers, scan_layers=cfg.model.use_scan)
             if cfg.model.frozen_layers
             else None
         ),

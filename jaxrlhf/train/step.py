@@ -18,10 +18,10 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.models.decoder import CausalLM
-from jaxrlhf.parallel.partition import is_stacked
+from jaxrlhf.parallel.partition import BATCH_AXES, batch_axes, is_stacked
 from jaxrlhf.train.objectives import Objective
 
-BATCH_AXES = ("data", "fsdp")
+__all__ = ["BATCH_AXES"]  # re-exported for callers that imported it from here
 
 
 @struct.dataclass
@@ -181,7 +181,7 @@ def create_state(
     """
     graphdef, params = nnx.split(model, nnx.Param)
     params = _on_mesh(params, mesh)
-    opt_state = _on_mesh(jax.jit(optimizer.init)(params), mesh)
+    opt_state = init_optimizer_state(optimizer, params, mesh)
     ref = None
     if with_reference:  # a frozen copy, optionally narrower (it only runs forward passes)
         ref = jax.tree.map(
@@ -197,13 +197,46 @@ def create_state(
     return graphdef, state
 
 
+def _plain_path(keypath: Any) -> tuple[Any, ...]:
+    """A key path as plain keys (`layers`, 3, `kernel`), without a Variable's trailing `value`."""
+    keys = [k for k in keypath if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")]
+    return tuple(_keys(keys))
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, params: Any, mesh: Mesh) -> Any:
+    """The sharding of every leaf of `optimizer.init(params)`: a moment takes the sharding of the
+    parameter whose path ends its own path (Adam's `mu/<param path>`, also inside `multi_transform`
+    and `masked` states); counts and other scalars are replicated. (A bare `jit(optimizer.init)`
+    would replicate the moments: init reads no parameter value, so nothing ties its outputs to the
+    parameters' shardings -- 8 bytes per parameter on every device.)"""
+    by_path = {_plain_path(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+    replicated = _replicated(mesh)
+
+    def sharding(keypath: Any, x: Any) -> NamedSharding:
+        path = _plain_path(keypath)
+        for i in range(len(path)):
+            match = by_path.get(path[i:])
+            if match is not None and tuple(match.shape) == tuple(x.shape):
+                found = getattr(match, "sharding", None)
+                return found if isinstance(found, NamedSharding) else replicated
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, jax.eval_shape(optimizer.init, params))
+
+
+def init_optimizer_state(optimizer: optax.GradientTransformation, params: Any, mesh: Mesh) -> Any:
+    """`optimizer.init(params)` created directly at `optimizer_state_shardings` (no full copy)."""
+    shardings = optimizer_state_shardings(optimizer, params, mesh)
+    return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
 def state_shardings(state: TrainState) -> Any:
     return jax.tree.map(lambda x: x.sharding, state)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, *, micro_axis: bool = True) -> NamedSharding:
     """Batch arrays `[A, B, ...]` (micro-batches first) split over (`data`, `fsdp`) on `B`."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1) or None
+    axes = batch_axes(mesh)
     spec = (None, axes) if micro_axis else (axes,)
     return NamedSharding(mesh, PartitionSpec(*spec, *([None] * (ndim - len(spec)))))
 

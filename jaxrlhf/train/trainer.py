@@ -394,7 +394,7 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     model = from_pretrained(
         model_dir, head="score" if cfg.kind == "reward" else "lm", dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype, mesh=mesh, rules=rules, remat=cfg.model.remat,
-        scan_layers=cfg.model.scan_layers, frozen_layers=cfg.model.frozen_layers,
+        scan_layers=cfg.model.use_scan, frozen_layers=cfg.model.frozen_layers,
         init_score_head=cfg.kind == "reward", seed=t.seed,
     )  # fmt: skip
     objective = _objective(cfg)
@@ -418,7 +418,7 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
         head_lr_scale=o.head_lr_scale,
         frozen=(
-            frozen_params(cfg.model.frozen_layers, scan_layers=cfg.model.scan_layers)
+            frozen_params(cfg.model.frozen_layers, scan_layers=cfg.model.use_scan)
             if cfg.model.frozen_layers
             else None
         ),

@@ -53,9 +53,12 @@ def _loss(model, ids, mask, pos):
     return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
 
 
-def _grads(model, ids, mask, pos):
+def _grads(model, ids, mask, pos, jit=False):
+    """Gradients of `_loss` by parameter path; `jit`: the model is merged inside a jitted function,
+    as the train step does."""
     graphdef, params = nnx.split(model, nnx.Param)
-    grads = jax.grad(lambda p: _loss(nnx.merge(graphdef, p), ids, mask, pos))(params)
+    grad_fn = jax.grad(lambda p: _loss(nnx.merge(graphdef, p), ids, mask, pos))
+    grads = (jax.jit(grad_fn) if jit else grad_fn)(params)
     return {tuple(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
 
 
@@ -92,9 +95,11 @@ def test_scanned_gradients_match_unrolled_for_every_remat_policy(saved, remat):
     ids, mask, pos = padded_batch("right", seed=2)
     want = _grads(from_pretrained(path), ids, mask, pos)
     got = _unstack(_grads(from_pretrained(path, scan_layers=True, remat=remat), ids, mask, pos))
-    assert got.keys() == want.keys()
+    unrolled = _grads(from_pretrained(path, remat=remat), ids, mask, pos, jit=True)
+    assert got.keys() == want.keys() == unrolled.keys()
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-4, err_msg=f"{kind} {remat} {k}")
+        np.testing.assert_allclose(unrolled[k], want[k], atol=1e-6, rtol=1e-4, err_msg=f"{kind} {remat} {k}")
     assert max(np.abs(v).max() for v in want.values()) > 1e-3
 
 
