@@ -9,8 +9,8 @@ For each configuration, in its own subprocess (so compile caches and peak RSS ar
   compile time and median wall time per call.
 
     python bench/bench_scan_layers.py                              # unrolled vs scanned, remat none
-    python bench/bench_scan_layers.py --remat none full dots_saveable \
-        dots_with_no_batch_dims_saveable offload_dots                # XLA memory per policy
+    python bench/bench_scan_layers.py --memory-only --seq 512 --steps 1 --warmup 0 \
+        --remat none full dots_saveable dots_with_no_batch_dims_saveable offload_dots  # memory
     python bench/bench_scan_layers.py --generate                   # also the sampler
     python bench/bench_scan_layers.py --json out.json
 
@@ -78,12 +78,12 @@ def run_step(scan: bool, remat: str, args: argparse.Namespace) -> dict:
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     times, losses = [], []
-    for batch in batches:
+    for batch in [] if args.memory_only else batches:
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         losses.append(float(metrics["loss"]))
         times.append(time.perf_counter() - t0)
-    timed = times[args.warmup :]
+    timed = times[args.warmup :] or [float("nan")]
     return {
         "what": "dpo_step",
         "scan_layers": scan,
@@ -151,7 +151,7 @@ def spawn(kind: str, scan: bool, remat: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--worker-scan", "1" if scan else "0",
            "--worker-remat", remat, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--batch-size", str(args.batch_size), "--seq", str(args.seq),
-           "--gen-calls", str(args.gen_calls)]  # fmt: skip
+           "--gen-calls", str(args.gen_calls)] + (["--memory-only"] if args.memory_only else [])  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} scan={scan} remat={remat} failed:\n{proc.stderr[-3000:]}")
@@ -168,6 +168,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq", type=int, default=96)
     p.add_argument("--gen-calls", type=int, default=3)
+    p.add_argument("--memory-only", action="store_true", help="compile and report memory; run no step")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", choices=["step", "generate"], help=argparse.SUPPRESS)
     p.add_argument("--worker-scan", help=argparse.SUPPRESS)

@@ -1,12 +1,13 @@
 """Flax NNX decoders that load and save Hugging Face checkpoints exactly."""
 
 from jaxrlhf.models.config import (
+    REMAT_POLICIES,
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
     UnsupportedModelError,
     from_hf_config,
 )
-from jaxrlhf.models.decoder import CausalLM, default_positions, make_attention_mask
+from jaxrlhf.models.decoder import CausalLM, default_positions, make_attention_mask, remat_policy
 from jaxrlhf.models.hf_io import CheckpointError
 from jaxrlhf.models.pretrained import (
     check_checkpoint,
@@ -18,6 +19,7 @@ from jaxrlhf.models.pretrained import (
 )
 
 __all__ = [
+    "REMAT_POLICIES",
     "SUPPORTED_MODEL_TYPES",
     "CausalLM",
     "CheckpointError",
@@ -29,6 +31,7 @@ __all__ = [
     "from_pretrained",
     "load_tokenizer",
     "make_attention_mask",
+    "remat_policy",
     "resolve_checkpoint",
     "save_pretrained",
     "to_hf_config",

@@ -194,8 +194,8 @@ class ModelConfig(_Section):
         check=_scan_check,
         help="Stack the decoder layers' parameters [L, ...] and run them with one lax.scan: tracing "
         "and compiling no longer grow with depth (checkpoints stay per-layer Hugging Face tensors). "
-        '"auto": on for GPU/TPU, off on CPU (where the scanned step measured 13% slower; see '
-        "docs/benchmarks.md).",
+        '"auto": on for GPU/TPU; on CPU only with a remat policy (the scanned step measured 13% '
+        "slower there, and unrolled remat saved no memory; see docs/benchmarks.md).",
     )
     frozen_dtype: str | None = _field(
         None,
@@ -213,11 +213,13 @@ class ModelConfig(_Section):
 
     @property
     def use_scan(self) -> bool:
-        """`scan_layers` resolved: "auto" is on unless the default JAX backend is the CPU."""
+        """`scan_layers` resolved: "auto" is on for GPU/TPU, and on CPU when a remat policy is set
+        (unrolled, XLA:CPU schedules the recomputation early and remat saves nothing: measured in
+        docs/benchmarks.md)."""
         if self.scan_layers == "auto":
             import jax
 
-            return jax.default_backend() != "cpu"
+            return jax.default_backend() != "cpu" or self.remat not in (False, "none")
         return bool(self.scan_layers)
 
 
