@@ -21,16 +21,22 @@ before jax is imported. CPU compilation fuses and lays out differently from TPU/
 are an estimate of the accelerator's, not a measurement of it (see docs/scaling.md).
 
     python bench/memory_plan.py --model 8b --mesh fsdp=64 --mesh fsdp=16,tensor=4
-    python bench/memory_plan.py --model 8b --mesh fsdp=8 --steps dpo,dpo_same_step
-    python bench/memory_plan.py --model 70b --mesh fsdp=256 --mesh fsdp=64,tensor=4 --steps dpo
+    python bench/memory_plan.py --model 8b --mesh fsdp=8 --steps dpo,dpo_same_step,sft,ppo,score,generate
+    python bench/memory_plan.py --model 8b --mesh fsdp=64 --mesh fsdp=8 --steps dpo --remat full,none
+    python bench/memory_plan.py --model 70b --devices 256 --mesh fsdp=64,tensor=4 --chip v5e
+    python bench/memory_plan.py --model 70b --devices 256 --mesh fsdp=256 --batch 256 --chip v5e
     python bench/memory_plan.py --model tiny --layers 2 --vocab 16384 --mesh fsdp=8 --batch 8 \\
         --seq 256 --json /tmp/plan.json
+
+Everything is placed by the library itself: parameters at `param_sharding`, Adam's moments at
+`step.optimizer_state_shardings` (as `create_state` and `PPOEngine` create them), batch arrays at
+`step.batch_sharding`, and each abstract model gets `activation_sharding(mesh)` as
+`from_pretrained(mesh=...)` sets it. docs/scaling.md has the measured tables and the commands.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -79,8 +85,9 @@ MODELS = {"8b": LLAMA31_8B, "70b": LLAMA31_70B, "tiny": {**LLAMA31_8B, "num_hidd
 CHIPS = {"v5p": 95.0, "v5e": 16.0, "h200": 141.0}
 STEPS = ("dpo", "dpo_same_step", "sft", "ppo", "score", "generate")
 REMATS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
-# Searched, most to least activation memory, when a configuration does not fit its chip.
-SEARCH_REMATS = ("dots_with_no_batch_dims_saveable", "full")
+# Most to least activation memory kept on the device; searched in this order when a configuration
+# does not fit its chip (offload_dots keeps what full keeps on the device).
+SEARCH_REMATS = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,15 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--frozen-dtype",
         default="float32",
         choices=("float32", "bfloat16"),
-        help="PPO reference / reward model parameters (the engine keeps float32 today)",
+        help="model.frozen_dtype: DPO same-step reference, PPO reference and reward model",
     )
-    p.add_argument("--opt-sharding", default="params", choices=("params", "create_state"),
-                   help="Adam moments sharded like the parameters, or as create_state places them "
-                   "today (replicated: see docs/scaling.md)")  # fmt: skip
-    p.add_argument("--constrain-residual", action="store_true",
-                   help="experiment: pin each decoder layer's input and output [B, T, D] to the batch "
-                   "sharding (with_sharding_constraint, patched in while tracing); not what the "
-                   "decoder does today")  # fmt: skip
     p.add_argument("--chip", choices=tuple(CHIPS), help="HBM budget (default: h200 at 8 devices, else v5p)")
     p.add_argument("--hbm", type=float, help="HBM budget in GB per device (overrides --chip)")
     p.add_argument("--no-search", action="store_true", help="do not search for a setting that fits")
@@ -172,7 +172,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from jaxrlhf.models.config import ModelConfig, from_hf_config  # noqa: E402
 from jaxrlhf.models.decoder import CausalLM  # noqa: E402
-from jaxrlhf.parallel import make_mesh, param_sharding  # noqa: E402
+from jaxrlhf.parallel import activation_sharding, is_stacked, make_mesh, param_sharding  # noqa: E402
 from jaxrlhf.train.config import PPOConfig  # noqa: E402
 from jaxrlhf.train.objectives import DPOObjective, SFTObjective  # noqa: E402
 from jaxrlhf.train.step import (  # noqa: E402
@@ -181,6 +181,7 @@ from jaxrlhf.train.step import (  # noqa: E402
     make_optimizer,
     make_schedule,
     make_train_step,
+    optimizer_state_shardings,
     state_shardings,
 )
 
@@ -253,15 +254,20 @@ def estimate(
     shards = mesh["fsdp"] * tp  # parameters are split over fsdp x tensor, replicated over data
     rows = batch / (mesh["data"] * mesh["fsdp"])  # rows per device per step
     p_lm, p_score = d.params("lm"), d.params("score")
-    layer = 2 * 4 * d.layer_params / tp  # one layer gathered (f32) and its gradient before reduce-scatter
-    logits = 2 * 4 * chunk * d.V / tp  # one chunk of f32 logits and their cotangent
+    # One layer's weights gathered (f32) and its gradient before the reduce-scatter; the LM head
+    # `[D, V]` is gathered the same way (the head runs data-parallel), at another time: the larger.
+    layer = 2 * 4 * max(d.layer_params, d.D * d.V) / tp
+    # One chunk of f32 logits and their cotangent: token_logprobs_from_hidden takes chunk // B
+    # positions of each of the B rows of the (micro-)batch, so a device holds its own rows' share.
+    per_row = max(1, min(chunk // max(batch // accum, 1), seq))
+    logits = 2 * 4 * rows / accum * per_row * d.V / tp
     working = saved_per_token(d, "none", seq, tp)  # one layer's forward values while it runs
     out: dict[str, float] = {"batch": batch_bytes}
     if step in ("dpo", "dpo_same_step", "sft"):
         out["params"] = 4 * p_lm / shards
         out["opt_state"] = 8 * p_lm / shards  # Adam mu, nu in float32
         if step == "dpo_same_step":
-            out["reference"] = 4 * p_lm / shards
+            out["reference"] = frozen_bytes * p_lm / shards
         # the float32 gradient, the accumulator (accum > 1) and the optimizer's update tree
         out["grads"] = (4 + 4 * (accum > 1) + 4) * p_lm / shards
         out["activations"] = rows / accum * seq * (d.L * saved_per_token(d, remat, seq, tp) + working)
@@ -318,8 +324,11 @@ def model_config(name: str, layers: int | None, vocab: int | None, remat: str, s
 
 
 def abstract_params(cfg: ModelConfig, head: str, mesh: Mesh, dtype: Any = None) -> tuple[Any, Any]:
-    """`(graphdef, params)`: the model's parameters as `ShapeDtypeStruct`s at their shardings."""
+    """`(graphdef, params)`: the model's parameters as `ShapeDtypeStruct`s at their shardings. The
+    graphdef carries `activation_sharding(mesh)`, as `from_pretrained(mesh=...)` sets it (an
+    `nnx.eval_shape` model has None: the decoder would not pin its residual stream)."""
     model = nnx.eval_shape(lambda: CausalLM(cfg, head=head, rngs=nnx.Rngs(0)))
+    model.activation_sharding = activation_sharding(mesh)
     graphdef, params = nnx.split(model, nnx.Param)
 
     def place(keypath: Any, x: Any) -> jax.ShapeDtypeStruct:
@@ -329,36 +338,22 @@ def abstract_params(cfg: ModelConfig, head: str, mesh: Mesh, dtype: Any = None) 
     return graphdef, jax.tree_util.tree_map_with_path(place, params)
 
 
-def is_stacked(params: Any, cfg: ModelConfig) -> bool:
+def layers_stacked(params: Any) -> bool:
     """Did the decoder stack its layers `[L, ...]` (scan_layers)?"""
-    return any(
-        "layers" in path and not any(isinstance(k, int) for k in path) and x.shape[0] == cfg.num_layers
-        for path, x in ((_plain(kp), x) for kp, x in jax.tree_util.tree_leaves_with_path(params))
-    )
+    return any(is_stacked(_plain(kp)) for kp, _ in jax.tree_util.tree_leaves_with_path(params))
 
 
-def abstract_opt_state(optimizer: Any, params: Any, mesh: Mesh, mode: str) -> Any:
-    """`optimizer.init(params)` as `ShapeDtypeStruct`s. mode "params": each moment at the sharding of
-    the parameter whose path ends its own path (counts and other scalars replicated); mode
-    "create_state": everything replicated, which is what `jax.jit(optimizer.init)(params)` in
-    `create_state` gives today (init reads no parameter value, so jit places its outputs on one
-    device and `_on_mesh` then replicates them)."""
-    replicated = NamedSharding(mesh, PartitionSpec())
+def abstract_opt_state(optimizer: Any, params: Any) -> Any:
+    """`optimizer.init(params)` as `ShapeDtypeStruct`s at `step.optimizer_state_shardings`: each moment
+    at its parameter's sharding, counts replicated (what `create_state` / `PPOEngine` create)."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    shardings = optimizer_state_shardings(optimizer, params, mesh)
     shapes = jax.eval_shape(optimizer.init, params)
-    by_path = {_plain(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
-    def place(keypath: Any, x: Any) -> jax.ShapeDtypeStruct:
-        sharding = replicated
-        path = _plain(keypath)
-        if mode == "params":
-            for i in range(len(path)):
-                match = by_path.get(path[i:])
-                if match is not None and match.shape == x.shape:
-                    sharding = match.sharding
-                    break
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-    return jax.tree_util.tree_map_with_path(place, shapes)
+def _cast(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding), tree)
 
 
 def _scalar(mesh: Mesh, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
@@ -398,11 +393,11 @@ def sft_batch(mesh: Mesh, a: int, b: int, length: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def nbytes(tree: Any) -> float:
-    """Per-device bytes of a tree of sharded `ShapeDtypeStruct`s."""
+def nbytes(tree: Any, *, unsharded: bool = False) -> float:
+    """Per-device bytes of a tree of sharded `ShapeDtypeStruct`s (`unsharded`: the whole arrays)."""
     total = 0.0
     for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None and not unsharded else x.shape
         total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
     return total
 
@@ -422,38 +417,6 @@ class Plan:
     batch: int
     seq: int
     accum: int = 1
-    variant: str = ""  # "+residual-constraint" and/or "opt-replicated" (see the options)
-
-
-@contextlib.contextmanager
-def residual_constraint(mesh: Mesh, enabled: bool) -> Any:
-    """Experiment (--constrain-residual): while the step is traced, every decoder layer's input and
-    output `[B, T, D]` are constrained to the batch sharding. Without such a constraint the
-    partitioner may keep the weights sharded and replicate the batch's activations instead (see
-    docs/scaling.md); this measures what a constraint inside the decoder would give."""
-    if not enabled:
-        yield
-        return
-    from jaxrlhf.models import decoder
-
-    original = decoder.DecoderLayer.__call__
-    sharding = batch_sharding(mesh, 3, micro_axis=False)
-
-    original_cached = decoder.DecoderLayer.cached
-    pin = lambda x: jax.lax.with_sharding_constraint(x, sharding)  # noqa: E731
-
-    def call(self: Any, x: Any, mask: Any, cos: Any, sin: Any) -> Any:
-        return pin(original(self, pin(x), mask, cos, sin))
-
-    def cached(self: Any, x: Any, mask: Any, cos: Any, sin: Any, cache: Any, index: Any) -> Any:
-        y, cache = original_cached(self, pin(x), mask, cos, sin, cache, index)
-        return pin(y), cache
-
-    decoder.DecoderLayer.__call__, decoder.DecoderLayer.cached = call, cached
-    try:
-        yield
-    finally:
-        decoder.DecoderLayer.__call__, decoder.DecoderLayer.cached = original, original_cached
 
 
 def _lower_train(plan: Plan, cfg: ModelConfig, mesh: Mesh, args: argparse.Namespace) -> tuple[Any, dict]:
@@ -463,9 +426,10 @@ def _lower_train(plan: Plan, cfg: ModelConfig, mesh: Mesh, args: argparse.Namesp
     state = TrainState(
         step=_scalar(mesh, (), jnp.int32),
         params=params,
-        opt_state=abstract_opt_state(optimizer, params, mesh, args.opt_sharding),
+        opt_state=abstract_opt_state(optimizer, params),
         rng=_scalar(mesh, (2,), jnp.uint32),
-        ref_params=params if plan.step == "dpo_same_step" else None,
+        # model.frozen_dtype: the same-step reference may be stored narrower than the policy
+        ref_params=_cast(params, args.frozen_dtype) if plan.step == "dpo_same_step" else None,
     )
     a, b = plan.accum, plan.batch // plan.accum
     if plan.step == "sft":
@@ -476,9 +440,14 @@ def _lower_train(plan: Plan, cfg: ModelConfig, mesh: Mesh, args: argparse.Namesp
         targets = args.target_len or plan.seq
         batch = dpo_batch(mesh, a, b, plan.seq, targets, precomputed=plan.step == "dpo")
     run = make_train_step(graphdef, objective, optimizer, schedule, state_shardings(state), mesh)
-    parts = {"params": nbytes(params), "opt_state": nbytes(state.opt_state), "batch": nbytes(batch)}
+    parts = {
+        "params": nbytes(params),
+        "opt_state": nbytes(state.opt_state),
+        "batch": nbytes(batch),
+        "state_unsharded": nbytes((state.params, state.opt_state, state.ref_params), unsharded=True),
+    }
     if state.ref_params is not None:
-        parts["reference"] = nbytes(params)
+        parts["reference"] = nbytes(state.ref_params)
     return run.lower(state, batch), parts
 
 
@@ -512,7 +481,7 @@ def _lower_ppo(plan: Plan, cfg: ModelConfig, mesh: Mesh, args: argparse.Namespac
     i32, f32 = jnp.int32, jnp.float32
     row = lambda shape, dtype: _rows(mesh, shape, dtype, micro=False)  # noqa: E731
     ids, mask = row((b, length), i32), row((b, length), i32)
-    opt_state = abstract_opt_state(m["optimizer"], m["params"], mesh, args.opt_sharding)
+    opt_state = abstract_opt_state(m["optimizer"], m["params"])
     if plan.step == "ppo":
         state = PPOState(step=_scalar(mesh, (), i32), params=m["params"], opt_state=opt_state,
                          rng=_scalar(mesh, (2,), jnp.uint32))  # fmt: skip
@@ -522,6 +491,7 @@ def _lower_ppo(plan: Plan, cfg: ModelConfig, mesh: Mesh, args: argparse.Namespac
         )  # fmt: skip
         update = jax.jit(engine._update_fn, static_argnames=("prompt_len",), donate_argnums=(0,))
         parts = {"params": nbytes(m["params"]), "opt_state": nbytes(opt_state), "batch": nbytes(rollout),
+                 "state_unsharded": nbytes((m["params"], opt_state), unsharded=True),
                  "resident": nbytes(m["ref"]) + nbytes(m["rm"])}  # fmt: skip
         return update.lower(state, rollout, prompt_len=p), parts
     if plan.step == "score":
@@ -551,6 +521,9 @@ def _lower_ppo(plan: Plan, cfg: ModelConfig, mesh: Mesh, args: argparse.Namespac
 def compile_plan(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     """Lower and compile `plan`; its memory analysis, the arithmetic beside it, and wall times."""
     devices = jax.devices()[: math.prod(plan.mesh.values())]
+    split = plan.mesh["data"] * plan.mesh["fsdp"] * (plan.accum if plan.step not in ("ppo",) else 1)
+    if plan.batch % split:
+        raise ValueError(f"--batch {plan.batch} does not split into {split} (data x fsdp x micro-batches)")
     mesh = make_mesh(plan.mesh["data"], plan.mesh["fsdp"], plan.mesh["tensor"], devices=devices)
     cfg = model_config(args.model, args.layers, args.vocab, plan.remat, not args.no_scan)
     row: dict[str, Any] = {
@@ -561,11 +534,10 @@ def compile_plan(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         "vocab": cfg.vocab_size,
     }
     start = time.perf_counter()
-    with residual_constraint(mesh, args.constrain_residual):
-        if plan.step in ("dpo", "dpo_same_step", "sft"):
-            lowered, parts = _lower_train(plan, cfg, mesh, args)
-        else:
-            lowered, parts = _lower_ppo(plan, cfg, mesh, args)
+    if plan.step in ("dpo", "dpo_same_step", "sft"):
+        lowered, parts = _lower_train(plan, cfg, mesh, args)
+    else:
+        lowered, parts = _lower_ppo(plan, cfg, mesh, args)
     row["lower_s"] = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -579,7 +551,7 @@ def compile_plan(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     row["peak"] = row["argument"] + row["output"] + row["temp"] - row["alias"]
     row["resident"] = parts.pop("resident", 0.0)
     row["total"] = row["peak"] + row["resident"]  # PPO: what else the engine keeps on the device
-    row["inputs"] = parts  # per-device bytes of the inputs, from their shardings
+    row["inputs"] = parts  # per-device bytes of the inputs from their shardings (state_unsharded: whole)
     dims = Dims.of(cfg)
     prompt = args.prompt_len or plan.seq // 2
     row["estimate"] = estimate(
@@ -587,7 +559,7 @@ def compile_plan(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         batch_bytes=parts["batch"], prompt_len=prompt,
         minibatches=plan.accum, frozen_bytes=jnp.dtype(args.frozen_dtype).itemsize,
     )  # fmt: skip
-    row["scanned"] = is_stacked(abstract_params(cfg, "lm", mesh)[1], cfg)
+    row["scanned"] = layers_stacked(abstract_params(cfg, "lm", mesh)[1])
     return row
 
 
@@ -607,7 +579,7 @@ def fmt_row(r: dict[str, Any]) -> str:
     e = r["estimate"]
     total_est = e["total"] + e.get("resident", 0.0)
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
-    step = f"{r['step']} {r['variant']}".strip()
+    step = r["step"]
     return (
         f"| {r['model']} | {step} | {r['mesh']} | {r['remat']} | {r['batch']}x{r['seq']}/{r['accum']} |"
         f"{g(r['argument'])} |{g(e['args'])} |{g(r['temp'])} |{g(r['output'])} |{g(r['alias'])} |"
@@ -623,33 +595,31 @@ HEADER = (
 )
 
 
-def search(plan: Plan, args: argparse.Namespace, hbm: float, log: Any) -> dict[str, Any] | None:
-    """The first setting that fits: lighter remat policies, then more micro-batches (down to one row
-    per device per micro-batch); for PPO `accum` is `ppo.num_mini_batches`, which also means more
-    optimizer steps per rollout."""
-    rows_per_device = plan.batch // (plan.mesh["data"] * plan.mesh["fsdp"])
-    remats = [r for r in SEARCH_REMATS if REMATS.index(r) != REMATS.index(plan.remat)]
-    remats = [r for r in remats if r != "dots_with_no_batch_dims_saveable" or plan.remat in ("none",
-              "dots_saveable")]  # fmt: skip
-    candidates = [dataclasses.replace(plan, remat=r) for r in remats]
+def search(plan: Plan, args: argparse.Namespace, chip: str, hbm: float, log: Any) -> dict[str, Any] | None:
+    """The first setting that fits: each lighter remat policy, then `full` with twice, four times, ...
+    the micro-batches (down to one row per device per micro-batch). For PPO `accum` is
+    `ppo.num_mini_batches`, which also means more optimizer steps per rollout."""
+    lighter = SEARCH_REMATS[SEARCH_REMATS.index(plan.remat) + 1 :] if plan.remat in SEARCH_REMATS else ()
+    candidates = [dataclasses.replace(plan, remat=r) for r in lighter]
     # Train steps: each micro-batch keeps at least one row per device. PPO minibatches are cut
     # inside the compiled update, so they may be smaller than the batch axis.
+    rows_per_device = plan.batch // (plan.mesh["data"] * plan.mesh["fsdp"])
     limit = {"score": 0, "generate": 0, "ppo": plan.batch}.get(plan.step, rows_per_device)
     accum = plan.accum * 2
     while accum <= limit:
         candidates.append(dataclasses.replace(plan, remat="full", accum=accum))
         accum *= 2
     for candidate in candidates:
-        row = compile_plan(candidate, args)
-        row["chip"], row["fits"], row["searched"] = plan_chip(args, row), row["total"] <= hbm * GB, True
+        try:
+            row = compile_plan(candidate, args)
+        except Exception as e:  # report it and try the next setting
+            log(f"  {candidate.remat} x{candidate.accum}: failed ({type(e).__name__})")
+            continue
+        row["chip"], row["fits"], row["searched"] = chip, row["total"] <= hbm * GB, True
         log(fmt_row(row))
         if row["fits"]:
             return row
     return None
-
-
-def plan_chip(args: argparse.Namespace, row: dict[str, Any]) -> str:
-    return budget(args, row["devices"])[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -658,16 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     say(f"# memory plan: {args.model}, {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"jax {jax.__version__}; GB = 1e9 bytes per device")  # fmt: skip
     rows: list[dict[str, Any]] = []
-    variant = "+residual-constraint" if args.constrain_residual else ""
-    if args.opt_sharding == "create_state":
-        variant = f"{variant} opt-replicated".strip()
     say(HEADER)
     for mesh in args.mesh:
         for step in args.steps:
             for remat in args.remat:
                 # `accum`: micro-batches (train steps) or ppo.num_mini_batches (ppo)
                 accum = {"ppo": args.ppo_minibatches, "score": 1, "generate": 1}.get(step, args.grad_accum)
-                plan = Plan(args.model, step, mesh, remat, args.batch, args.seq, accum, variant)
+                plan = Plan(args.model, step, mesh, remat, args.batch, args.seq, accum)
                 chip, hbm = budget(args, math.prod(mesh.values()))
                 try:
                     row = compile_plan(plan, args)
@@ -680,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 say(fmt_row(row))
                 if not row["fits"] and not args.no_search:
-                    found = search(plan, args, hbm, say)
+                    found = search(plan, args, chip, hbm, say)
                     row["fits_with"] = None if found is None else {
                         k: found[k] for k in ("remat", "accum", "peak", "total")
                     }  # fmt: skip
@@ -691,14 +658,12 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "peak = argument + output + temp - alias (XLA's per-device memory analysis, CPU backend)",
         "+resident: PPO only, what the engine also keeps on the device outside that function "
-        "(update: reference + reward model; score: Adam state; generate: everything but the policy)",
+        "(update: reference + reward model; score: the policy + Adam state; generate: all but the policy)",
         "ppo/score/generate lower PPOEngine._update_fn / _score_fn and sampling._generate themselves "
         "(the engine built with __new__, no __init__), with abstract inputs",
     ]
     if not all(r.get("scanned", True) for r in rows) and not args.no_scan:
         notes.append("scan_layers was requested but the decoder did not stack the layers")
-    if args.opt_sharding == "create_state":
-        notes.append("Adam moments replicated, as create_state places them today")
     for note in notes:
         say(f"- {note}")
     if args.json:

@@ -90,16 +90,18 @@ def test_scanned_logits_match_unrolled_and_transformers(saved):
 @pytest.mark.parametrize("remat", REMAT_POLICIES)
 def test_scanned_gradients_match_unrolled_for_every_remat_policy(saved, remat):
     kind, _, path = saved
-    if remat not in ("none", "full") and kind not in ("llama", "qwen2_mixed"):
-        pytest.skip("the other policies are checked on two families (they only change what is saved)")
+    if remat != "none" and kind not in ("llama", "qwen2_mixed"):
+        pytest.skip("the policies are checked on two families (they only change what is saved)")
     ids, mask, pos = padded_batch("right", seed=2)
     want = _grads(from_pretrained(path), ids, mask, pos)
     got = _unstack(_grads(from_pretrained(path, scan_layers=True, remat=remat), ids, mask, pos))
-    unrolled = _grads(from_pretrained(path, remat=remat), ids, mask, pos, jit=True)
-    assert got.keys() == want.keys() == unrolled.keys()
+    assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-4, err_msg=f"{kind} {remat} {k}")
-        np.testing.assert_allclose(unrolled[k], want[k], atol=1e-6, rtol=1e-4, err_msg=f"{kind} {remat} {k}")
+    if remat != "none":  # the unrolled model under the same policy, merged inside jit as in a step
+        unrolled = _grads(from_pretrained(path, remat=remat), ids, mask, pos, jit=True)
+        for k in want:
+            np.testing.assert_allclose(unrolled[k], want[k], atol=1e-6, rtol=1e-4, err_msg=f"{remat} {k}")
     assert max(np.abs(v).max() for v in want.values()) > 1e-3
 
 
