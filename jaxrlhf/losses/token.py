@@ -184,9 +184,10 @@ def token_logprobs_from_hidden(
     .. math:: \log p(y_n) = h_n W_{:,y_n} / \tau - \operatorname{logsumexp}_v(h_n W_{:,v} / \tau)
 
     The ``N = prod(hidden.shape[:-1])`` positions are processed about ``chunk_size`` at a time with
-    ``jax.lax.map``: for ``[B, T, D]`` input a chunk is every row's next ``chunk_size // B``
-    positions (the batch axis stays whole, so a batch sharded over devices stays sharded); a 1-D
-    lead shape is flattened and padded up to a multiple of ``chunk_size``. Each chunk's body is
+    ``jax.lax.map``: for ``[B, T, D]`` input with more than ``chunk_size`` positions a chunk is
+    every row's next ``chunk_size // B`` positions (the batch axis stays whole, so a batch sharded
+    over devices stays sharded); otherwise the positions are flattened (batch-major, which keeps a
+    batch split) and padded up to a multiple of ``chunk_size``. Each chunk's body is
     wrapped in ``jax.checkpoint``, so the backward pass recomputes that chunk's logits instead of
     saving them: peak memory is O(chunk_size * V) instead of O(N * V) (the "chunked / fused
     cross-entropy" trick, e.g. Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language
@@ -231,11 +232,14 @@ def token_logprobs_from_hidden(
 
     @jax.checkpoint  # backward recomputes this chunk's logits instead of storing them
     def chunk_logps(hidden_xD: Array, labels_x: Array) -> Array:
-        # bf16 operands stay bf16 for the matmul but accumulate and return float32.
-        logits_xV = jnp.dot(hidden_xD, lm_head_DxV, preferred_element_type=jnp.float32)
-        return token_logprobs(logits_xV, labels_x, temperature=temperature)
+        # One 2-D matmul (a [B, K, D] chunk is flattened: its major, batch-split axis keeps the
+        # split). bf16 operands stay bf16 for the matmul but accumulate and return float32.
+        hidden_MxD = hidden_xD.reshape(-1, D)
+        logits_MxV = jnp.dot(hidden_MxD, lm_head_DxV, preferred_element_type=jnp.float32)
+        logps_M = token_logprobs(logits_MxV, labels_x.reshape(-1), temperature=temperature)
+        return logps_M.reshape(labels_x.shape)
 
-    if len(lead_shape) >= 2:
+    if len(lead_shape) >= 2 and N > chunk_size:
         # Chunks run along T and keep the whole batch axis, so a batch split over devices stays
         # split: each device computes its own rows' chunks (chunk_size positions in all).
         B, T = lead_shape[0], N // lead_shape[0]

@@ -17,7 +17,13 @@ from jax.sharding import Mesh
 from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, from_hf_config
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.hf_io import CheckpointError, SafetensorsReader, load_params, write_safetensors
-from jaxrlhf.parallel.partition import DEFAULT_RULES, Rule, activation_sharding, param_sharding
+from jaxrlhf.parallel.partition import (
+    DEFAULT_RULES,
+    Rule,
+    activation_sharding,
+    batch_axes,
+    param_sharding,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +168,7 @@ def from_pretrained(
     nnx.replace_by_pure_dict(abstract_state, pure)
     model = nnx.merge(graphdef, abstract_state)
     model.hf_config_json = json.dumps(hf, sort_keys=True)
-    if mesh is not None:
+    if mesh is not None and batch_axes(mesh) is not None:  # a batch split over devices: keep it so
         model.activation_sharding = activation_sharding(mesh)
     return model
 
