@@ -28,13 +28,14 @@ from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger
 from jaxrlhf.train.pipeline import held_out_split, resolve_data_files
 from jaxrlhf.train.ppo import PPOEngine, ScoreFn
-from jaxrlhf.train.step import frozen_params, make_optimizer, make_schedule
+from jaxrlhf.train.step import make_schedule
 from jaxrlhf.train.trainer import (
     TrainResult,
     fresh_start,
     maybe_initialize_distributed,
     mesh_and_rules,
     model_directory,
+    optimizer_from_config,
     run_task_eval,
     task_prompts,
     to_global,
@@ -196,15 +197,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         kind=o.schedule,
         min_lr_ratio=o.min_lr_ratio,
     )
-    optimizer = make_optimizer(
-        schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
-        head_lr_scale=o.head_lr_scale,
-        frozen=(
-            frozen_params(cfg.model.frozen_layers, scan_layers=cfg.model.use_scan)
-            if cfg.model.frozen_layers
-            else None
-        ),
-    )
+    optimizer = optimizer_from_config(cfg, schedule)
     eos_ids = sorted({int(tokenizer.eos_token_id)})
     engine = PPOEngine(
         policy,

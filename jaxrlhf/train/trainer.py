@@ -156,6 +156,17 @@ def run_task_eval(
     return result
 
 
+def optimizer_from_config(cfg: ExperimentConfig, schedule: Any) -> Any:
+    """AdamW of `cfg.optim` on `schedule`, with the score head's learning rate and the frozen layers
+    of `cfg.model` (shared by every trainer)."""
+    o, m = cfg.optim, cfg.model
+    return make_optimizer(
+        schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
+        head_lr_scale=o.head_lr_scale,
+        frozen=frozen_params(m.frozen_layers, scan_layers=m.use_scan) if m.frozen_layers else None,
+    )
+
+
 def _objective(cfg: ExperimentConfig) -> Any:
     if cfg.kind == "dpo":
         d = cfg.dpo
@@ -414,15 +425,7 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         kind=o.schedule,
         min_lr_ratio=o.min_lr_ratio,
     )
-    optimizer = make_optimizer(
-        schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
-        head_lr_scale=o.head_lr_scale,
-        frozen=(
-            frozen_params(cfg.model.frozen_layers, scan_layers=cfg.model.use_scan)
-            if cfg.model.frozen_layers
-            else None
-        ),
-    )
+    optimizer = optimizer_from_config(cfg, schedule)
     same_step_ref = needs_ref and cfg.dpo.reference == "same_step"
     graphdef, state = create_state(
         model, optimizer, mesh, seed=t.seed, with_reference=same_step_ref,
