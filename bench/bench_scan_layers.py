@@ -5,6 +5,8 @@ For each configuration, in its own subprocess (so compile caches and peak RSS ar
 * the DPO train step (same-step reference, AdamW) on `[8, 96]` packed pairs from the shipped demo
   data: trace + lower time, XLA compile time, median step time over the timed steps, and XLA's memory
   analysis of the compiled step (arguments, outputs, temporaries; per device);
+* forward vs gradient alone (`--breakdown`): `hidden_states` on random `[8, 96]` ids and its
+  `jax.grad`, jitted, median of 5 calls, two alternating runs per layout;
 * greedy KV-cache generation (`--generate`): batch 8 chat prompts of the demo data, 64 new tokens;
   compile time and median wall time per call.
 
@@ -12,6 +14,7 @@ For each configuration, in its own subprocess (so compile caches and peak RSS ar
     python bench/bench_scan_layers.py --memory-only --seq 512 --steps 1 --warmup 0 \
         --remat none full dots_saveable dots_with_no_batch_dims_saveable offload_dots  # memory
     python bench/bench_scan_layers.py --generate                   # also the sampler
+    python bench/bench_scan_layers.py --remat --breakdown          # forward vs gradient only
     python bench/bench_scan_layers.py --json out.json
 
 Not part of the test suite (timing).
@@ -138,10 +141,40 @@ def run_generate(scan: bool, args: argparse.Namespace) -> dict:
     }
 
 
+def run_breakdown(scan: bool, args: argparse.Namespace) -> dict:
+    """Forward vs backward: `hidden_states` on random `[B, T]` ids, jitted, and its `jax.grad`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.models.demo import demo_model_path
+
+    graphdef, params = nnx.split(from_pretrained(demo_model_path(), scan_layers=scan), nnx.Param)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 40000, (args.batch_size, args.seq)))
+    fns = {
+        "forward_s": jax.jit(lambda p: jnp.sum(nnx.merge(graphdef, p).hidden_states(ids))),
+        "grad_s": jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p).hidden_states(ids) ** 2))),
+    }
+    out: dict = {"what": "breakdown", "scan_layers": scan, "shape": [args.batch_size, args.seq]}
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(params))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(params))
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
 def worker(args: argparse.Namespace) -> None:
     scan = args.worker_scan == "1"
     if args.worker == "step":
         result = run_step(scan, args.worker_remat, args)
+    elif args.worker == "breakdown":
+        result = run_breakdown(scan, args)
     else:
         result = run_generate(scan, args)
     print(TAG + json.dumps(result), flush=True)
@@ -170,7 +203,8 @@ def main() -> None:
     p.add_argument("--gen-calls", type=int, default=3)
     p.add_argument("--memory-only", action="store_true", help="compile and report memory; run no step")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--worker", choices=["step", "generate"], help=argparse.SUPPRESS)
+    p.add_argument("--breakdown", action="store_true", help="also time forward vs gradient alone")
+    p.add_argument("--worker", choices=["step", "generate", "breakdown"], help=argparse.SUPPRESS)
     p.add_argument("--worker-scan", help=argparse.SUPPRESS)
     p.add_argument("--worker-remat", default="none", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -198,6 +232,13 @@ def main() -> None:
                 f"call {r['call_s']:.3f} s  ({r['new_tokens']} new tokens)",
                 flush=True,
             )
+    if args.breakdown:
+        for _ in range(2):  # alternating runs: the VM drifts by a few percent
+            for scan in (False, True):
+                r = spawn("breakdown", scan, "none", args)
+                results.append(r)
+                print(f"hidden_states {r['shape']} scan={str(scan):5} forward {r['forward_s']:.3f} s  "
+                      f"gradient {r['grad_s']:.3f} s", flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
