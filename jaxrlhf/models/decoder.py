@@ -396,7 +396,7 @@ class CausalLM(nnx.Module):
             layer_state, flag = xs
             layer = nnx.merge(graphdef, layer_state)
             mask = self._layer_mask(flag, full_mask, window_mask)
-            return self._constrain(layer(self._constrain(x), mask, cos, sin)), None
+            return self._constrain(layer(x, mask, cos, sin)), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=False)
@@ -407,7 +407,7 @@ class CausalLM(nnx.Module):
             part_flags = None if flags is None else flags[start:stop]
             return jax.lax.scan(body, x, (part, part_flags))[0]
 
-        n = cfg.frozen_layers
+        x, n = self._constrain(x), cfg.frozen_layers
         if n == 0:
             return run(x, 0, cfg.num_layers)
         x = jax.lax.stop_gradient(run(x, 0, n))  # frozen below: their backward pass is never computed
@@ -460,16 +460,17 @@ class CausalLM(nnx.Module):
                 layer_state, flag, i = xs
                 layer = nnx.merge(graphdef, layer_state)
                 mask = self._layer_mask(flag, full, window)
-                x, cache = layer.cached_stacked(self._constrain(x), mask, cos, sin, cache, i, index)
+                x, cache = layer.cached_stacked(x, mask, cos, sin, cache, i, index)
                 return (self._constrain(x), cache), None
 
             layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x, cache), _ = jax.lax.scan(body, (x, tuple(cache)), (stacked, flags, layer_ids))
+            carry = (self._constrain(x), tuple(cache))
+            (x, cache), _ = jax.lax.scan(body, carry, (stacked, flags, layer_ids))
             return self.norm(x), cache
-        new_cache = []
+        new_cache, x = [], self._constrain(x)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
             mask = window if cfg.layer_uses_window(i) else full
-            x, layer_cache = layer.cached(self._constrain(x), mask, cos, sin, layer_cache, index)
+            x, layer_cache = layer.cached(x, mask, cos, sin, layer_cache, index)
             x = self._constrain(x)
             new_cache.append(layer_cache)
         return self.norm(x), new_cache

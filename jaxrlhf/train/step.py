@@ -18,10 +18,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.models.decoder import CausalLM
-from jaxrlhf.parallel.partition import BATCH_AXES, batch_axes, is_stacked
+from jaxrlhf.parallel.partition import batch_axes, is_stacked
 from jaxrlhf.train.objectives import Objective
-
-__all__ = ["BATCH_AXES"]  # re-exported for callers that imported it from here
 
 
 @struct.dataclass
