@@ -4,13 +4,15 @@ For each configuration, in its own subprocess (so compile caches and peak RSS ar
 
 * the DPO train step (same-step reference, AdamW) on `[8, 96]` packed pairs from the shipped demo
   data: trace + lower time, XLA compile time, median step time over the timed steps, and XLA's memory
-  analysis of the compiled step (arguments, outputs, temporaries; per device);
+  analysis of the compiled step (arguments, outputs, temporaries; per device); `--repeats` runs per
+  layout, alternating, and the pooled median step time of each;
 * forward vs gradient alone (`--breakdown`): `hidden_states` on random `[8, 96]` ids and its
   `jax.grad`, jitted, median of 5 calls, two alternating runs per layout;
 * greedy KV-cache generation (`--generate`): batch 8 chat prompts of the demo data, 64 new tokens;
   compile time and median wall time per call.
 
-    python bench/bench_scan_layers.py                              # unrolled vs scanned, remat none
+    python bench/bench_scan_layers.py                              # unrolled vs scanned, remat auto
+    python bench/bench_scan_layers.py --remat none                 # both keeping every residual
     python bench/bench_scan_layers.py --memory-only --seq 512 --steps 1 --warmup 0 \
         --remat none full dots_saveable dots_with_no_batch_dims_saveable offload_dots  # memory
     python bench/bench_scan_layers.py --generate                   # also the sampler
@@ -98,6 +100,7 @@ def run_step(scan: bool, remat: str, args: argparse.Namespace) -> dict:
         "step_s": statistics.median(timed),
         "step_min_s": min(timed),
         "step_max_s": max(timed),
+        "step_times": [] if args.memory_only else timed,
         "losses": losses,
         "argument_mib": mem.argument_size_in_bytes / 2**20,
         "output_mib": mem.output_size_in_bytes / 2**20,
@@ -152,7 +155,8 @@ def run_breakdown(scan: bool, args: argparse.Namespace) -> dict:
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.models.demo import demo_model_path
 
-    graphdef, params = nnx.split(from_pretrained(demo_model_path(), scan_layers=scan), nnx.Param)
+    model = from_pretrained(demo_model_path(), scan_layers=scan, remat=args.worker_remat)
+    graphdef, params = nnx.split(model, nnx.Param)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 40000, (args.batch_size, args.seq)))
     def loss(params: Any, layer_grads: bool = True) -> Any:
         if not layer_grads:  # backward through the layers for the activations only (no dW)
@@ -184,6 +188,7 @@ def worker(args: argparse.Namespace) -> None:
         result = run_step(scan, args.worker_remat, args)
     elif args.worker == "breakdown":
         result = run_breakdown(scan, args)
+        result["remat"] = args.worker_remat
     else:
         result = run_generate(scan, args)
     print(TAG + json.dumps(result), flush=True)
@@ -203,7 +208,8 @@ def spawn(kind: str, scan: bool, remat: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--remat", nargs="*", default=["none"], help="policies to time (none given: no step)")
+    p.add_argument("--remat", nargs="*", default=["auto"], help="policies to time (none given: no step)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs per layout (the VM drifts)")
     p.add_argument("--generate", action="store_true", help="also time greedy generation")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
@@ -215,23 +221,31 @@ def main() -> None:
     p.add_argument("--breakdown", action="store_true", help="also time forward vs gradient alone")
     p.add_argument("--worker", choices=["step", "generate", "breakdown"], help=argparse.SUPPRESS)
     p.add_argument("--worker-scan", help=argparse.SUPPRESS)
-    p.add_argument("--worker-remat", default="none", help=argparse.SUPPRESS)
+    p.add_argument("--worker-remat", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
     results = []
     for remat in args.remat:
-        for scan in (False, True):
-            r = spawn("step", scan, remat, args)
-            results.append(r)
-            print(
-                f"dpo step [{args.batch_size}, {args.seq}] scan={str(scan):5} remat={remat:33} "
-                f"lower {r['lower_s']:6.2f} s  compile {r['compile_s']:6.2f} s  step {r['step_s']:.3f} s "
-                f"({r['step_min_s']:.3f}-{r['step_max_s']:.3f})  args {r['argument_mib']:7.1f} MiB  "
-                f"temp {r['temp_mib']:7.1f} MiB  out {r['output_mib']:7.1f} MiB",
-                flush=True,
-            )
+        pooled: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.repeats):  # alternating U, S, U, S: the VM drifts by a few percent
+            for scan in (False, True):
+                r = spawn("step", scan, remat, args)
+                results.append(r)
+                pooled[scan] += r["step_times"]
+                print(
+                    f"dpo step [{args.batch_size}, {args.seq}] scan={str(scan):5} remat={remat:33} "
+                    f"lower {r['lower_s']:6.2f} s  compile {r['compile_s']:6.2f} s  step {r['step_s']:.3f} s "
+                    f"({r['step_min_s']:.3f}-{r['step_max_s']:.3f})  args {r['argument_mib']:7.1f} MiB  "
+                    f"temp {r['temp_mib']:7.1f} MiB  out {r['output_mib']:7.1f} MiB",
+                    flush=True,
+                )
+        if not args.memory_only:
+            unrolled, scanned = (statistics.median(pooled[k]) for k in (False, True))
+            print(f"remat={remat}: median step over {len(pooled[True])} steps each: "
+                  f"unrolled {unrolled:.3f} s, scanned {scanned:.3f} s, "
+                  f"scanned / unrolled = {scanned / unrolled:.3f}", flush=True)  # fmt: skip
     if args.generate:
         for scan in (False, True):
             r = spawn("generate", scan, "none", args)
@@ -244,7 +258,7 @@ def main() -> None:
     if args.breakdown:
         for _ in range(2):  # alternating runs: the VM drifts by a few percent
             for scan in (False, True):
-                r = spawn("breakdown", scan, "none", args)
+                r = spawn("breakdown", scan, args.remat[0] if args.remat else "auto", args)
                 results.append(r)
                 print(f"hidden_states {r['shape']} scan={str(scan):5} forward {r['forward_s']:.3f} s  "
                       f"gradient {r['grad_s']:.3f} s  activations-only gradient "

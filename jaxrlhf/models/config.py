@@ -16,10 +16,11 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 # What the backward pass keeps from each decoder layer's forward (jax.checkpoint_policies names):
+# auto = dots_saveable with scanned layers, none unrolled (see ModelConfig.remat_policy);
 # none = everything (no remat); full = only the layer's input; dots_saveable = matmul outputs;
 # dots_with_no_batch_dims_saveable = matmuls against weights (not attention's QK^T / PV);
 # offload_dots = those same matmul outputs, moved to pinned host memory between passes.
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
+REMAT_POLICIES = ("auto", "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
@@ -58,7 +59,7 @@ class ModelConfig:
     # Numerics and memory; not part of the checkpoint.
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
-    remat: str = "none"  # per-layer rematerialisation policy: one of REMAT_POLICIES
+    remat: str = "auto"  # per-layer rematerialisation policy: one of REMAT_POLICIES
     scan_layers: bool = False  # parameters stacked [L, ...] and applied with one lax.scan
     frozen_layers: int = 0  # the embeddings and layers 0..N-1 get no gradient (backward stops above them)
 
@@ -67,6 +68,20 @@ class ModelConfig:
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+
+    @property
+    def effective_remat(self) -> str:
+        """`remat` resolved: "auto" is "dots_saveable" with scanned layers and "none" unrolled.
+
+        In a scan every residual the backward pass keeps is written to an `[L, ...]` stack, so
+        "none" stores each elementwise intermediate too (the MLP alone keeps five `[B, T, F]` per
+        layer); unrolled, XLA fuses those into the backward pass instead. Keeping only the matmul
+        outputs is what unrolled layers get for free: measured on the demo model's DPO step, the
+        scanned step goes from 1.14x to 0.97-1.02x the unrolled one, with half the temporaries.
+        """
+        if self.remat == "auto":
+            return "dots_saveable" if self.scan_layers else "none"
+        return self.remat
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -361,8 +361,8 @@ class CausalLM(nnx.Module):
         if cfg.scan_layers:
             return self.norm(self._scanned(x, full_mask, window_mask, cos, sin))
         layer_fn = DecoderLayer.__call__
-        if cfg.remat != "none":
-            layer_fn = _checkpointed(remat_policy(cfg.remat))
+        if cfg.effective_remat != "none":
+            layer_fn = _checkpointed(remat_policy(cfg.effective_remat))
         x = self._constrain(x)
         for i, layer in enumerate(self.layers):
             mask = window_mask if cfg.layer_uses_window(i) else full_mask
@@ -398,8 +398,8 @@ class CausalLM(nnx.Module):
             mask = self._layer_mask(flag, full_mask, window_mask)
             return self._constrain(layer(x, mask, cos, sin)), None
 
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=False)
+        if cfg.effective_remat != "none":
+            body = jax.checkpoint(body, policy=remat_policy(cfg.effective_remat), prevent_cse=False)
 
         def run(x: Array, start: int, stop: int) -> Array:
             whole = (start, stop) == (0, cfg.num_layers)

@@ -108,7 +108,7 @@ def from_pretrained(
     param_dtype: Any = jnp.float32,
     mesh: Mesh | None = None,
     rules: Sequence[Rule] = DEFAULT_RULES,
-    remat: bool | str = "none",
+    remat: bool | str = "auto",
     scan_layers: bool = False,
     frozen_layers: int = 0,
     init_score_head: bool = False,
@@ -124,9 +124,10 @@ def from_pretrained(
       dtype: compute dtype (`jnp.float32` or `jnp.bfloat16`); param_dtype: storage dtype of parameters.
       mesh: place each parameter directly at its `NamedSharding` under `rules`, reading only each
         shard's slice from disk.
-      remat: what the backward pass keeps of each decoder layer: a `REMAT_POLICIES` name ("none",
-        "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots"); True/False
-        mean "full"/"none".
+      remat: what the backward pass keeps of each decoder layer: a `REMAT_POLICIES` name ("auto",
+        "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots");
+        True/False mean "full"/"none". "auto" keeps the matmul outputs of scanned layers and
+        everything of unrolled ones (`ModelConfig.effective_remat`).
       scan_layers: stack the layers' parameters `[L, ...]` (each HF per-layer tensor read straight
         into its slice) and run them with one `lax.scan`: compile time no longer grows with depth.
       frozen_layers: stop the backward pass above the first N decoder layers (with

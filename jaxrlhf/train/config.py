@@ -181,12 +181,13 @@ class ModelConfig(_Section):
     dtype: str = _field("float32", choices=DTYPES, help="Computation dtype of activations.")
     param_dtype: str = _field("float32", choices=DTYPES, help="Storage dtype of the parameters.")
     remat: bool | str = _field(
-        "none",
+        "auto",
         check=_remat_check,
         help="What the backward pass keeps of each decoder layer (jax.checkpoint policies): "
-        '"none" (everything: fastest, most memory), "full" (the layer input only: recompute the '
-        'layer), "dots_saveable" (matmul outputs), "dots_with_no_batch_dims_saveable" (matmuls '
-        'with weights, not attention scores), "offload_dots" (those, in pinned host memory). '
+        '"auto" (dots_saveable with scanned layers, none unrolled: each as fast as the other), '
+        '"none" (everything), "full" (the layer input only: recompute the layer), '
+        '"dots_saveable" (matmul outputs), "dots_with_no_batch_dims_saveable" (matmuls with '
+        'weights, not attention scores), "offload_dots" (those, in pinned host memory). '
         "true/false mean full/none. See docs/scaling.md.",
     )
     scan_layers: bool | str = _field(
@@ -194,8 +195,8 @@ class ModelConfig(_Section):
         check=_scan_check,
         help="Stack the decoder layers' parameters [L, ...] and run them with one lax.scan: tracing "
         "and compiling no longer grow with depth (checkpoints stay per-layer Hugging Face tensors). "
-        '"auto": on for GPU/TPU; on CPU only with a remat policy (the scanned step measured 13% '
-        "slower there, and unrolled remat saved no memory; see docs/benchmarks.md).",
+        '"auto": on for GPU/TPU; on CPU only with an explicit remat policy other than none '
+        "(see docs/benchmarks.md).",
     )
     frozen_dtype: str | None = _field(
         None,
@@ -213,13 +214,13 @@ class ModelConfig(_Section):
 
     @property
     def use_scan(self) -> bool:
-        """`scan_layers` resolved: "auto" is on for GPU/TPU, and on CPU when a remat policy is set
-        (unrolled, XLA:CPU schedules the recomputation early and remat saves nothing: measured in
-        docs/benchmarks.md)."""
+        """`scan_layers` resolved: "auto" is on for GPU/TPU, and on CPU when a remat policy other
+        than "none" is set (unrolled, XLA:CPU schedules the recomputation early and remat saves
+        nothing: measured in docs/benchmarks.md)."""
         if self.scan_layers == "auto":
             import jax
 
-            return jax.default_backend() != "cpu" or self.remat not in (False, "none")
+            return jax.default_backend() != "cpu" or self.remat not in (False, "none", "auto")
         return bool(self.scan_layers)
 
 

@@ -90,7 +90,7 @@ def test_scanned_logits_match_unrolled_and_transformers(saved):
 @pytest.mark.parametrize("remat", REMAT_POLICIES)
 def test_scanned_gradients_match_unrolled_for_every_remat_policy(saved, remat):
     kind, _, path = saved
-    if remat != "none" and kind not in ("llama", "qwen2_mixed"):
+    if remat not in ("none", "auto") and kind not in ("llama", "qwen2_mixed"):
         pytest.skip("the policies are checked on two families (they only change what is saved)")
     ids, mask, pos = padded_batch("right", seed=2)
     want = _grads(from_pretrained(path), ids, mask, pos)
@@ -98,11 +98,31 @@ def test_scanned_gradients_match_unrolled_for_every_remat_policy(saved, remat):
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-4, err_msg=f"{kind} {remat} {k}")
-    if remat != "none":  # the unrolled model under the same policy, merged inside jit as in a step
+    if remat not in ("none", "auto"):  # the unrolled model under the same policy, merged in jit as a step is
         unrolled = _grads(from_pretrained(path, remat=remat), ids, mask, pos, jit=True)
         for k in want:
             np.testing.assert_allclose(unrolled[k], want[k], atol=1e-6, rtol=1e-4, err_msg=f"{remat} {k}")
     assert max(np.abs(v).max() for v in want.values()) > 1e-3
+
+
+def test_auto_remat_keeps_the_matmul_outputs_of_scanned_layers(saved):
+    """remat "auto" is dots_saveable scanned and none unrolled: the compiled scanned gradient keeps
+    less than with "none" (which stacks every elementwise intermediate) and more than "full"."""
+    kind, _, path = saved
+    if kind != "llama":
+        pytest.skip("one family: the policy does not depend on it")
+    ids, mask, pos = padded_batch("right", seed=4)
+
+    def temp_bytes(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+        grad_fn = jax.jit(jax.grad(lambda p: _loss(nnx.merge(graphdef, p), ids, mask, pos)))
+        return grad_fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    auto = from_pretrained(path, scan_layers=True)
+    assert auto.config.remat == "auto" and auto.config.effective_remat == "dots_saveable"
+    assert from_pretrained(path).config.effective_remat == "none"
+    temp = {r: temp_bytes(from_pretrained(path, scan_layers=True, remat=r)) for r in ("none", "full")}
+    assert temp["full"] < temp_bytes(auto) < temp["none"], temp
 
 
 def test_scanned_greedy_generation_matches_unrolled(saved):

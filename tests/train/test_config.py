@@ -264,3 +264,23 @@ def test_every_field_is_documented_and_docs_are_current():
         'docs/configuration.md is stale; regenerate it with: python -c "from jaxrlhf.train.config '
         "import config_markdown as m; print(m(), end='')\" > docs/configuration.md"
     )
+
+
+@pytest.mark.parametrize(
+    "overrides, scan",
+    [
+        ([], False),  # CPU: remat "auto" and scan "auto" stay unrolled (docs/benchmarks.md)
+        (["model.remat=none"], False),
+        (["model.remat=full"], True),  # with a policy, only a scan saves memory on XLA:CPU
+        (["model.remat=dots_saveable"], True),
+        (["model.remat=true"], True),
+        (["model.scan_layers=true"], True),
+        (["model.scan_layers=false", "model.remat=full"], False),
+    ],
+)
+def test_scan_layers_auto_on_cpu(overrides, scan):
+    import jax
+
+    assert jax.default_backend() == "cpu"
+    cfg = load_config(None, overrides)
+    assert cfg.model.use_scan is scan
