@@ -1,6 +1,14 @@
 """Flax NNX decoders that load and save Hugging Face checkpoints exactly."""
 
+from jaxrlhf.models.attention import (
+    attend,
+    dot_product_attention,
+    resolve_backend,
+    splash_attention,
+    xla_attention,
+)
 from jaxrlhf.models.config import (
+    ATTENTION_BACKENDS,
     REMAT_POLICIES,
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
@@ -19,20 +27,26 @@ from jaxrlhf.models.pretrained import (
 )
 
 __all__ = [
+    "ATTENTION_BACKENDS",
     "REMAT_POLICIES",
     "SUPPORTED_MODEL_TYPES",
     "CausalLM",
     "CheckpointError",
     "ModelConfig",
     "UnsupportedModelError",
+    "attend",
     "check_checkpoint",
     "default_positions",
+    "dot_product_attention",
     "from_hf_config",
     "from_pretrained",
     "load_tokenizer",
     "make_attention_mask",
     "remat_policy",
+    "resolve_backend",
     "resolve_checkpoint",
     "save_pretrained",
+    "splash_attention",
     "to_hf_config",
+    "xla_attention",
 ]

@@ -20,6 +20,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 # none = everything (no remat); full = only the layer's input; dots_saveable = matmul outputs;
 # dots_with_no_batch_dims_saveable = matmuls against weights (not attention's QK^T / PV);
 # offload_dots = those same matmul outputs, moved to pinned host memory between passes.
+# Attention implementations (jaxrlhf.models.attention): auto = splash on TPU, cudnn on GPU where
+# the dtype allows, xla otherwise.
+ATTENTION_BACKENDS = ("auto", "xla", "splash", "cudnn")
+
 REMAT_POLICIES = ("auto", "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -62,12 +66,23 @@ class ModelConfig:
     remat: str = "auto"  # per-layer rematerialisation policy: one of REMAT_POLICIES
     scan_layers: bool = False  # parameters stacked [L, ...] and applied with one lax.scan
     frozen_layers: int = 0  # the embeddings and layers 0..N-1 get no gradient (backward stops above them)
+    attention: str = "auto"  # one of ATTENTION_BACKENDS
+    lora: Any = None  # a jaxrlhf.models.lora.LoRASpec: low-rank adapters on the targeted linears
 
     def __post_init__(self) -> None:
         if isinstance(self.remat, bool):  # the old switch: True = full, False = none
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.lora is not None and self.model_type == "gpt2":
+            raise UnsupportedModelError(
+                "LoRA uses PEFT's llama-style module names (q_proj ... down_proj); gpt2's fused "
+                "c_attn / c_fc layers are not supported"
+            )
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"
+            )
 
     @property
     def effective_remat(self) -> str:
@@ -82,6 +97,14 @@ class ModelConfig:
         if self.remat == "auto":
             return "dots_saveable" if self.scan_layers else "none"
         return self.remat
+
+    @property
+    def effective_attention(self) -> str:
+        """`attention` resolved for jax's default backend ("auto": splash on TPU, cudnn on GPU for
+        bfloat16/float16 compute, xla otherwise)."""
+        from jaxrlhf.models.attention import resolve_backend
+
+        return resolve_backend(self.attention, self.dtype, self.head_dim)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

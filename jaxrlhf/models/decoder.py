@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrlhf.models import attention as attention_backends
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.lora import LoRASpec, init_adapters
 
 Array = jax.Array
 
@@ -29,18 +31,35 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02)
 
 
 class Linear(nnx.Module):
-    """`y = x @ kernel + bias`, kernel stored `[in, out]` (the transpose of torch's layout)."""
+    """`y = x @ kernel + bias`, kernel stored `[in, out]` (the transpose of torch's layout); with a
+    `LoRASpec`, plus the low-rank update `(x @ lora_a) @ lora_b * alpha / r`."""
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(
+        self, d_in: int, d_out: int, *, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs,
+        lora: LoRASpec | None = None,
+    ):
         self.kernel = _init(rngs, (d_in, d_out), cfg.param_dtype)
         self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype)) if bias else None
         self.dtype = cfg.dtype
+        no_adapters: tuple[Any, Any] = (None, None)
+        adapters = no_adapters if lora is None else init_adapters(rngs, d_in, d_out, lora, cfg.param_dtype)
+        self.lora_a, self.lora_b = adapters
+        self.lora_scale = lora.scale if lora is not None else 0.0
 
     def __call__(self, x: Array) -> Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        if self.lora_a is not None:
+            x_a = jnp.dot(x, self.lora_a[...].astype(self.dtype))  # [..., r]: the cheap side first
+            scale = jnp.asarray(self.lora_scale, self.dtype)
+            y = y + jnp.dot(x_a, self.lora_b[...].astype(self.dtype)) * scale
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def _lora(cfg: ModelConfig, name: str) -> LoRASpec | None:
+    return cfg.lora if cfg.lora is not None and name in cfg.lora.targets else None
 
 
 class Norm(nnx.Module):
@@ -97,10 +116,10 @@ def apply_rope(x_BxTxNxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, n * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
-        self.k_proj = Linear(d, k * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
-        self.v_proj = Linear(d, k * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
-        self.o_proj = Linear(n * h, d, bias=cfg.o_bias, cfg=cfg, rngs=rngs)
+        self.q_proj = Linear(d, n * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "q_proj"))
+        self.k_proj = Linear(d, k * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "k_proj"))
+        self.v_proj = Linear(d, k * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "v_proj"))
+        self.o_proj = Linear(n * h, d, bias=cfg.o_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "o_proj"))
         if cfg.qk_norm:
             self.q_norm = Norm(h, kind="rms", eps=cfg.norm_eps, cfg=cfg)
             self.k_norm = Norm(h, kind="rms", eps=cfg.norm_eps, cfg=cfg)
@@ -109,6 +128,8 @@ class Attention(nnx.Module):
         self.n, self.k, self.h = n, k, h
         self.rope = cfg.position_embedding == "rope"
         self.dtype = cfg.dtype
+        self.backend = cfg.effective_attention  # resolved once: "xla", "splash" or "cudnn"
+        self.mesh: Any = None  # set by CausalLM.set_mesh: the splash kernel runs under shard_map
 
     def project(self, x_BxTxD: Array, cos: Array | None, sin: Array | None) -> tuple[Array, Array, Array]:
         """Queries `[B, T, N, H]`, keys and values `[B, T, K, H]`, normed and rotated."""
@@ -124,14 +145,11 @@ class Attention(nnx.Module):
 
     def attend(self, q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:
         b, t = q_BxTxNxH.shape[:2]
-        # Grouped-query attention without repeating K/V: query heads are grouped per key head.
-        q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, self.k, self.n // self.k, self.h)
-        scores = jnp.einsum(
-            "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(self.dtype), preferred_element_type=jnp.float32
-        ) * (1.0 / math.sqrt(self.h))
-        scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH.astype(self.dtype))
+        backend = self.backend if t > 1 else "xla"  # one-token decode steps stay on XLA
+        out = attention_backends.attend(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, backend=backend, scale=1.0 / math.sqrt(self.h),
+            mesh=self.mesh,
+        )
         return self.o_proj(out.reshape(b, t, self.n * self.h))
 
     def __call__(self, x_BxTxD: Array, mask_BxTxS: Array, cos: Array | None, sin: Array | None) -> Array:
@@ -173,9 +191,12 @@ _ACT = {
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs) if cfg.gated_mlp else None
-        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
-        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs)
+        gate = _lora(cfg, "gate_proj")
+        self.gate_proj = (
+            Linear(d, f, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, lora=gate) if cfg.gated_mlp else None
+        )
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "up_proj"))
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "down_proj"))
         self.act = cfg.activation
 
     def __call__(self, x_BxTxD: Array) -> Array:
@@ -323,6 +344,13 @@ class CausalLM(nnx.Module):
         if self.score is not None:  # TRL's reward-model init: N(0, 1/sqrt(D+1))
             std = 1.0 / math.sqrt(cfg.hidden_size + 1)
             self.score.kernel = _init(rngs, (cfg.hidden_size, 1), cfg.param_dtype, std=std)
+
+    def set_mesh(self, mesh: Any) -> None:
+        """The device mesh the model is sharded over: attention kernels that XLA cannot partition
+        (splash) then run per device under `shard_map`."""
+        attns = [self.layers.self_attn] if self.config.scan_layers else [x.self_attn for x in self.layers]
+        for attn in attns:
+            attn.mesh = mesh if mesh is not None and mesh.size > 1 else None
 
     def _constrain(self, x_BxTxD: Array) -> Array:
         sharding = self.activation_sharding

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxrlhf.models.config import ModelConfig, UnsupportedModelError, from_hf_config
+from jaxrlhf.models.config import ATTENTION_BACKENDS, ModelConfig, UnsupportedModelError, from_hf_config
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.hf_io import CheckpointError, SafetensorsReader, load_params, write_safetensors
+from jaxrlhf.models.lora import LoRASpec, is_adapter
 from jaxrlhf.parallel.partition import (
     DEFAULT_RULES,
     Rule,
@@ -111,6 +112,8 @@ def from_pretrained(
     remat: bool | str = "auto",
     scan_layers: bool = False,
     frozen_layers: int = 0,
+    attention: str = "auto",
+    lora: LoRASpec | None = None,
     init_score_head: bool = False,
     seed: int = 0,
 ) -> CausalLM:
@@ -130,15 +133,24 @@ def from_pretrained(
         everything of unrolled ones (`ModelConfig.effective_remat`).
       scan_layers: stack the layers' parameters `[L, ...]` (each HF per-layer tensor read straight
         into its slice) and run them with one `lax.scan`: compile time no longer grows with depth.
+      attention: the attention implementation, one of `ATTENTION_BACKENDS`: "xla" (einsums, the
+        reference), "splash" (Pallas TPU kernel), "cudnn" (fused GPU kernel, bf16/fp16), or "auto"
+        (splash on TPU, cudnn on GPU where the dtype allows, xla otherwise); see
+        `jaxrlhf.models.attention`.
+      lora: add low-rank adapters (`LoRASpec`: rank, alpha, target modules) to the targeted linear
+        layers: `A` drawn as PEFT does (seeded by `seed`), `B = 0`, so the model starts as the base.
       frozen_layers: stop the backward pass above the first N decoder layers (with
         `jaxrlhf.train.step.make_optimizer(frozen=frozen_params(N))` they are not trained).
       init_score_head: with `head="score"` and a checkpoint without `score.weight` (a causal LM), draw
         the score head from N(0, 1/sqrt(D+1)) (seeded by `seed`) instead of raising.
     """
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
     directory = resolve_checkpoint(path_or_hub_id)
     hf = read_hf_config(directory)
     cfg = model_config(directory, dtype=_as_dtype(dtype), param_dtype=_as_dtype(param_dtype), remat=remat,
-                       scan_layers=scan_layers, frozen_layers=frozen_layers)  # fmt: skip
+                       scan_layers=scan_layers, frozen_layers=frozen_layers, attention=attention,
+                       lora=lora)  # fmt: skip
     if not 0 <= frozen_layers <= cfg.num_layers:
         raise ValueError(f"frozen_layers must be in [0, {cfg.num_layers}], got {frozen_layers}")
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, head=head, rngs=nnx.Rngs(seed)))
@@ -151,9 +163,19 @@ def from_pretrained(
     def missing_ok(path: tuple[Any, ...]) -> bool:
         return init_score_head and path[0] == "score"
 
-    loaded = load_params(flat, cfg, directory, sharding_for=sharding_for, missing_ok=missing_ok)
-    for path, value in flat:
-        if path not in loaded:  # only the score head can get here (see missing_ok)
+    base = [(path, value) for path, value in flat if not is_adapter(path)]  # adapters: made here
+    loaded = load_params(base, cfg, directory, sharding_for=sharding_for, missing_ok=missing_ok)
+    for i, (path, value) in enumerate(flat):
+        if path not in loaded and is_adapter(path):  # fresh adapters: A as PEFT draws it, B = 0
+            bound = 1.0 / math.sqrt(value.shape[-2])  # A is [..., in, r]
+            key = jax.random.fold_in(jax.random.key(seed), i)
+            init = jnp.zeros(value.shape, jnp.float32)
+            if path[-1] == "lora_a":
+                init = jax.random.uniform(key, value.shape, jnp.float32, -bound, bound)
+            sharding = sharding_for(path, value.shape)
+            init = init.astype(value.dtype)
+            loaded[path] = jax.device_put(init, sharding) if sharding is not None else init
+        elif path not in loaded:  # only the score head can get here (see missing_ok)
             std = 1.0 / math.sqrt(cfg.hidden_size + 1)
             init = std * jax.random.normal(jax.random.key(seed), value.shape, jnp.float32)
             sharding = sharding_for(path, value.shape)
@@ -171,6 +193,7 @@ def from_pretrained(
     model.hf_config_json = json.dumps(hf, sort_keys=True)
     if mesh is not None and batch_axes(mesh) is not None:  # a batch split over devices: keep it so
         model.activation_sharding = activation_sharding(mesh)
+    model.set_mesh(mesh)
     return model
 
 
@@ -237,9 +260,16 @@ def save_pretrained(
 ) -> None:
     """Write `config.json` + safetensors that `transformers.AutoModelForCausalLM` (LM head) or
     `AutoModelForSequenceClassification` (score head) load as is; sharded with an index above
-    `max_shard_size`. The tokenizer, if given, is saved alongside. Atomic per file; config written last."""
-    _, state = nnx.split(model, nnx.Param)
-    flat = [(tuple(path), var.get_value()) for path, var in nnx.to_flat_state(state)]
+    `max_shard_size`. The tokenizer, if given, is saved alongside. Atomic per file; config written last.
+    A model with LoRA adapters is saved merged (`W + A B alpha / r`); `save_adapter` writes the
+    adapters alone in PEFT's format."""
+    if model.config.lora is not None:  # the adapters folded into the kernels: a plain HF model
+        from jaxrlhf.models.peft_io import merged_params
+
+        flat = merged_params(model)
+    else:
+        _, state = nnx.split(model, nnx.Param)
+        flat = [(tuple(path), var.get_value()) for path, var in nnx.to_flat_state(state)]
     hf = to_hf_config(model)
     extra = (lambda d: tokenizer.save_pretrained(d)) if tokenizer is not None else None
     if tokenizer is not None and tokenizer.pad_token_id is not None:

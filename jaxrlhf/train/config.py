@@ -49,6 +49,8 @@ from typing import Any, ClassVar, Union
 
 import yaml
 
+from jaxrlhf.models.config import ATTENTION_BACKENDS
+
 __all__ = [
     "AXES",
     "DPO_LOSS_TYPES",
@@ -58,6 +60,7 @@ __all__ = [
     "DataConfig",
     "DPOConfig",
     "ExperimentConfig",
+    "LoRAConfig",
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",
@@ -197,6 +200,20 @@ class ModelConfig(_Section):
         "and compiling no longer grow with depth (checkpoints stay per-layer Hugging Face tensors). "
         '"auto": on for GPU/TPU; on CPU only with an explicit remat policy other than none '
         "(see docs/benchmarks.md).",
+    )
+    adapter: str | None = _field(
+        None,
+        help="A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to load "
+        "onto `path`: training continues from it (its rank, alpha and target modules replace the "
+        "`lora` section's) or, with train.max_steps=0, it is only evaluated.",
+    )
+    attention: str = _field(
+        "auto",
+        choices=ATTENTION_BACKENDS,
+        help='Attention implementation: "xla" (einsums; the reference), "splash" (Pallas TPU '
+        'kernel), "cudnn" (fused GPU kernel; bfloat16/float16 compute), "auto" (splash on TPU, '
+        "cudnn on GPU where the dtype allows, xla otherwise). Every backend keeps the packed "
+        "DPO/reward row's shared prompt. See docs/attention.md.",
     )
     frozen_dtype: str | None = _field(
         None,
@@ -601,6 +618,48 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+def _lora_targets(v: Any) -> str | None:
+    from jaxrlhf.models.lora import LORA_TARGETS
+
+    names = [v] if isinstance(v, str) else list(v)
+    bad = [n for n in names if n not in LORA_TARGETS and n != "all-linear"]
+    if bad or not names:
+        return f"must be 'all-linear' or a list of {', '.join(LORA_TARGETS)}"
+    return None
+
+
+@dataclass(kw_only=True)
+class LoRAConfig(_Section):
+    """Low-rank adapters (PEFT's LoRA) instead of full fine-tuning; `rank: 0` turns them off."""
+
+    SECTION: ClassVar[str] = "lora"
+
+    rank: int = _field(0, check=_non_negative, help="Adapter rank r; 0 = full fine-tuning (no adapters).")
+    alpha: float = _field(16.0, check=_positive, help="Scale numerator: the update is (x A) B * alpha / r.")
+    dropout: float = _field(
+        0.0, check=lambda v: None if v == 0 else "must be 0 (LoRA dropout is not implemented yet)",
+        help="Dropout on the adapters' input (PEFT's lora_dropout); only 0 is implemented so far.",
+    )  # fmt: skip
+    target_modules: str | list[str] = _field(
+        "all-linear",
+        check=_lora_targets,
+        help="PEFT module names to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+        'down_proj), or "all-linear" for all seven.',
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def spec(self) -> Any:
+        """The model's `LoRASpec` (None when off)."""
+        from jaxrlhf.models.lora import LoRASpec
+
+        if not self.enabled:
+            return None
+        return LoRASpec.build(self.rank, self.alpha, self.target_modules, self.dropout)
+
+
 @dataclass(kw_only=True)
 class ExperimentConfig(_Section):
     """A whole run: what to train (`kind`) and one section per concern."""
@@ -616,6 +675,14 @@ class ExperimentConfig(_Section):
     sft: SFTConfig = _field(factory=SFTConfig, help="See the `sft` section.")
     ppo: PPOConfig = _field(factory=PPOConfig, help="See the `ppo` section.")
     task_eval: TaskEvalConfig = _field(factory=TaskEvalConfig, help="See the `task_eval` section.")
+    lora: LoRAConfig = _field(factory=LoRAConfig, help="See the `lora` section.")
+
+    def validate(self, prefix: str) -> None:
+        lora = self.lora.enabled or self.model.adapter is not None
+        if lora and self.kind == "ppo":
+            raise ConfigError("lora with kind ppo is not implemented yet (sft, reward and dpo are)")
+        if lora and self.model.frozen_layers:
+            raise ConfigError("lora.rank > 0 already freezes the base: leave model.frozen_layers at 0")
 
 
 def _validate_fields(obj: Any, prefix: str) -> None:

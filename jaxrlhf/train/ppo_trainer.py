@@ -178,6 +178,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         remat=cfg.model.remat,
         scan_layers=cfg.model.use_scan,
         frozen_layers=cfg.model.frozen_layers,
+        attention=cfg.model.attention,
     )
     policy = from_pretrained(policy_dir, **kw)
     reward_model = None

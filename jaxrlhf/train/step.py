@@ -18,6 +18,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.models.decoder import CausalLM
+from jaxrlhf.models.lora import adapters_off
 from jaxrlhf.parallel.partition import batch_axes, is_stacked
 from jaxrlhf.train.objectives import Objective
 
@@ -25,10 +26,18 @@ from jaxrlhf.train.objectives import Objective
 @struct.dataclass
 class TrainState:
     step: jax.Array
-    params: nnx.State
+    params: nnx.State  # what is trained (everything, or with LoRA the adapters and a score head)
     opt_state: Any
     rng: jax.Array
     ref_params: nnx.State | None = None
+    frozen: nnx.State | None = None  # with LoRA: the base weights (not differentiated, no optimizer state)
+    # With LoRA, the reference model is the base: the trained parameters with the adapters zeroed.
+    base_reference: bool = struct.field(pytree_node=False, default=False)
+
+
+def all_params(state: TrainState) -> nnx.State:
+    """Every parameter of the model (trained and frozen) as one state for `nnx.merge(graphdef, .)`."""
+    return state.params if state.frozen is None else nnx.merge_state(state.params, state.frozen)
 
 
 def make_schedule(
@@ -169,6 +178,7 @@ def create_state(
     seed: int = 0,
     with_reference: bool = False,
     reference_dtype: Any = None,
+    trainable: Any = None,
 ) -> tuple[nnx.GraphDef, TrainState]:
     """Split `model` into its graph definition and a `TrainState` placed on `mesh`.
 
@@ -176,12 +186,21 @@ def create_state(
     optimizer state is created under `jit`, which gives its moments the parameters' shardings.
     `with_reference` adds a frozen copy of the parameters (DPO's same-step reference), stored in
     `reference_dtype` when given.
+
+    `trainable` (an nnx filter, e.g. `jaxrlhf.models.lora.trainable(head)`): only the matching
+    parameters are differentiated and get optimizer state; the rest is `state.frozen`. The
+    reference is then the model with its adapters switched off (no copy of the base).
     """
-    graphdef, params = nnx.split(model, nnx.Param)
+    frozen = None
+    if trainable is None:
+        graphdef, params = nnx.split(model, nnx.Param)
+    else:
+        graphdef, params, frozen = nnx.split(model, trainable, nnx.Param)
+        frozen = _on_mesh(frozen, mesh)
     params = _on_mesh(params, mesh)
     opt_state = init_optimizer_state(optimizer, params, mesh)
     ref = None
-    if with_reference:  # a frozen copy, optionally narrower (it only runs forward passes)
+    if with_reference and trainable is None:  # a frozen copy, optionally narrower (forward only)
         ref = jax.tree.map(
             lambda p: p.astype(reference_dtype) if reference_dtype is not None else jnp.copy(p), params
         )
@@ -191,6 +210,8 @@ def create_state(
         opt_state=opt_state,
         rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), _replicated(mesh)),
         ref_params=ref,
+        frozen=frozen,
+        base_reference=with_reference and trainable is not None,
     )
     return graphdef, state
 
@@ -257,13 +278,21 @@ def make_train_step(
     """Compile `step(state, batch)`; `batch` leaves are `[A, B/A, ...]` (A micro-batches)."""
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        ref_model = nnx.merge(graphdef, state.ref_params) if state.ref_params is not None else None
+        def model_of(params: nnx.State) -> CausalLM:
+            frozen = () if state.frozen is None else (state.frozen,)
+            return nnx.merge(graphdef, params, *frozen)
+
+        ref_model = None
+        if state.ref_params is not None:
+            ref_model = nnx.merge(graphdef, state.ref_params)
+        elif state.base_reference:
+            ref_model = model_of(adapters_off(state.params))
 
         def micro(carry, micro_batch):
             grads_acc, num_acc, den_acc = carry
 
             def f(params):
-                num, den, metrics = objective(nnx.merge(graphdef, params), micro_batch, ref_model)
+                num, den, metrics = objective(model_of(params), micro_batch, ref_model)
                 return num, (den, metrics)
 
             (num, (den, metrics)), grads = jax.value_and_grad(f, has_aux=True)(state.params)

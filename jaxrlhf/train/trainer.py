@@ -41,14 +41,18 @@ from jaxrlhf.models import (
     save_pretrained,
 )
 from jaxrlhf.models.demo import cache_dir, demo_model_path
+from jaxrlhf.models.lora import base_fingerprint
+from jaxrlhf.models.lora import trainable as lora_trainable
+from jaxrlhf.models.peft_io import load_adapter, read_adapter_config, save_adapter
 from jaxrlhf.parallel import DEFAULT_RULES, make_mesh
 from jaxrlhf.train.checkpoint import Checkpointer
-from jaxrlhf.train.config import ExperimentConfig, config_to_dict
+from jaxrlhf.train.config import ConfigError, ExperimentConfig, config_to_dict
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
 from jaxrlhf.train.objectives import DPOObjective, RewardObjective, SFTObjective, add_targets, pair_logps
 from jaxrlhf.train.pipeline import checkpoint_fingerprint, pairs_fingerprint, prepare_data, resolve_data_files
 from jaxrlhf.train.step import (
+    all_params,
     batch_sharding,
     create_state,
     frozen_params,
@@ -402,12 +406,22 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     eval_ex = [Indexed(i, p) for i, p in enumerate(data.eval)]
     pad_id = tokenizer.pad_token_id
 
+    lora = cfg.lora.spec()
+    if cfg.model.adapter:  # an existing PEFT adapter: its own rank / alpha / targets
+        lora = read_adapter_config(cfg.model.adapter)
+        if cfg.lora.enabled and (cfg.lora.rank, cfg.lora.alpha) != (lora.rank, lora.alpha):
+            raise ConfigError(
+                f"lora.rank={cfg.lora.rank}, lora.alpha={cfg.lora.alpha} but model.adapter "
+                f"{cfg.model.adapter} has r={lora.rank}, lora_alpha={lora.alpha}: drop the lora settings"
+            )
     model = from_pretrained(
         model_dir, head="score" if cfg.kind == "reward" else "lm", dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype, mesh=mesh, rules=rules, remat=cfg.model.remat,
         scan_layers=cfg.model.use_scan, frozen_layers=cfg.model.frozen_layers,
-        init_score_head=cfg.kind == "reward", seed=t.seed,
+        attention=cfg.model.attention, lora=lora, init_score_head=cfg.kind == "reward", seed=t.seed,
     )  # fmt: skip
+    if cfg.model.adapter:
+        load_adapter(model, cfg.model.adapter)
     objective = _objective(cfg)
     needs_ref = cfg.kind == "dpo" and objective.needs_reference
     steps_per_epoch = len(train_ex) // t.batch_size
@@ -427,18 +441,21 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     )
     optimizer = optimizer_from_config(cfg, schedule)
     same_step_ref = needs_ref and cfg.dpo.reference == "same_step"
+    trained = lora_trainable(model.head_type) if lora is not None else None
     graphdef, state = create_state(
         model, optimizer, mesh, seed=t.seed, with_reference=same_step_ref,
-        reference_dtype=cfg.model.frozen_dtype,
+        reference_dtype=cfg.model.frozen_dtype, trainable=trained,
     )  # fmt: skip
     del model
+    fingerprint = base_fingerprint(model_dir) if lora is not None else None
 
     train_ref = eval_ref = None
     if cfg.kind == "dpo":  # log-probs of the initial policy = the reference
         if needs_ref and not same_step_ref:
-            train_ref = _reference_logps(graphdef, state.params, train_ex, cfg, pad_id, mesh, model_dir, say)
+            everything = all_params(state)
+            train_ref = _reference_logps(graphdef, everything, train_ex, cfg, pad_id, mesh, model_dir, say)
         if needs_ref and eval_ex:
-            eval_ref = compute_pair_logps(graphdef, state.params, eval_ex, cfg, pad_id, mesh)
+            eval_ref = compute_pair_logps(graphdef, all_params(state), eval_ex, cfg, pad_id, mesh)
 
     batches = BatchIterator(
         train_ex, _collate_fn(cfg, pad_id, train_ref), global_batch_size=t.batch_size, seed=cfg.data.seed,
@@ -450,27 +467,36 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     checkpointer = Checkpointer(os.path.join(t.output_dir, "checkpoints"), keep=t.keep_checkpoints)
     step = 0
     if t.resume and checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        step, state, extra = checkpointer.restore(abstract_state=abstract)
+        saved = state.replace(frozen=None)  # a LoRA checkpoint holds the adapters, not the base
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), saved)
+        step, restored, extra = checkpointer.restore(abstract_state=abstract)
+        if extra.get("base_fingerprint") != fingerprint:
+            raise ValueError(
+                f"{checkpointer.directory}: its checkpoint was trained on base "
+                f"{extra.get('base_fingerprint')}, but model.path {cfg.model.path} is base {fingerprint}: "
+                "use the same base model (or train.resume=false)"
+            )
+        state = restored.replace(frozen=state.frozen)
         batches.restore(extra["data"])
         say(f"resumed from step {step}")
 
     logger = MetricsLogger(t.output_dir, total_steps=total_steps, tensorboard=t.tensorboard, start_step=step)
 
     def do_eval() -> dict[str, float]:
-        return evaluate(cfg.kind, graphdef, state.params, eval_ex, cfg, pad_id, mesh, eval_ref)
+        return evaluate(cfg.kind, graphdef, all_params(state), eval_ex, cfg, pad_id, mesh, eval_ref)
 
     eval_before = None
     if eval_ex and step == 0:  # at step 0 the DPO policy is the reference: reuse its log-probs
         eval_before = dpo_eval_metrics(eval_ref, eval_ref, cfg) if eval_ref is not None else do_eval()
     task_before = None
     if tasks and step == 0:
-        task_before = run_task_eval(nnx.merge(graphdef, state.params), tokenizer, tasks, cfg, mesh, "before")
+        before = nnx.merge(graphdef, all_params(state))
+        task_before = run_task_eval(before, tokenizer, tasks, cfg, mesh, "before")
         eval_before = {**(eval_before or {}), **task_before.summary()}
         say(format_task_report(task_before, None))
     if eval_before:
         logger.log(step, eval_before, split="eval")
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(all_params(state)))
     peak = device_peak_flops()
     crash_after = int(os.environ.get(_CRASH_ENV, "0"))
     iterator = iter(batches)
@@ -491,7 +517,8 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         return metrics
 
     def snapshot() -> tuple[Any, dict[str, Any]]:
-        return state, {"data": batches.state(), "config": config_to_dict(cfg)}
+        extra = {"data": batches.state(), "config": config_to_dict(cfg), "base_fingerprint": fingerprint}
+        return state.replace(frozen=None), extra
 
     def after_step(step: int, saved: bool) -> None:
         if saved and crash_after and step >= crash_after:  # test hook: die right after a checkpoint
@@ -515,7 +542,8 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     eval_after = None if preempted or not eval_ex else do_eval()
     task_after = None
     if tasks and not preempted:
-        task_after = run_task_eval(nnx.merge(graphdef, state.params), tokenizer, tasks, cfg, mesh, "after")
+        after = nnx.merge(graphdef, all_params(state))
+        task_after = run_task_eval(after, tokenizer, tasks, cfg, mesh, "after")
         eval_after = {**(eval_after or {}), **task_after.summary()}
         say(format_task_report(task_before, task_after))
     if eval_after:
@@ -523,8 +551,15 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     export_dir = None
     if t.export and not preempted:
         export_dir = os.path.join(t.output_dir, "export")
-        save_pretrained(nnx.merge(graphdef, state.params), export_dir, tokenizer=tokenizer)
-        say(f"exported to {export_dir}")
+        model = nnx.merge(graphdef, all_params(state))
+        if lora is not None:  # export/ = the PEFT adapter; export_merged/ = the merged full model
+            save_adapter(model, export_dir, base_model=cfg.model.path)
+            merged_dir = os.path.join(t.output_dir, "export_merged")
+            save_pretrained(model, merged_dir, tokenizer=tokenizer)
+            say(f"exported the adapter to {export_dir} and the merged model to {merged_dir}")
+        else:
+            save_pretrained(model, export_dir, tokenizer=tokenizer)
+            say(f"exported to {export_dir}")
     summary = {"steps": step, "eval_before": eval_before, "eval_after": eval_after, "export_dir": export_dir,
                "preempted": preempted, "data": data.report}  # fmt: skip
     if t.on_nonfinite == "skip" and history:

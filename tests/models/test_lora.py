@@ -1,0 +1,119 @@
+"""LoRA adapters in the decoder (`jaxrlhf.models.lora`).
+
+* a targeted linear layer computes `x W + (x A) B alpha / r`, checked against numpy on the layer's
+  own arrays; untargeted layers are untouched;
+* with `B = 0` (fresh adapters) the logits equal the base model's exactly, unrolled and scanned;
+* with trained (non-zero) adapters the logits equal a model whose kernels are `W + A B alpha / r`
+  (the merged weights, computed independently in numpy);
+* gradients taken over the trainable split reach only the adapters (and a score head);
+* a scanned model's adapters are stacked `[L, ...]` and give the unrolled model's logits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tiny_hf import make_hf_model, padded_batch
+
+from jaxrlhf.models import from_pretrained
+from jaxrlhf.models.lora import LORA_TARGETS, LoRAParam, LoRASpec, adapters_off, trainable
+
+SPEC = LoRASpec.build(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("llama"))
+    make_hf_model("llama").save_pretrained(out)
+    return out
+
+
+def _randomize_b(model, seed=0):
+    """Give every `lora_b` random values (fresh ones are zero, which would hide bugs)."""
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
+        if path[-1] == "lora_b":
+            var.set_value(jnp.asarray(rng.normal(0, 0.05, var.get_value().shape), jnp.float32))
+    return model
+
+
+def test_spec_names_and_errors():
+    assert LoRASpec.build(8, 16).targets == LORA_TARGETS and LoRASpec.build(8, 16).scale == 2.0
+    assert LoRASpec.build(8, 16, ["v_proj", "q_proj"]).targets == ("q_proj", "v_proj")
+    with pytest.raises(ValueError, match="c_attn"):
+        LoRASpec.build(8, 16, ["c_attn"])
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        LoRASpec.build(0, 16)
+
+
+def test_linear_layer_against_numpy(path):
+    model = _randomize_b(from_pretrained(path, lora=SPEC))
+    layer = model.layers[1]
+    x = np.random.default_rng(1).normal(size=(2, 5, model.config.hidden_size)).astype(np.float32)
+    q = layer.self_attn.q_proj
+    w, a, b = (np.asarray(v[...]) for v in (q.kernel, q.lora_a, q.lora_b))
+    assert a.shape == (model.config.hidden_size, 4) and np.abs(b).max() > 0
+    want = x @ w + (x @ a) @ b * (8.0 / 4)
+    if q.bias is not None:
+        want = want + np.asarray(q.bias[...])
+    np.testing.assert_allclose(np.asarray(q(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+    assert layer.self_attn.k_proj.lora_a is None and layer.mlp.up_proj.lora_a is None
+    assert layer.mlp.down_proj.lora_a.shape == (model.config.intermediate_size, 4)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fresh_adapters_give_the_base_and_trained_ones_the_merged_weights(path, scan):
+    ids, mask, pos = padded_batch("left", seed=2)
+    base = from_pretrained(path, scan_layers=scan)
+    want = np.asarray(base(ids, mask, pos))
+    fresh = from_pretrained(path, scan_layers=scan, lora=SPEC)
+    np.testing.assert_array_equal(np.asarray(fresh(ids, mask, pos)), want)
+    adapted = _randomize_b(fresh)
+    got = np.asarray(adapted(ids, mask, pos))
+    assert np.abs(got - want)[mask.astype(bool)].max() > 1e-3  # the adapters change the output
+    graphdef, state = nnx.split(adapted)
+    off = nnx.merge(graphdef, adapters_off(state))  # the reference of a LoRA run: adapters off
+    np.testing.assert_array_equal(np.asarray(off(ids, mask, pos)), want)
+    # merged weights, in numpy: W + A B alpha / r in each targeted kernel of the base model
+    merged = from_pretrained(path, scan_layers=scan)
+    for mod_path, var in nnx.to_flat_state(nnx.state(merged, nnx.Param)):
+        if mod_path[-1] != "kernel" or mod_path[-2] not in SPEC.targets:
+            continue
+        owner = adapted
+        for k in mod_path[:-1]:
+            owner = owner[k] if isinstance(k, int) else getattr(owner, k)
+        a, b = np.asarray(owner.lora_a[...]), np.asarray(owner.lora_b[...])
+        var.set_value(jnp.asarray(np.asarray(var.get_value()) + np.matmul(a, b) * SPEC.scale))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], np.asarray(merged(ids, mask, pos))[real], atol=2e-5)
+
+
+def test_scanned_adapters_are_stacked_and_match_unrolled(path):
+    ids, mask, pos = padded_batch("right", seed=3)
+    unrolled = _randomize_b(from_pretrained(path, lora=SPEC), seed=7)
+    scanned = from_pretrained(path, lora=SPEC, scan_layers=True)
+    cfg = scanned.config
+    assert scanned.layers.self_attn.q_proj.lora_a.shape == (cfg.num_layers, cfg.hidden_size, 4)
+    for block, lin in (("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "down_proj")):
+        for name in ("lora_a", "lora_b"):  # the unrolled adapters, stacked
+            layers = [getattr(getattr(getattr(x, block), lin), name)[...] for x in unrolled.layers]
+            getattr(getattr(getattr(scanned.layers, block), lin), name).set_value(jnp.stack(layers))
+    real = mask.astype(bool)
+    a, b = np.asarray(unrolled(ids, mask, pos)), np.asarray(scanned(ids, mask, pos))
+    np.testing.assert_allclose(b[real], a[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["lm", "score"])
+def test_gradients_reach_only_the_trainable_split(path, head):
+    model = _randomize_b(from_pretrained(path, lora=SPEC, head=head, init_score_head=True))
+    graphdef, train, frozen = nnx.split(model, trainable(head), nnx.Param)
+    names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(train)}
+    assert all(n.endswith(("lora_a", "lora_b")) or n.startswith("score") for n in names)
+    assert (head == "score") == any(n.startswith("score") for n in names)
+    ids, mask, pos = padded_batch("right", seed=4)
+    grads = jax.grad(lambda t: jnp.sum(nnx.merge(graphdef, t, frozen)(ids, mask, pos) ** 2))(train)
+    flat = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+    assert flat.keys() == names and all(np.abs(g).max() > 0 for g in flat.values())

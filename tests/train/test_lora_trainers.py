@@ -1,0 +1,90 @@
+"""LoRA through the trainers (`lora.rank > 0`).
+
+* DPO's reference is the base with the adapters switched off: the same-step losses equal those of
+  a run whose reference log-probs were computed once, before training, by a separate pass;
+* only the adapters (and a reward model's score head) are trained: the optimizer state is a small
+  fraction of the parameters, and a checkpoint holds the adapters, not the base;
+* a killed LoRA run resumes to bit-identical losses; resuming on another base is refused;
+* `train.export`: `export/` is a PEFT adapter, `export_merged/` a model transformers loads, and
+  `model.adapter` continues from an exported adapter (its eval equals the first run's final eval).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import transformers as tf
+from test_scan_trainers import _files, _losses
+from test_trainer import _cli, _overrides, data_files, tiny_dir  # noqa: F401  (fixtures)
+from test_trainer import _losses as _step_losses
+
+LORA = {"lora.rank": 2, "lora.alpha": 32.0, "lora.target_modules": "[q_proj,v_proj]",
+        "optim.learning_rate": 3e-2}  # fmt: skip
+
+
+def test_lora_dpo_reference_is_the_base(tiny_dir, data_files, tmp_path):  # noqa: F811
+    a, result = _losses("dpo", tiny_dir, data_files, str(tmp_path / "same"), **LORA)
+    pre = {**LORA, "dpo.reference": "precompute"}
+    b, _ = _losses("dpo", tiny_dir, data_files, str(tmp_path / "pre"), **pre)
+    assert np.abs(a - a[0]).max() > 1e-3  # the adapters train
+    np.testing.assert_allclose(b, a, atol=2e-5)
+    full, _ = _losses("dpo", tiny_dir, data_files, str(tmp_path / "full"), **{"optim.learning_rate": 3e-2})
+    assert np.abs(full - a).max() > 1e-3  # a different run: LoRA is not full fine-tuning
+
+
+@pytest.mark.parametrize("kind", ["sft", "reward"])
+def test_lora_sft_and_reward_train_and_export(kind, tiny_dir, data_files, tmp_path):  # noqa: F811
+    files = _files(kind, data_files, tmp_path)
+    out = tmp_path / kind
+    losses, result = _losses(kind, tiny_dir, files, str(out), **LORA, **{"train.export": True})
+    assert np.abs(losses - losses[0]).max() > 1e-3
+    config = json.loads((out / "export" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["task_type"] == ("SEQ_CLS" if kind == "reward" else "CAUSAL_LM")
+    auto = tf.AutoModelForSequenceClassification if kind == "reward" else tf.AutoModelForCausalLM
+    merged = auto.from_pretrained(str(out / "export_merged"))
+    assert "model.layers.1.self_attn.q_proj.weight" in merged.state_dict()
+
+
+def _dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_lora_dpo_resumes_exactly_and_checkpoints_only_the_adapters(tiny_dir, data_files, tmp_path):  # noqa: F811
+    extra = {**LORA, "train.max_steps": 4, "train.save_every": 2}
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    assert _cli(["dpo", *_overrides(tiny_dir, data_files, straight, **extra)]).returncode == 0
+    args = ["dpo", *_overrides(tiny_dir, data_files, crashed, **extra)]
+    assert _cli(args, env={"JAXRLHF_CRASH_AFTER_STEP": "2"}).returncode == 17
+    proc = _cli(args)
+    assert proc.returncode == 0 and "resumed from step 2" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    a, b = _step_losses(straight), _step_losses(crashed)
+    assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]  # bit-identical
+    base = _dir_bytes(tiny_dir)
+    step2 = os.path.join(crashed, "checkpoints", "2")
+    assert _dir_bytes(step2) < 0.2 * base, (_dir_bytes(step2), base)  # adapters + their Adam state only
+    other = tmp_path / "other_base"  # the same config, a different base: resuming is refused
+    other.mkdir()
+    for name in os.listdir(tiny_dir):
+        data = open(os.path.join(tiny_dir, name), "rb").read()
+        if name == "model.safetensors":
+            data = data[:-8] + b"\x00" * 8  # other weights (the last float32 values), same header
+        (other / name).write_bytes(data)
+    proc = _cli(["dpo", *_overrides(str(other), data_files, crashed, **{**extra, "train.max_steps": 6})])
+    assert proc.returncode != 0 and "trained on base" in proc.stdout + proc.stderr
+
+
+def test_model_adapter_continues_from_an_exported_adapter(tiny_dir, data_files, tmp_path):  # noqa: F811
+    first = tmp_path / "first"
+    _, r1 = _losses("dpo", tiny_dir, data_files, str(first), **LORA, **{"train.export": True})
+    adapter = str(first / "export")
+    _, r2 = _losses("dpo", tiny_dir, data_files, str(tmp_path / "second"), **{"model.adapter": adapter,
+                    "optim.learning_rate": 3e-2, "dpo.reference": "precompute"})  # fmt: skip
+    # The second run starts from the first one's final adapters: its policy log-probs of the eval
+    # pairs before training equal the first run's after training (the references differ).
+    for k in ("logps/chosen", "logps/rejected"):
+        np.testing.assert_allclose(r2.eval_before[k], r1.eval_after[k], rtol=1e-5, err_msg=k)
+    assert r1.eval_before["logps/chosen"] != r1.eval_after["logps/chosen"]
