@@ -17,6 +17,8 @@ from jaxrlhf.models.config import (
 )
 from jaxrlhf.models.decoder import CausalLM, default_positions, make_attention_mask, remat_policy
 from jaxrlhf.models.hf_io import CheckpointError
+from jaxrlhf.models.lora import LORA_TARGETS, LoRAParam, LoRASpec, adapters_off
+from jaxrlhf.models.peft_io import load_adapter, merged_params, read_adapter_config, save_adapter
 from jaxrlhf.models.pretrained import (
     check_checkpoint,
     from_pretrained,
@@ -28,23 +30,31 @@ from jaxrlhf.models.pretrained import (
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "LORA_TARGETS",
     "REMAT_POLICIES",
     "SUPPORTED_MODEL_TYPES",
     "CausalLM",
     "CheckpointError",
+    "LoRAParam",
+    "LoRASpec",
     "ModelConfig",
     "UnsupportedModelError",
+    "adapters_off",
     "attend",
     "check_checkpoint",
     "default_positions",
     "dot_product_attention",
     "from_hf_config",
     "from_pretrained",
+    "load_adapter",
     "load_tokenizer",
     "make_attention_mask",
+    "merged_params",
+    "read_adapter_config",
     "remat_policy",
     "resolve_backend",
     "resolve_checkpoint",
+    "save_adapter",
     "save_pretrained",
     "splash_attention",
     "to_hf_config",

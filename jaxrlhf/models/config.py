@@ -68,6 +68,7 @@ class ModelConfig:
     frozen_layers: int = 0  # the embeddings and layers 0..N-1 get no gradient (backward stops above them)
     attention: str = "auto"  # one of ATTENTION_BACKENDS
     lora: Any = None  # a jaxrlhf.models.lora.LoRASpec: low-rank adapters on the targeted linears
+    quantize: str = "none"  # the frozen projection kernels stored as "int8" / "nf4" (QLoRA)
 
     def __post_init__(self) -> None:
         if isinstance(self.remat, bool):  # the old switch: True = full, False = none
@@ -79,6 +80,10 @@ class ModelConfig:
                 "LoRA uses PEFT's llama-style module names (q_proj ... down_proj); gpt2's fused "
                 "c_attn / c_fc layers are not supported"
             )
+        if self.quantize not in ("none", "int8", "nf4"):
+            raise ValueError(f"quantize must be none, int8 or nf4, got {self.quantize!r}")
+        if self.quantize != "none" and self.lora is None:
+            raise ValueError("a quantized base cannot be trained: quantize needs LoRA adapters")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}"

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxrlhf.models import attention as attention_backends
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.lora import LoRASpec, init_adapters
+from jaxrlhf.models.quant import QuantizedParam, dequantize, quantize
 
 Array = jax.Array
 
@@ -32,13 +33,20 @@ def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02)
 
 class Linear(nnx.Module):
     """`y = x @ kernel + bias`, kernel stored `[in, out]` (the transpose of torch's layout); with a
-    `LoRASpec`, plus the low-rank update `(x @ lora_a) @ lora_b * alpha / r`."""
+    `LoRASpec`, plus the low-rank update `(x @ lora_a) @ lora_b * alpha / r`. With `quant` ("int8" /
+    "nf4") the kernel is stored as codes and scales (`qkernel`, `qscale`) and dequantized per call."""
 
     def __init__(
         self, d_in: int, d_out: int, *, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs,
-        lora: LoRASpec | None = None,
+        lora: LoRASpec | None = None, quant: str = "none",
     ):
-        self.kernel = _init(rngs, (d_in, d_out), cfg.param_dtype)
+        self.quant = quant
+        if quant == "none":
+            self.kernel = _init(rngs, (d_in, d_out), cfg.param_dtype)
+        else:  # placeholders of the right shapes and dtypes; from_pretrained fills them
+            codes, scales = jax.eval_shape(lambda: quantize(jnp.zeros((d_in, d_out)), quant))
+            self.qkernel = QuantizedParam(jnp.zeros(codes.shape, codes.dtype))
+            self.qscale = QuantizedParam(jnp.zeros(scales.shape, scales.dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype)) if bias else None
         self.dtype = cfg.dtype
         no_adapters: tuple[Any, Any] = (None, None)
@@ -46,9 +54,15 @@ class Linear(nnx.Module):
         self.lora_a, self.lora_b = adapters
         self.lora_scale = lora.scale if lora is not None else 0.0
 
+    def weight(self) -> Array:
+        """The kernel `[in, out]` in the compute dtype (dequantized when stored quantized)."""
+        if self.quant == "none":
+            return self.kernel[...].astype(self.dtype)
+        return dequantize(self.qkernel[...], self.qscale[...], self.quant, self.dtype)
+
     def __call__(self, x: Array) -> Array:
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        y = jnp.dot(x, self.weight())
         if self.lora_a is not None:
             x_a = jnp.dot(x, self.lora_a[...].astype(self.dtype))  # [..., r]: the cheap side first
             scale = jnp.asarray(self.lora_scale, self.dtype)
@@ -58,8 +72,11 @@ class Linear(nnx.Module):
         return y
 
 
-def _lora(cfg: ModelConfig, name: str) -> LoRASpec | None:
-    return cfg.lora if cfg.lora is not None and name in cfg.lora.targets else None
+def _projection(cfg: ModelConfig, rngs: nnx.Rngs, name: str, d_in: int, d_out: int, bias: bool) -> Linear:
+    """One of the seven decoder projections (PEFT's `name`): adapters where LoRA targets it, and
+    stored quantized under `cfg.quantize`."""
+    lora = cfg.lora if cfg.lora is not None and name in cfg.lora.targets else None
+    return Linear(d_in, d_out, bias=bias, cfg=cfg, rngs=rngs, lora=lora, quant=cfg.quantize)
 
 
 class Norm(nnx.Module):
@@ -116,10 +133,10 @@ def apply_rope(x_BxTxNxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, n * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "q_proj"))
-        self.k_proj = Linear(d, k * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "k_proj"))
-        self.v_proj = Linear(d, k * h, bias=cfg.qkv_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "v_proj"))
-        self.o_proj = Linear(n * h, d, bias=cfg.o_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "o_proj"))
+        self.q_proj = _projection(cfg, rngs, "q_proj", d, n * h, cfg.qkv_bias)
+        self.k_proj = _projection(cfg, rngs, "k_proj", d, k * h, cfg.qkv_bias)
+        self.v_proj = _projection(cfg, rngs, "v_proj", d, k * h, cfg.qkv_bias)
+        self.o_proj = _projection(cfg, rngs, "o_proj", n * h, d, cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = Norm(h, kind="rms", eps=cfg.norm_eps, cfg=cfg)
             self.k_norm = Norm(h, kind="rms", eps=cfg.norm_eps, cfg=cfg)
@@ -191,12 +208,9 @@ _ACT = {
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        gate = _lora(cfg, "gate_proj")
-        self.gate_proj = (
-            Linear(d, f, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, lora=gate) if cfg.gated_mlp else None
-        )
-        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "up_proj"))
-        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, cfg=cfg, rngs=rngs, lora=_lora(cfg, "down_proj"))
+        self.gate_proj = _projection(cfg, rngs, "gate_proj", d, f, cfg.mlp_bias) if cfg.gated_mlp else None
+        self.up_proj = _projection(cfg, rngs, "up_proj", d, f, cfg.mlp_bias)
+        self.down_proj = _projection(cfg, rngs, "down_proj", f, d, cfg.mlp_bias)
         self.act = cfg.activation
 
     def __call__(self, x_BxTxD: Array) -> Array:

@@ -34,13 +34,20 @@ def _flat(model: Any) -> dict[Path, jax.Array]:
 
 def merged_params(model: Any) -> list[tuple[Path, jax.Array]]:
     """The model's parameters with every adapter folded into its kernel, `W + A B alpha / r` (one
-    targeted kernel at a time), and the adapter matrices dropped: a plain base-layout state."""
-    spec: LoRASpec | None = model.config.lora
+    targeted kernel at a time; a quantized kernel is dequantized first), and the adapter matrices
+    dropped: a plain base-layout state that `save_pretrained` writes as a Hugging Face model."""
+    from jaxrlhf.models.quant import dequantize
+
+    cfg = model.config
+    spec: LoRASpec | None = cfg.lora
     flat = _flat(model)
     out = []
     for path, value in flat.items():
-        if is_adapter(path):
+        if is_adapter(path) or path[-1] == "qscale":
             continue
+        if path[-1] == "qkernel":
+            path = (*path[:-1], "kernel")
+            value = dequantize(value, flat[(*path[:-1], "qscale")], cfg.quantize, cfg.param_dtype)
         a = flat.get((*path[:-1], "lora_a")) if path[-1] == "kernel" else None
         if a is not None and spec is not None:
             b = flat[(*path[:-1], "lora_b")]

@@ -18,6 +18,7 @@ from jaxrlhf.models.config import ATTENTION_BACKENDS, ModelConfig, UnsupportedMo
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.hf_io import CheckpointError, SafetensorsReader, load_params, write_safetensors
 from jaxrlhf.models.lora import LoRASpec, is_adapter
+from jaxrlhf.models.quant import QUANTIZATIONS, quantize
 from jaxrlhf.parallel.partition import (
     DEFAULT_RULES,
     Rule,
@@ -114,6 +115,7 @@ def from_pretrained(
     frozen_layers: int = 0,
     attention: str = "auto",
     lora: LoRASpec | None = None,
+    quantize_base: str = "none",
     init_score_head: bool = False,
     seed: int = 0,
 ) -> CausalLM:
@@ -139,18 +141,22 @@ def from_pretrained(
         `jaxrlhf.models.attention`.
       lora: add low-rank adapters (`LoRASpec`: rank, alpha, target modules) to the targeted linear
         layers: `A` drawn as PEFT does (seeded by `seed`), `B = 0`, so the model starts as the base.
+      quantize_base: with `lora`, store the frozen projection kernels as "int8" or "nf4" codes
+        and dequantize them per call (QLoRA; `jaxrlhf.models.quant`); "none" keeps them as loaded.
       frozen_layers: stop the backward pass above the first N decoder layers (with
         `jaxrlhf.train.step.make_optimizer(frozen=frozen_params(N))` they are not trained).
       init_score_head: with `head="score"` and a checkpoint without `score.weight` (a causal LM), draw
         the score head from N(0, 1/sqrt(D+1)) (seeded by `seed`) instead of raising.
     """
+    if quantize_base not in QUANTIZATIONS:
+        raise ValueError(f"quantize_base must be one of {', '.join(QUANTIZATIONS)}, got {quantize_base!r}")
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
     directory = resolve_checkpoint(path_or_hub_id)
     hf = read_hf_config(directory)
     cfg = model_config(directory, dtype=_as_dtype(dtype), param_dtype=_as_dtype(param_dtype), remat=remat,
                        scan_layers=scan_layers, frozen_layers=frozen_layers, attention=attention,
-                       lora=lora)  # fmt: skip
+                       lora=lora, quantize=quantize_base)  # fmt: skip
     if not 0 <= frozen_layers <= cfg.num_layers:
         raise ValueError(f"frozen_layers must be in [0, {cfg.num_layers}], got {frozen_layers}")
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, head=head, rngs=nnx.Rngs(seed)))
@@ -163,8 +169,22 @@ def from_pretrained(
     def missing_ok(path: tuple[Any, ...]) -> bool:
         return init_score_head and path[0] == "score"
 
-    base = [(path, value) for path, value in flat if not is_adapter(path)]  # adapters: made here
+    # Adapters are made here; a quantized kernel is read as the float kernel, then quantized.
+    quantized = {path[:-1]: value for path, value in flat if path[-1] == "qkernel"}
+    base = [(p, v) for p, v in flat if not is_adapter(p) and p[-1] not in ("qkernel", "qscale")]
+    for prefix, codes in quantized.items():
+        *lead, rows, d_out = codes.shape
+        d_in = 2 * rows if cfg.quantize == "nf4" else rows
+        base.append(((*prefix, "kernel"), jax.ShapeDtypeStruct((*lead, d_in, d_out), cfg.param_dtype)))
     loaded = load_params(base, cfg, directory, sharding_for=sharding_for, missing_ok=missing_ok)
+    for prefix in quantized:  # one kernel at a time: its float copy is dropped once quantized
+        kernel = loaded.pop((*prefix, "kernel"))
+        shapes = jax.eval_shape(lambda w: quantize(w, cfg.quantize), kernel)
+        names = ("qkernel", "qscale")
+        out = tuple(sharding_for((*prefix, n), x.shape) for n, x in zip(names, shapes, strict=True))
+        fn = jax.jit(lambda w: quantize(w, cfg.quantize), out_shardings=None if mesh is None else out)
+        loaded[(*prefix, "qkernel")], loaded[(*prefix, "qscale")] = fn(kernel)
+        del kernel
     for i, (path, value) in enumerate(flat):
         if path not in loaded and is_adapter(path):  # fresh adapters: A as PEFT draws it, B = 0
             bound = 1.0 / math.sqrt(value.shape[-2])  # A is [..., in, r]

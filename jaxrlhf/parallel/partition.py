@@ -25,9 +25,10 @@ Rule = tuple[str, tuple[Any, ...]]
 DEFAULT_RULES: tuple[Rule, ...] = (
     (r"embed_tokens/embedding$", ("tensor", "fsdp")),  # [V, D]
     (r"embed_positions/embedding$", (None, "fsdp")),  # [P, D]
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", ("fsdp", "tensor")),  # [D, out]
+    # kernel, or a quantized kernel's codes / scales (same [in, out] orientation; jaxrlhf.models.quant)
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/(kernel|qkernel|qscale)$", ("fsdp", "tensor")),  # [D, out]
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", ("tensor",)),
-    (r"(o_proj|down_proj)/kernel$", ("tensor", "fsdp")),  # [in, D]
+    (r"(o_proj|down_proj)/(kernel|qkernel|qscale)$", ("tensor", "fsdp")),  # [in, D]
     (r"lm_head/kernel$", ("fsdp", "tensor")),  # [D, V]
     (r"score/kernel$", ("fsdp", None)),  # [D, 1]
     (r".*", ()),  # norms, biases of D-sized outputs: replicated

@@ -647,6 +647,13 @@ class LoRAConfig(_Section):
         'down_proj), or "all-linear" for all seven.',
     )
 
+    quantize_base: str = _field(
+        "none",
+        choices=("none", "int8", "nf4"),
+        help="QLoRA: store the frozen base's projection kernels as int8 (per-column absmax) or nf4 "
+        "(4-bit NormalFloat, absmax per 64 inputs) and dequantize them on the fly.",
+    )
+
     @property
     def enabled(self) -> bool:
         return self.rank > 0
@@ -681,6 +688,8 @@ class ExperimentConfig(_Section):
         lora = self.lora.enabled or self.model.adapter is not None
         if lora and self.kind == "ppo":
             raise ConfigError("lora with kind ppo is not implemented yet (sft, reward and dpo are)")
+        if self.lora.quantize_base != "none" and not lora:
+            raise ConfigError("lora.quantize_base needs adapters: set lora.rank > 0 (or model.adapter)")
         if lora and self.model.frozen_layers:
             raise ConfigError("lora.rank > 0 already freezes the base: leave model.frozen_layers at 0")
 

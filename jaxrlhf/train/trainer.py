@@ -418,7 +418,8 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         model_dir, head="score" if cfg.kind == "reward" else "lm", dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype, mesh=mesh, rules=rules, remat=cfg.model.remat,
         scan_layers=cfg.model.use_scan, frozen_layers=cfg.model.frozen_layers,
-        attention=cfg.model.attention, lora=lora, init_score_head=cfg.kind == "reward", seed=t.seed,
+        attention=cfg.model.attention, lora=lora, quantize_base=cfg.lora.quantize_base,
+        init_score_head=cfg.kind == "reward", seed=t.seed,
     )  # fmt: skip
     if cfg.model.adapter:
         load_adapter(model, cfg.model.adapter)

@@ -88,3 +88,13 @@ def test_model_adapter_continues_from_an_exported_adapter(tiny_dir, data_files, 
     for k in ("logps/chosen", "logps/rejected"):
         np.testing.assert_allclose(r2.eval_before[k], r1.eval_after[k], rtol=1e-5, err_msg=k)
     assert r1.eval_before["logps/chosen"] != r1.eval_after["logps/chosen"]
+
+
+def test_qlora_dpo_trains_on_an_nf4_base(tiny_dir, data_files, tmp_path):  # noqa: F811
+    out = tmp_path / "qlora"
+    extra = {**LORA, "lora.quantize_base": "nf4", "train.export": True}
+    losses, _ = _losses("dpo", tiny_dir, data_files, str(out), **extra)
+    assert np.all(np.isfinite(losses)) and np.abs(losses - losses[0]).max() > 1e-3
+    assert json.loads((out / "export" / "adapter_config.json").read_text())["r"] == 2
+    merged = tf.AutoModelForCausalLM.from_pretrained(str(out / "export_merged"))  # dequantized + merged
+    assert merged.config.num_hidden_layers == 2
