@@ -13,6 +13,9 @@ Configurations (each one runs in its own subprocess, so that peak RSS is its own
 * ``trl-precomputed`` ``trl.DPOTrainer`` with ``precompute_ref_log_probs=True``.
 * ``jax-reward`` / ``trl-reward``  Bradley-Terry reward model (score head) on the same pairs
   (`bench/bench_reward_vs_trl.py` runs only these).
+* ``jax-lora`` / ``trl-lora``  (``--benchmarks lora``, with ``jax-same-step``) LoRA r=16, alpha 32,
+  all seven projections, the base with adapters off as the reference; TRL with a peft
+  ``LoraConfig``. jaxrlhf rows also record XLA's memory analysis and the optimizer state's size.
 * ``jax-breakdown``   (not in the default set) where jaxrlhf's DPO step time goes: forward-only
   policy log-probs, policy+reference forward, loss + gradient, full step with the optimizer.
 
@@ -59,12 +62,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_FILE = os.path.join(HERE, "..", "jaxrlhf", "assets", "dpo_demo", "train.jsonl")
 DPO_CONFIGS = ["jax-same-step", "jax-precomputed", "trl-ref-model", "trl-precomputed"]
 REWARD_CONFIGS = ["jax-reward", "trl-reward"]
-ALL_CONFIGS = DPO_CONFIGS + REWARD_CONFIGS + ["jax-breakdown"]
+# LoRA r=16 (alpha 32, all seven projections) with the base as the reference, against full DPO
+# with a same-step reference copy and TRL + peft (`--benchmarks lora`).
+LORA_CONFIGS = ["jax-lora", "jax-same-step", "trl-lora"]
+LORA_RANK, LORA_ALPHA = 16, 32.0
+ALL_CONFIGS = DPO_CONFIGS + REWARD_CONFIGS + ["jax-lora", "trl-lora", "jax-breakdown"]
 # Which TRL configuration each jaxrlhf one is compared with.
 BASELINE = {
     "jax-same-step": "trl-ref-model",
     "jax-precomputed": "trl-precomputed",
     "jax-reward": "trl-reward",
+    "jax-lora": "trl-lora",
 }
 LEARNING_RATE = 5e-6
 BETA = 0.1
@@ -158,6 +166,8 @@ def run_jax(config: str, args) -> dict:
     from jaxrlhf.data import collate_pairs
     from jaxrlhf.models import from_pretrained, load_tokenizer
     from jaxrlhf.models.demo import demo_model_path
+    from jaxrlhf.models.lora import LoRASpec
+    from jaxrlhf.models.lora import trainable as lora_trainable
     from jaxrlhf.parallel import make_mesh
     from jaxrlhf.train.objectives import DPOObjective, RewardObjective, add_targets, pair_logps
     from jaxrlhf.train.step import (
@@ -181,14 +191,17 @@ def run_jax(config: str, args) -> dict:
 
     mesh = make_mesh(devices=jax.devices()[:1])
     t0 = time.perf_counter()
-    model = from_pretrained(path, head="score" if reward else "lm", init_score_head=reward, mesh=mesh)
+    lora = LoRASpec.build(LORA_RANK, LORA_ALPHA) if config == "jax-lora" else None
+    head = "score" if reward else "lm"
+    model = from_pretrained(path, head=head, init_score_head=reward, mesh=mesh, lora=lora)
     load_s = time.perf_counter() - t0
     objective = RewardObjective() if reward else DPOObjective(beta=BETA)
     schedule = make_schedule(LEARNING_RATE, n_steps, kind="linear")
     # AdamW, weight decay 0, global-norm clipping at 1.0: TRL's defaults
     optimizer = make_optimizer(schedule)
-    same_step = config in ("jax-same-step", "jax-breakdown")
-    graphdef, state = create_state(model, optimizer, mesh, with_reference=same_step)
+    same_step = config in ("jax-same-step", "jax-breakdown", "jax-lora")
+    trained = lora_trainable("lm") if lora is not None else None
+    graphdef, state = create_state(model, optimizer, mesh, with_reference=same_step, trainable=trained)
     del model
 
     def collate(chunk, ref=None):
@@ -226,6 +239,12 @@ def run_jax(config: str, args) -> dict:
             "config": config,
         }
 
+    # XLA's memory analysis of the compiled step, and the optimizer state's size (LoRA vs full)
+    memory = step_fn.lower(state, to_device(host_batches[0])).compile().memory_analysis()
+    mib = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20  # noqa: E731
+    sizes = {"opt_state_mib": mib(state.opt_state), "trained_params_mib": mib(state.params),
+             "xla_temp_mib": memory.temp_size_in_bytes / 2**20,
+             "xla_argument_mib": memory.argument_size_in_bytes / 2**20}  # fmt: skip
     times, losses, compiled_at, meter = [], [], [], CpuMeter()
     for i, batch in enumerate(host_batches):
         before = step_fn.num_compilations()
@@ -257,7 +276,7 @@ def run_jax(config: str, args) -> dict:
         "precompute_s": precompute_s,
         "collate_ms": collate_ms,
         "peak_rss_mib": peak_rss_mib(),
-    }
+    } | sizes
 
 
 def breakdown(graphdef, state, step_fn, objective, host_batches, to_device, args) -> dict:
@@ -421,6 +440,12 @@ def run_trl(config: str, args) -> dict:
         cfg = trl.DPOConfig(
             **common, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=config == "trl-precomputed"
         )
+        peft_config = None
+        if config == "trl-lora":  # the reference is the base with the adapters disabled, as ours
+            import peft
+
+            peft_config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules="all-linear",
+                                          lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
         t0 = time.perf_counter()
         trainer = trl.DPOTrainer(
             model=model,
@@ -428,6 +453,7 @@ def run_trl(config: str, args) -> dict:
             train_dataset=datasets.Dataset.from_list(rows),
             processing_class=tokenizer,
             callbacks=[timer],
+            peft_config=peft_config,
         )
         # Trainer construction = tokenization (+ the reference pass when precomputing).
         precompute_s = time.perf_counter() - t0 if config == "trl-precomputed" else None
@@ -640,7 +666,9 @@ def print_results(results: dict[str, dict], batch_size: int) -> None:
 
 def main(argv: list[str] | None = None, default_benchmarks: tuple[str, ...] = ("dpo",)) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--benchmarks", nargs="+", choices=["dpo", "reward"], default=list(default_benchmarks))
+    p.add_argument(
+        "--benchmarks", nargs="+", choices=["dpo", "reward", "lora"], default=list(default_benchmarks)
+    )
     p.add_argument("--configs", nargs="+", choices=ALL_CONFIGS, help="run these instead of --benchmarks")
     p.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps instead of 2 + 5")
     p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
@@ -700,7 +728,8 @@ def main(argv: list[str] | None = None, default_benchmarks: tuple[str, ...] = ("
         return
 
     configs = args.configs or [
-        c for b in args.benchmarks for c in (DPO_CONFIGS if b == "dpo" else REWARD_CONFIGS)
+        c for b in args.benchmarks
+        for c in {"dpo": DPO_CONFIGS, "reward": REWARD_CONFIGS, "lora": LORA_CONFIGS}[b]
     ]
     info = machine()
     print(

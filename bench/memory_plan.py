@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hbm", type=float, help="HBM budget in GB per device (overrides --chip)")
     p.add_argument("--no-search", action="store_true", help="do not search for a setting that fits")
     p.add_argument("--no-scan", action="store_true", help="unrolled layers (scan_layers=False)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on all seven projections; 0: off")
+    p.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none", help="QLoRA base storage")
     p.add_argument("--json", help="write the rows (and the commands) as JSON here")
     args = p.parse_args(argv)
     args.mesh = args.mesh or [parse_mesh("fsdp=8")]
@@ -172,6 +174,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from jaxrlhf.models.config import ModelConfig, from_hf_config  # noqa: E402
 from jaxrlhf.models.decoder import CausalLM  # noqa: E402
+from jaxrlhf.models.lora import LoRASpec  # noqa: E402
+from jaxrlhf.models.lora import trainable as lora_trainable  # noqa: E402
 from jaxrlhf.parallel import activation_sharding, is_stacked, make_mesh, param_sharding  # noqa: E402
 from jaxrlhf.train.config import PPOConfig  # noqa: E402
 from jaxrlhf.train.objectives import DPOObjective, SFTObjective  # noqa: E402
@@ -310,7 +314,10 @@ def _plain(keypath: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def model_config(name: str, layers: int | None, vocab: int | None, remat: str, scan: bool) -> ModelConfig:
+def model_config(
+    name: str, layers: int | None, vocab: int | None, remat: str, scan: bool, lora_rank: int = 0,
+    quantize: str = "none",
+) -> ModelConfig:
     if name in MODELS:
         hf = dict(MODELS[name])
     else:
@@ -320,22 +327,31 @@ def model_config(name: str, layers: int | None, vocab: int | None, remat: str, s
         hf["num_hidden_layers"] = layers
     if vocab is not None:
         hf["vocab_size"] = vocab
-    return from_hf_config(hf, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat, scan_layers=scan)
+    lora = LoRASpec.build(lora_rank, 2.0 * lora_rank) if lora_rank else None
+    return from_hf_config(hf, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat, scan_layers=scan,
+                          lora=lora, quantize=quantize)  # fmt: skip
 
 
-def abstract_params(cfg: ModelConfig, head: str, mesh: Mesh, dtype: Any = None) -> tuple[Any, Any]:
+def abstract_params(
+    cfg: ModelConfig, head: str, mesh: Mesh, dtype: Any = None, *, split_trainable: bool = False
+) -> tuple[Any, ...]:
     """`(graphdef, params)`: the model's parameters as `ShapeDtypeStruct`s at their shardings. The
     graphdef carries `activation_sharding(mesh)`, as `from_pretrained(mesh=...)` sets it (an
-    `nnx.eval_shape` model has None: the decoder would not pin its residual stream)."""
+    `nnx.eval_shape` model has None: the decoder would not pin its residual stream).
+    `split_trainable` (LoRA): `(graphdef, adapters, frozen base)` as `create_state` splits them."""
     model = nnx.eval_shape(lambda: CausalLM(cfg, head=head, rngs=nnx.Rngs(0)))
     model.activation_sharding = activation_sharding(mesh)
-    graphdef, params = nnx.split(model, nnx.Param)
+    if split_trainable:
+        graphdef, *states = nnx.split(model, lora_trainable(head), nnx.Param)
+    else:
+        graphdef, *states = nnx.split(model, nnx.Param)
 
     def place(keypath: Any, x: Any) -> jax.ShapeDtypeStruct:
         sharding = param_sharding(_plain(keypath), x.shape, mesh)
-        return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sharding)
+        keep = dtype is None or not jnp.issubdtype(x.dtype, jnp.floating)  # quantized codes stay ints
+        return jax.ShapeDtypeStruct(x.shape, x.dtype if keep else dtype, sharding=sharding)
 
-    return graphdef, jax.tree_util.tree_map_with_path(place, params)
+    return (graphdef, *(jax.tree_util.tree_map_with_path(place, s) for s in states))
 
 
 def layers_stacked(params: Any) -> bool:
@@ -422,14 +438,18 @@ class Plan:
 def _lower_train(plan: Plan, cfg: ModelConfig, mesh: Mesh, args: argparse.Namespace) -> tuple[Any, dict]:
     schedule = make_schedule(1e-6, 1000, warmup_steps=10)
     optimizer = make_optimizer(schedule)
-    graphdef, params = abstract_params(cfg, "lm", mesh)
+    lora = cfg.lora is not None
+    graphdef, params, *frozen = abstract_params(cfg, "lm", mesh, split_trainable=lora)
     state = TrainState(
         step=_scalar(mesh, (), jnp.int32),
         params=params,
         opt_state=abstract_opt_state(optimizer, params),
         rng=_scalar(mesh, (2,), jnp.uint32),
-        # model.frozen_dtype: the same-step reference may be stored narrower than the policy
-        ref_params=_cast(params, args.frozen_dtype) if plan.step == "dpo_same_step" else None,
+        # model.frozen_dtype: the same-step reference may be stored narrower than the policy; with
+        # LoRA the reference is the frozen base with the adapters off (no copy)
+        ref_params=_cast(params, args.frozen_dtype) if plan.step == "dpo_same_step" and not lora else None,
+        frozen=frozen[0] if lora else None,
+        base_reference=lora and plan.step == "dpo_same_step",
     )
     a, b = plan.accum, plan.batch // plan.accum
     if plan.step == "sft":
@@ -446,6 +466,8 @@ def _lower_train(plan: Plan, cfg: ModelConfig, mesh: Mesh, args: argparse.Namesp
         "batch": nbytes(batch),
         "state_unsharded": nbytes((state.params, state.opt_state, state.ref_params), unsharded=True),
     }
+    if state.frozen is not None:
+        parts["frozen_base"] = nbytes(state.frozen)
     if state.ref_params is not None:
         parts["reference"] = nbytes(state.ref_params)
     return run.lower(state, batch), parts
@@ -525,7 +547,8 @@ def compile_plan(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     if plan.batch % split:
         raise ValueError(f"--batch {plan.batch} does not split into {split} (data x fsdp x micro-batches)")
     mesh = make_mesh(plan.mesh["data"], plan.mesh["fsdp"], plan.mesh["tensor"], devices=devices)
-    cfg = model_config(args.model, args.layers, args.vocab, plan.remat, not args.no_scan)
+    cfg = model_config(args.model, args.layers, args.vocab, plan.remat, not args.no_scan, args.lora_rank,
+                       args.quantize)  # fmt: skip
     row: dict[str, Any] = {
         **dataclasses.asdict(plan),
         "mesh": mesh_name(plan.mesh),
@@ -554,7 +577,8 @@ def compile_plan(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     row["inputs"] = parts  # per-device bytes of the inputs from their shardings (state_unsharded: whole)
     dims = Dims.of(cfg)
     prompt = args.prompt_len or plan.seq // 2
-    row["estimate"] = estimate(
+    row["lora_rank"], row["quantize"] = args.lora_rank, args.quantize
+    row["estimate"] = None if cfg.lora is not None else estimate(
         dims, plan.step, plan.mesh, plan.remat, plan.batch, plan.seq, plan.accum,
         batch_bytes=parts["batch"], prompt_len=prompt,
         minibatches=plan.accum, frozen_bytes=jnp.dtype(args.frozen_dtype).itemsize,
@@ -574,14 +598,21 @@ def budget(args: argparse.Namespace, devices: int) -> tuple[str, float]:
     return chip, CHIPS[chip]
 
 
+def lora_tag(r: dict[str, Any]) -> str:
+    if not r.get("lora_rank"):
+        return ""
+    return f" LoRA r={r['lora_rank']}" + (f" {r['quantize']}" if r.get("quantize", "none") != "none" else "")
+
+
 def fmt_row(r: dict[str, Any]) -> str:
     g = lambda v: f"{v / GB:7.2f}"  # noqa: E731
-    e = r["estimate"]
+    e = r["estimate"] or {"args": float("nan"), "total": float("nan")}  # LoRA rows: no arithmetic
     total_est = e["total"] + e.get("resident", 0.0)
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     step = r["step"]
     return (
-        f"| {r['model']} | {step} | {r['mesh']} | {r['remat']} | {r['batch']}x{r['seq']}/{r['accum']} |"
+        f"| {r['model']}{lora_tag(r)} | {step} | {r['mesh']} | {r['remat']} | "
+        f"{r['batch']}x{r['seq']}/{r['accum']} |"
         f"{g(r['argument'])} |{g(e['args'])} |{g(r['temp'])} |{g(r['output'])} |{g(r['alias'])} |"
         f"{g(r['peak'])} |{g(r['total'])} |{g(total_est)} | {r['compile_s']:.0f}s | "
         f"{r['chip']} {verdict} |"

@@ -101,3 +101,25 @@ def test_arithmetic_orders_the_remat_policies() -> None:
     # Tensor parallelism splits heads and MLP width, not the D-sized residual stream.
     assert memory_plan.saved_per_token(d, "full", 2048, 4) == 2 * d.D
     assert memory_plan.saved_per_token(d, "none", 2048, 4) < saved[-1] / 2
+
+
+def test_qlora_plan_keeps_only_adapters_and_a_quantized_base(plan: dict[str, Any], tmp_path) -> None:
+    """The same DPO step with nf4 QLoRA r=8: no reference copy, Adam for the adapters only, the base
+    in ~0.56 bytes per projection weight: far fewer argument bytes per device than full DPO's."""
+    out = tmp_path / "qlora.json"
+    cmd = [
+        sys.executable, os.path.join(ROOT, "bench", "memory_plan.py"),
+        "--model", "tiny", "--layers", "2", "--vocab", "16384", "--mesh", "fsdp=8",
+        "--batch", "8", "--seq", "256", "--steps", "dpo_same_step", "--remat", "full",
+        "--lora-rank", "8", "--quantize", "nf4", "--no-search", "--json", str(out),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    (full,) = [r for r in plan["rows"] if r["step"] == "dpo_same_step"]
+    assert row["lora_rank"] == 8 and row["quantize"] == "nf4" and "frozen_base" in row["inputs"]
+    assert row["inputs"]["opt_state"] < 0.05 * full["inputs"]["opt_state"]  # adapters' Adam only
+    assert "reference" not in row["inputs"]  # the base with adapters off is the reference
+    assert row["argument"] < 0.4 * full["argument"], (row["argument"], full["argument"])
+    assert row["alias"] >= 0.99 * (row["inputs"]["params"] + row["inputs"]["opt_state"])  # donated
