@@ -31,7 +31,7 @@ def path(tmp_path_factory):
     return out
 
 
-def _randomize_b(model, seed=0):
+def randomize_b(model, seed=0):
     """Give every `lora_b` random values (fresh ones are zero, which would hide bugs)."""
     rng = np.random.default_rng(seed)
     for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
@@ -50,7 +50,7 @@ def test_spec_names_and_errors():
 
 
 def test_linear_layer_against_numpy(path):
-    model = _randomize_b(from_pretrained(path, lora=SPEC))
+    model = randomize_b(from_pretrained(path, lora=SPEC))
     layer = model.layers[1]
     x = np.random.default_rng(1).normal(size=(2, 5, model.config.hidden_size)).astype(np.float32)
     q = layer.self_attn.q_proj
@@ -71,7 +71,7 @@ def test_fresh_adapters_give_the_base_and_trained_ones_the_merged_weights(path, 
     want = np.asarray(base(ids, mask, pos))
     fresh = from_pretrained(path, scan_layers=scan, lora=SPEC)
     np.testing.assert_array_equal(np.asarray(fresh(ids, mask, pos)), want)
-    adapted = _randomize_b(fresh)
+    adapted = randomize_b(fresh)
     got = np.asarray(adapted(ids, mask, pos))
     assert np.abs(got - want)[mask.astype(bool)].max() > 1e-3  # the adapters change the output
     graphdef, state = nnx.split(adapted)
@@ -93,7 +93,7 @@ def test_fresh_adapters_give_the_base_and_trained_ones_the_merged_weights(path, 
 
 def test_scanned_adapters_are_stacked_and_match_unrolled(path):
     ids, mask, pos = padded_batch("right", seed=3)
-    unrolled = _randomize_b(from_pretrained(path, lora=SPEC), seed=7)
+    unrolled = randomize_b(from_pretrained(path, lora=SPEC), seed=7)
     scanned = from_pretrained(path, lora=SPEC, scan_layers=True)
     cfg = scanned.config
     assert scanned.layers.self_attn.q_proj.lora_a.shape == (cfg.num_layers, cfg.hidden_size, 4)
@@ -108,7 +108,7 @@ def test_scanned_adapters_are_stacked_and_match_unrolled(path):
 
 @pytest.mark.parametrize("head", ["lm", "score"])
 def test_gradients_reach_only_the_trainable_split(path, head):
-    model = _randomize_b(from_pretrained(path, lora=SPEC, head=head, init_score_head=True))
+    model = randomize_b(from_pretrained(path, lora=SPEC, head=head, init_score_head=True))
     graphdef, train, frozen = nnx.split(model, trainable(head), nnx.Param)
     names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(train)}
     assert all(n.endswith(("lora_a", "lora_b")) or n.startswith("score") for n in names)

@@ -17,9 +17,8 @@ import os
 import numpy as np
 import pytest
 import transformers as tf
-from test_scan_trainers import _files, _losses
+from test_scan_trainers import _files, _losses, crash_and_resume
 from test_trainer import _cli, _overrides, data_files, tiny_dir  # noqa: F401  (fixtures)
-from test_trainer import _losses as _step_losses
 
 LORA = {"lora.rank": 2, "lora.alpha": 32.0, "lora.target_modules": "[q_proj,v_proj]",
         "optim.learning_rate": 3e-2}  # fmt: skip
@@ -54,14 +53,7 @@ def _dir_bytes(path):
 
 
 def test_lora_dpo_resumes_exactly_and_checkpoints_only_the_adapters(tiny_dir, data_files, tmp_path):  # noqa: F811
-    extra = {**LORA, "train.max_steps": 4, "train.save_every": 2}
-    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
-    assert _cli(["dpo", *_overrides(tiny_dir, data_files, straight, **extra)]).returncode == 0
-    args = ["dpo", *_overrides(tiny_dir, data_files, crashed, **extra)]
-    assert _cli(args, env={"JAXRLHF_CRASH_AFTER_STEP": "2"}).returncode == 17
-    proc = _cli(args)
-    assert proc.returncode == 0 and "resumed from step 2" in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    a, b = _step_losses(straight), _step_losses(crashed)
+    a, b, crashed = crash_and_resume(tiny_dir, data_files, tmp_path, LORA)
     assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]  # bit-identical
     base = _dir_bytes(tiny_dir)
     step2 = os.path.join(crashed, "checkpoints", "2")
@@ -73,7 +65,8 @@ def test_lora_dpo_resumes_exactly_and_checkpoints_only_the_adapters(tiny_dir, da
         if name == "model.safetensors":
             data = data[:-8] + b"\x00" * 8  # other weights (the last float32 values), same header
         (other / name).write_bytes(data)
-    proc = _cli(["dpo", *_overrides(str(other), data_files, crashed, **{**extra, "train.max_steps": 6})])
+    extra = {**LORA, "train.max_steps": 6, "train.save_every": 2}
+    proc = _cli(["dpo", *_overrides(str(other), data_files, crashed, **extra)])
     assert proc.returncode != 0 and "trained on base" in proc.stdout + proc.stderr
 
 

@@ -53,16 +53,22 @@ def test_scanned_trainer_matches_unrolled(kind, tiny_dir, data_files, tmp_path):
     assert "model.layers.1.self_attn.q_proj.weight" in exported.state_dict()
 
 
-def test_scanned_dpo_resumes_exactly(tiny_dir, data_files, tmp_path):  # noqa: F811
-    """Killed right after the step-2 checkpoint, the scanned run resumes to the same losses."""
-    extra = {"model.scan_layers": True, "train.max_steps": 4, "train.save_every": 2}
+def crash_and_resume(tiny_dir, data_files, tmp_path, extra):  # noqa: F811
+    """A 4-step DPO run straight, and one killed right after its step-2 checkpoint and resumed:
+    their per-step losses `(straight, resumed)` and the resumed run's output directory."""
+    extra = {**extra, "train.max_steps": 4, "train.save_every": 2}
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     assert _cli(["dpo", *_overrides(tiny_dir, data_files, straight, **extra)]).returncode == 0
     args = ["dpo", *_overrides(tiny_dir, data_files, crashed, **extra)]
     assert _cli(args, env={"JAXRLHF_CRASH_AFTER_STEP": "2"}).returncode == 17
     proc = _cli(args)
     assert proc.returncode == 0 and "resumed from step 2" in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    a, b = _step_losses(straight), _step_losses(crashed)
+    return _step_losses(straight), _step_losses(crashed), crashed
+
+
+def test_scanned_dpo_resumes_exactly(tiny_dir, data_files, tmp_path):  # noqa: F811
+    """Killed right after the step-2 checkpoint, the scanned run resumes to the same losses."""
+    a, b, _ = crash_and_resume(tiny_dir, data_files, tmp_path, {"model.scan_layers": True})
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]  # bit-identical
 
