@@ -231,6 +231,40 @@ def generation_rows(args, path: str, backend: str) -> list[dict]:
     return [row]
 
 
+def grpo_rows(args, path: str, backend: str) -> list[dict]:
+    """GRPO iterations (P prompts x G completions: sample, score, packed update) with a closed-form
+    host reward, bf16 scanned model; median seconds per phase after a warm-up iteration."""
+    import jax
+
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.parallel import make_mesh
+    from jaxrlhf.train.config import GRPOConfig
+    from jaxrlhf.train.grpo import GRPOEngine
+    from jaxrlhf.train.step import make_optimizer, make_schedule
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    model = from_pretrained(path, dtype="bfloat16", param_dtype="bfloat16", scan_layers=True,
+                            attention=backend, mesh=mesh)  # fmt: skip
+    p, g, prompt, new = args.grpo_shape
+    cfg = GRPOConfig(num_generations=g, max_completion_length=new)
+    engine = GRPOEngine(model, cfg, make_optimizer(make_schedule(1e-6, 100, kind="constant")), mesh,
+                        eos_token_ids=[], pad_token_id=0)  # fmt: skip
+    prompts = np.random.default_rng(2).integers(3, model.config.vocab_size, (p, prompt)).astype(np.int32)
+    mask = np.ones_like(prompts)
+
+    def reward(ids, completion_mask):  # a cheap verifiable reward: even tokens
+        return ((ids[:, -completion_mask.shape[1]:] % 2 == 0) * completion_mask).mean(1, keepdims=True)
+
+    runs = [engine.step(prompts, mask, reward) for _ in range(1 + max(args.steps - 1, 1))]
+    phases = ("time/generation", "time/scoring", "time/update")
+    med = {k.split("/")[1] + "_s": statistics.median(r[k] for r in runs[1:]) for k in phases}
+    row = {"what": "grpo", "attention": backend, "shape": [p, g, prompt, new], **med,
+           "tokens_per_s": p * g * new / sum(med.values()),  # completion tokens per second of iteration
+           "step_s": sum(med.values()), "first_step_s": sum(runs[0][k] for k in phases)}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def transformers_generation(args, path: str) -> dict:
     import torch
     import transformers as tf
@@ -377,12 +411,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--skip-trl", action="store_true", help="no TRL DPO step even when trl is installed")
+    p.add_argument("--skip-grpo", action="store_true", help="no GRPO iteration")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     shape = TINY if args.tiny else LLAMA_1B
     args.batch, args.seq = (2, 128) if args.tiny else (8, 2048)
     gen = (2, 8, 8, 1) if args.tiny else (64, 128, 256, 2)
     args.gen_batch, args.gen_prompt, args.gen_new, args.gen_calls = gen
+    args.grpo_shape = (2, 2, 8, 4) if args.tiny else (16, 8, 256, 512)  # prompts, G, prompt, new tokens
     if args.tiny:
         args.steps = min(args.steps, 2)
 
@@ -405,6 +441,9 @@ def main() -> None:
                 print(f"TRL DPO step skipped: {e} (carry the trl and datasets wheels)", flush=True)
             else:
                 results.append(trl_dpo_row(args, shape, tmp))
+        if not args.skip_grpo:
+            for backend in backends:
+                results += grpo_rows(args, tmp, backend)
         if not args.skip_generate:
             for backend in backends:
                 results += generation_rows(args, tmp, backend)

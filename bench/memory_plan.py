@@ -377,7 +377,7 @@ def _scalar(mesh: Mesh, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStr
 
 
 def _rows(mesh: Mesh, shape: tuple[int, ...], dtype: Any, *, micro: bool) -> jax.ShapeDtypeStruct:
-    """A batch array split over (data, fsdp) on its row axis, as `trainer.to_global` places it."""
+    """A batch array split over (data, fsdp) on its row axis, as `common.to_global` places it."""
     return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape), micro_axis=micro))
 
 

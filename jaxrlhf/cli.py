@@ -1,6 +1,7 @@
-"""Command line: `jaxrlhf train sft|reward|dpo|ppo --config FILE [key=value ...]`, `demo`, `eval`, `chat`.
+"""Command line: `jaxrlhf train KIND --config FILE [key=value ...]`, `demo`, `eval`, `chat`.
 
-`train` runs a trainer from a YAML config (see docs/configuration.md) with dotted `key=value`
+`train` runs a trainer (KIND: sft, reward, dpo, ppo, grpo or rloo) from a YAML config (see
+docs/configuration.md) with dotted `key=value`
 overrides; `demo` is the main job (DPO on the embedded demo model with held-out task accuracy,
 preference metrics and sample replies before and after); `eval` measures task accuracy (greedy
 replies judged by the checker of each row's family); `chat` loads a model (default: the embedded
@@ -80,7 +81,7 @@ def _reported(fn: Callable[[], int]) -> int:
 
 
 def run_chat(prompts: Sequence[str], max_new_tokens: int, model_path: str = "demo") -> int:
-    from jaxrlhf.train.trainer import model_directory
+    from jaxrlhf.train.common import model_directory
 
     path = model_directory(model_path)
     print(f"model: {path}")
@@ -102,8 +103,8 @@ def run_eval(model_path: str, data: Sequence[str], max_new_tokens: int, batch_si
         write_task_eval,
     )
     from jaxrlhf.models import from_pretrained, load_tokenizer
+    from jaxrlhf.train.common import model_directory
     from jaxrlhf.train.pipeline import resolve_data_files
-    from jaxrlhf.train.trainer import model_directory
 
     path = model_directory(model_path)  # checked first: a bad model fails before the data is read
     files = resolve_data_files(list(data))
@@ -132,8 +133,8 @@ def run_demo(config: str, overrides: Sequence[str]) -> int:
     """The main job: DPO on the embedded demo model with the shipped data; held-out task accuracy
     (greedy replies judged by each family's checker) and preference metrics, before and after."""
     from jaxrlhf.evaluation import format_samples, format_task_report
+    from jaxrlhf.train.algorithms import train
     from jaxrlhf.train.config import load_config
-    from jaxrlhf.train.trainer import train
 
     cfg = load_config(config, overrides, kind="dpo")
     start = time.perf_counter()
@@ -161,8 +162,8 @@ def _preference_metrics(metrics: dict[str, float] | None) -> dict[str, float] | 
 
 
 def run_train(kind: str, config: str | None, overrides: Sequence[str]) -> int:
+    from jaxrlhf.train.algorithms import train
     from jaxrlhf.train.config import load_config
-    from jaxrlhf.train.trainer import train
 
     result = train(load_config(config, overrides, kind=kind))
     if result.eval_before or result.eval_after:
@@ -185,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a model from a YAML config")
-    tr.add_argument("kind", choices=("sft", "reward", "dpo", "ppo"))
+    tr.add_argument("kind", choices=("sft", "reward", "dpo", "ppo", "grpo", "rloo"))  # config.KINDS
     tr.add_argument("--config", help="YAML config (configs/*.yaml)")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.learning_rate=1e-5")
     demo = sub.add_parser("demo", help="the main job: DPO on the embedded demo model, before/after")

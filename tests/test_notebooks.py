@@ -20,6 +20,8 @@ NOTEBOOKS = [
     "01_dpo_quickstart.ipynb",
     "02_rlhf_with_ppo.ipynb",
     "03_losses_in_your_jax_code.ipynb",
+    "04_lora_dpo.ipynb",
+    "05_grpo_verifiable_rewards.ipynb",
 ]
 KERNEL_NAME = "python3"
 TIMEOUT_S = 600

@@ -1,10 +1,18 @@
-"""Pure-JAX losses for aligning language models (SFT, reward models, DPO-style, PPO).
+"""Pure-JAX losses for aligning language models (SFT, reward models, DPO-style, PPO, GRPO / RLOO).
 
 Every function is a small pure ``jax.numpy`` function, safe under ``jit`` / ``grad`` / ``vmap``,
 computing in float32. Losses return ``(loss, metrics)``. See ``docs/losses.md`` for the formulas
 and papers.
 """
 
+from jaxrlhf.losses.grpo import (
+    ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_SCALES,
+    GRPO_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
+    group_advantages,
+    grpo_loss,
+)
 from jaxrlhf.losses.ppo import (
     KL_KINDS,
     gae,
@@ -54,4 +62,11 @@ __all__ = [
     "gae",
     "ppo_policy_loss",
     "ppo_value_loss",
+    # grpo.py
+    "ADVANTAGE_ESTIMATORS",
+    "ADVANTAGE_SCALES",
+    "GRPO_LOSS_TYPES",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "group_advantages",
+    "grpo_loss",
 ]

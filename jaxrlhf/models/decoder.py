@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxrlhf.models import attention as attention_backends
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.lora import LoRASpec, init_adapters
+from jaxrlhf.models.lora import LORA_TARGETS, LoRASpec, dropout_input, init_adapters, layer_dropout
 from jaxrlhf.models.quant import QuantizedParam, dequantize, quantize
 
 Array = jax.Array
@@ -38,7 +38,7 @@ class Linear(nnx.Module):
 
     def __init__(
         self, d_in: int, d_out: int, *, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs,
-        lora: LoRASpec | None = None, quant: str = "none",
+        lora: LoRASpec | None = None, quant: str = "none", site: int = 0,
     ):
         self.quant = quant
         if quant == "none":
@@ -53,6 +53,8 @@ class Linear(nnx.Module):
         adapters = no_adapters if lora is None else init_adapters(rngs, d_in, d_out, lora, cfg.param_dtype)
         self.lora_a, self.lora_b = adapters
         self.lora_scale = lora.scale if lora is not None else 0.0
+        self.lora_dropout = lora.dropout if lora is not None else 0.0
+        self.lora_site = site  # which projection: folds the dropout key (own masks per projection)
 
     def weight(self) -> Array:
         """The kernel `[in, out]` in the compute dtype (dequantized when stored quantized)."""
@@ -64,7 +66,8 @@ class Linear(nnx.Module):
         x = x.astype(self.dtype)
         y = jnp.dot(x, self.weight())
         if self.lora_a is not None:
-            x_a = jnp.dot(x, self.lora_a[...].astype(self.dtype))  # [..., r]: the cheap side first
+            x_in = dropout_input(x, self.lora_dropout, self.lora_site)  # active in train steps only
+            x_a = jnp.dot(x_in, self.lora_a[...].astype(self.dtype))  # [..., r]: the cheap side first
             scale = jnp.asarray(self.lora_scale, self.dtype)
             y = y + jnp.dot(x_a, self.lora_b[...].astype(self.dtype)) * scale
         if self.bias is not None:
@@ -76,7 +79,8 @@ def _projection(cfg: ModelConfig, rngs: nnx.Rngs, name: str, d_in: int, d_out: i
     """One of the seven decoder projections (PEFT's `name`): adapters where LoRA targets it, and
     stored quantized under `cfg.quantize`."""
     lora = cfg.lora if cfg.lora is not None and name in cfg.lora.targets else None
-    return Linear(d_in, d_out, bias=bias, cfg=cfg, rngs=rngs, lora=lora, quant=cfg.quantize)
+    site = LORA_TARGETS.index(name)
+    return Linear(d_in, d_out, bias=bias, cfg=cfg, rngs=rngs, lora=lora, quant=cfg.quantize, site=site)
 
 
 class Norm(nnx.Module):
@@ -408,7 +412,8 @@ class CausalLM(nnx.Module):
         x = self._constrain(x)
         for i, layer in enumerate(self.layers):
             mask = window_mask if cfg.layer_uses_window(i) else full_mask
-            x = self._constrain(layer_fn(layer, x, mask, cos, sin))
+            with layer_dropout(i):
+                x = self._constrain(layer_fn(layer, x, mask, cos, sin))
             if i + 1 == cfg.frozen_layers:  # frozen below: their backward pass is never computed
                 x = jax.lax.stop_gradient(x)
         return self.norm(x)
@@ -435,10 +440,11 @@ class CausalLM(nnx.Module):
         flags = self._window_flags()
 
         def body(x: Array, xs: Any) -> tuple[Array, None]:
-            layer_state, flag = xs
+            layer_state, flag, i = xs
             layer = nnx.merge(graphdef, layer_state)
             mask = self._layer_mask(flag, full_mask, window_mask)
-            return self._constrain(layer(x, mask, cos, sin)), None
+            with layer_dropout(i):
+                return self._constrain(layer(x, mask, cos, sin)), None
 
         if cfg.effective_remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(cfg.effective_remat), prevent_cse=False)
@@ -447,7 +453,8 @@ class CausalLM(nnx.Module):
             whole = (start, stop) == (0, cfg.num_layers)
             part = stacked if whole else jax.tree.map(lambda a: a[start:stop], stacked)
             part_flags = None if flags is None else flags[start:stop]
-            return jax.lax.scan(body, x, (part, part_flags))[0]
+            ids = jnp.arange(start, stop, dtype=jnp.int32)  # layer numbers (LoRA dropout keys)
+            return jax.lax.scan(body, x, (part, part_flags, ids))[0]
 
         x, n = self._constrain(x), cfg.frozen_layers
         if n == 0:

@@ -15,9 +15,11 @@ with adapters switched off" (the DPO / PPO reference) direct.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -78,6 +80,51 @@ def init_adapters(
     bound = 1.0 / math.sqrt(d_in)
     a = jax.random.uniform(rngs.params(), (d_in, spec.rank), jnp.float32, -bound, bound)
     return LoRAParam(a.astype(dtype)), LoRAParam(jnp.zeros((spec.rank, d_out), dtype))
+
+
+# The PRNG key of LoRA dropout while a train step traces the model (None: no dropout, as in
+# sampling, scoring and evaluation). A context rather than a call argument, so the model's forward
+# signature stays the same for every caller; read at trace time, so it works under jit and scan.
+_DROPOUT_KEY: contextvars.ContextVar[Any] = contextvars.ContextVar("jaxrlhf_lora_dropout", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout(key: Any) -> Iterator[None]:
+    """Within this block (around a forward inside a train step) adapters with `dropout > 0` drop
+    their inputs, with masks drawn from `key` folded with the layer and the projection."""
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
+
+def dropout_key() -> Any:
+    """The active LoRA dropout key, or None."""
+    return _DROPOUT_KEY.get()
+
+
+@contextlib.contextmanager
+def layer_dropout(layer: Any) -> Iterator[None]:
+    """The dropout key of decoder layer `layer` (an int, or a traced index inside a scan): the
+    active key folded with it, so every layer draws its own masks; nothing when dropout is off."""
+    key = dropout_key()
+    if key is None:
+        yield
+        return
+    with lora_dropout(jax.random.fold_in(key, layer)):
+        yield
+
+
+def dropout_input(x: Any, rate: float, site: int) -> Any:
+    """PEFT's `lora_dropout` on an adapter's input: `x * keep / (1 - rate)`, `keep ~ Bernoulli(1 - rate)`
+    drawn from the active key folded with `site` (the projection's index in `LORA_TARGETS`);
+    `x` unchanged outside `lora_dropout` or when `rate` is 0."""
+    key = dropout_key()
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def is_adapter(path: Sequence[Any]) -> bool:

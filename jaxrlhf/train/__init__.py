@@ -1,12 +1,16 @@
-"""Training engine: configs, the SFT / reward / DPO trainer (`train`), PPO (`PPOEngine`, `train_ppo`),
-metrics logging and checkpointing."""
+"""Training engine: configs, `train(cfg)` (dispatching on `cfg.kind` through
+`algorithms.TRAINERS`), the SFT / reward / DPO loop, PPO (`PPOEngine`, `train_ppo`), GRPO / RLOO
+(`GRPOEngine`, `train_grpo`), metrics logging and checkpointing."""
 
+from jaxrlhf.train.algorithms import TRAINERS, train
 from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
+from jaxrlhf.train.common import TrainResult
 from jaxrlhf.train.config import (
     ConfigError,
     DataConfig,
     DPOConfig,
     ExperimentConfig,
+    GRPOConfig,
     MeshConfig,
     ModelConfig,
     OptimConfig,
@@ -20,22 +24,29 @@ from jaxrlhf.train.config import (
     config_to_dict,
     load_config,
 )
+from jaxrlhf.train.grpo import GRPOEngine
+from jaxrlhf.train.grpo_trainer import train_grpo
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
 from jaxrlhf.train.ppo import PPOEngine
 from jaxrlhf.train.ppo_trainer import train_ppo
-from jaxrlhf.train.trainer import TrainResult, train
+from jaxrlhf.train.trainer import train_offline
 
 __all__ = [
     # trainers
+    "GRPOEngine",
     "PPOEngine",
+    "TRAINERS",
     "TrainResult",
     "train",
+    "train_grpo",
+    "train_offline",
     "train_ppo",
     # config.py
     "ConfigError",
     "DataConfig",
     "DPOConfig",
     "ExperimentConfig",
+    "GRPOConfig",
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",

@@ -59,6 +59,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DPOConfig",
+    "GRPOConfig",
     "ExperimentConfig",
     "LoRAConfig",
     "MeshConfig",
@@ -75,7 +76,7 @@ __all__ = [
     "load_config",
 ]
 
-KINDS: tuple[str, ...] = ("sft", "reward", "dpo", "ppo")
+KINDS: tuple[str, ...] = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
 AXES: tuple[str, ...] = ("data", "fsdp", "tensor")  # mesh axes, as in jaxrlhf.parallel
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 # The loss types of `jaxrlhf.losses.dpo_loss` (kept in sync by tests/train/test_config.py).
@@ -604,6 +605,93 @@ class PPOConfig(_Section):
             )
 
 
+def _reward_funcs(v: Any) -> str | None:
+    names = [v] if isinstance(v, str) else list(v)
+    bad = [n for n in names if not isinstance(n, str) or not all(n.partition(":")[::2]) or n.count(":") != 1]
+    return f"expected 'module:function' names, got {bad}" if bad else None
+
+
+@dataclass(kw_only=True)
+class GRPOConfig(_Section):
+    """Critic-free online RL (kind: grpo or rloo): `num_generations` samples per prompt, advantages
+    from each prompt's group of rewards, and the clipped surrogate of `jaxrlhf.losses.grpo_loss`.
+
+    `train.batch_size` is the number of prompts per rollout (so `batch_size * num_generations`
+    completions); each rollout is followed by `num_iterations` passes over it in
+    `num_mini_batches` minibatches. Names follow TRL's `GRPOConfig`.
+    """
+
+    SECTION: ClassVar[str] = "grpo"
+
+    reward_funcs: list[str] = _field(
+        factory=list, check=_reward_funcs,
+        help="Reward functions, `module:function`, each `f(prompts, completions, completion_ids, "
+        "**columns) -> list[float | None]` (the prompt rows' other columns passed by name; None = "
+        "does not apply). E.g. `jaxrlhf.rewards:accuracy_reward`.",
+    )  # fmt: skip
+    reward_model: str | None = _field(
+        None, help="A trained reward model (a `*ForSequenceClassification` export) scoring each "
+        "completion at its last token: one more reward, after the functions.",
+    )  # fmt: skip
+    reward_weights: list[float] | None = _field(
+        None, help="Weights of the rewards (functions, then the reward model) in the summed reward; "
+        "None: all 1.",
+    )  # fmt: skip
+    num_generations: int = _field(8, check=_positive, help="Completions sampled per prompt (G >= 2).")
+    num_iterations: int = _field(
+        1, check=_positive, help="Passes over each rollout (TRL's num_iterations, mu); the sampler's "
+        "log-probs are the old policy.",
+    )  # fmt: skip
+    num_mini_batches: int = _field(
+        1, check=_positive, help="Optimizer steps per pass, each on whole groups (must divide "
+        "train.batch_size)."
+    )
+    max_completion_length: int = _field(64, check=_positive, help="Maximum new tokens per completion.")
+    temperature: float = _field(1.0, check=_positive, help="Sampling temperature (also divides the "
+                                "training logits).")  # fmt: skip
+    top_k: int = _field(0, check=_non_negative, help="Sample from the top-k tokens only (0: off).")
+    top_p: float = _field(1.0, check=_in_range(0.0, 1.0), help="Nucleus sampling mass (1: off).")
+    beta: float = _field(
+        0.0, check=_non_negative, help="Weight of the k3 KL to the reference; 0: no reference model "
+        "is kept (with LoRA the reference is the base anyway).",
+    )  # fmt: skip
+    epsilon: float = _field(0.2, check=_positive, help="Lower (and default upper) ratio clip.")
+    epsilon_high: float | None = _field(None, check=_positive, help="Upper ratio clip (DAPO's "
+                                        "clip-higher); None: epsilon.")  # fmt: skip
+    loss_type: str = _field("dapo", choices=("grpo", "bnpo", "dr_grpo", "dapo"),
+                            help="How per-token losses are averaged (docs/losses.md).")  # fmt: skip
+    importance_sampling_level: str = _field(
+        "token", choices=("token", "sequence"), help="Per-token ratios, or GSPO's per-sequence ratio."
+    )
+    scale_rewards: str = _field(
+        "group", choices=("group", "batch", "none"),
+        help="Divide the advantages by the group's reward std (GRPO), the batch's, or nothing "
+        "(Dr. GRPO; TRL's RLOO default).",
+    )  # fmt: skip
+    mask_truncated_completions: bool = _field(
+        False, help="Leave completions that never reached EOS out of the loss (DAPO)."
+    )
+    rescore_policy: bool = _field(
+        False, help="Recompute the old log-probs with a full forward instead of taking the sampler's."
+    )
+    pack_groups: bool = _field(
+        True, help="Train on one packed row per prompt (the prompt once, then its G completions, "
+        "each attending to the prompt and itself): Lp + G N tokens instead of G (Lp + N); same numbers.",
+    )  # fmt: skip
+
+    @property
+    def response_length(self) -> int:  # the sampler's name
+        return self.max_completion_length
+
+    def validate(self, prefix: str) -> None:
+        n = len(self.reward_funcs) + (self.reward_model is not None)
+        if self.reward_weights is not None and len(self.reward_weights) != n:
+            raise ConfigError(
+                f"{prefix}reward_weights has {len(self.reward_weights)} weights for {n} rewards "
+                "(reward_funcs, then reward_model)"
+            )
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -614,6 +702,7 @@ _SECTIONS: dict[str, type] = {
     "reward": RewardConfig,
     "sft": SFTConfig,
     "ppo": PPOConfig,
+    "grpo": GRPOConfig,
     "task_eval": TaskEvalConfig,
 }
 
@@ -637,8 +726,9 @@ class LoRAConfig(_Section):
     rank: int = _field(0, check=_non_negative, help="Adapter rank r; 0 = full fine-tuning (no adapters).")
     alpha: float = _field(16.0, check=_positive, help="Scale numerator: the update is (x A) B * alpha / r.")
     dropout: float = _field(
-        0.0, check=lambda v: None if v == 0 else "must be 0 (LoRA dropout is not implemented yet)",
-        help="Dropout on the adapters' input (PEFT's lora_dropout); only 0 is implemented so far.",
+        0.0, check=_in_range(0.0, 1.0, hi_open=True),
+        help="Dropout on the adapters' input (PEFT's lora_dropout), in train steps only (never when "
+        "sampling, scoring or evaluating); masks follow train.seed and the step, so resume is exact.",
     )  # fmt: skip
     target_modules: str | list[str] = _field(
         "all-linear",
@@ -647,6 +737,12 @@ class LoRAConfig(_Section):
         'down_proj), or "all-linear" for all seven.',
     )
 
+    critic: bool = _field(
+        True,
+        help="PPO: the critic gets its own adapters and a trained score head over a frozen base shared "
+        "with the policy (critic_init: policy) or the reward model (critic_init: reward_model); "
+        "false: the whole critic is fine-tuned.",
+    )
     quantize_base: str = _field(
         "none",
         choices=("none", "int8", "nf4"),
@@ -671,7 +767,7 @@ class LoRAConfig(_Section):
 class ExperimentConfig(_Section):
     """A whole run: what to train (`kind`) and one section per concern."""
 
-    kind: str = _field("sft", choices=KINDS, help="What to train: sft, reward, dpo or ppo.")
+    kind: str = _field("sft", choices=KINDS, help="What to train: sft, reward, dpo, ppo, grpo or rloo.")
     model: ModelConfig = _field(factory=ModelConfig, help="See the `model` section.")
     data: DataConfig = _field(factory=DataConfig, help="See the `data` section.")
     optim: OptimConfig = _field(factory=OptimConfig, help="See the `optim` section.")
@@ -681,15 +777,25 @@ class ExperimentConfig(_Section):
     reward: RewardConfig = _field(factory=RewardConfig, help="See the `reward` section.")
     sft: SFTConfig = _field(factory=SFTConfig, help="See the `sft` section.")
     ppo: PPOConfig = _field(factory=PPOConfig, help="See the `ppo` section.")
+    grpo: GRPOConfig = _field(factory=GRPOConfig, help="See the `grpo` section (kinds grpo and rloo).")
     task_eval: TaskEvalConfig = _field(factory=TaskEvalConfig, help="See the `task_eval` section.")
     lora: LoRAConfig = _field(factory=LoRAConfig, help="See the `lora` section.")
 
     def validate(self, prefix: str) -> None:
         lora = self.lora.enabled or self.model.adapter is not None
-        if lora and self.kind == "ppo":
-            raise ConfigError("lora with kind ppo is not implemented yet (sft, reward and dpo are)")
         if self.lora.quantize_base != "none" and not lora:
             raise ConfigError("lora.quantize_base needs adapters: set lora.rank > 0 (or model.adapter)")
+        if self.kind in ("grpo", "rloo"):
+            g = self.grpo
+            if not g.reward_funcs and g.reward_model is None:
+                raise ConfigError("grpo: give grpo.reward_funcs and/or grpo.reward_model")
+            if self.kind == "rloo" and g.num_generations < 2:
+                raise ConfigError("grpo.num_generations must be >= 2 for rloo (a leave-one-out baseline)")
+            if self.train.batch_size % g.num_mini_batches:  # minibatches of whole groups
+                raise ConfigError(
+                    f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                    f"grpo.num_mini_batches ({g.num_mini_batches})"
+                )
         if lora and self.model.frozen_layers:
             raise ConfigError("lora.rank > 0 already freezes the base: leave model.frozen_layers at 0")
 
@@ -1040,7 +1146,8 @@ def load_config(
         found = data.get("kind")
         if isinstance(found, _Override):
             found = found.value
-        if found is not None and found != kind:
+        same_section = {found, kind} <= {"grpo", "rloo"}  # one `grpo` section serves both estimators
+        if found is not None and found != kind and not same_section:
             raise ConfigError(f"kind: the config says {found!r} but {kind!r} was requested")
         data["kind"] = kind
     return _build(ExperimentConfig, data)

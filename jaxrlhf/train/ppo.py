@@ -8,6 +8,11 @@ rollout: no gradients) and `_update` (`num_ppo_epochs` x minibatches of clipped 
 permutation per epoch, in one `jax.jit`). Each implementation detail of Huang et al. (2024), "The N+
 Implementation Details of RLHF with PPO" (arXiv:2403.17031), is listed in docs/ppo.md with the line
 that does it.
+
+With LoRA (a policy loaded with `lora=`), only the adapters are trained and the reference is the
+policy with its adapters switched off: no copy of the base. A LoRA critic (adapters and a trained
+score head) shares the frozen base arrays of the policy (critic from the policy) or of the reward
+model (critic from the reward model) when they are the same weights: one base in memory.
 """
 
 from __future__ import annotations
@@ -21,11 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from jaxrlhf.generation.sampling import Generation, _generate
+from jaxrlhf.generation.sampling import Generation
 from jaxrlhf.losses import (
-    entropy_from_logits,
     gae,
     kl_penalty,
     masked_mean,
@@ -33,25 +37,26 @@ from jaxrlhf.losses import (
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
-    token_logprobs,
-    token_logprobs_from_hidden,
 )
 from jaxrlhf.models.decoder import CausalLM, default_positions
+from jaxrlhf.models.lora import lora_dropout
 from jaxrlhf.parallel import host_array
 from jaxrlhf.train.config import PPOConfig
-from jaxrlhf.train.step import init_optimizer_state, keep_if
+from jaxrlhf.train.rollout import (
+    RolloutEngine,
+    RolloutState,
+    last_token_scores,
+    response_logprobs,
+    share_arrays,
+    split_trainable,
+)
+from jaxrlhf.train.step import keep_if
 
 Array = jax.Array
+PPOState = RolloutState  # {"policy", "critic"} parameters and their optimizer state
+__all__ = ["PPOEngine", "PPOState", "Rollout", "ScoreFn", "response_logprobs", "response_values"]
 # score_fn(query_response_BxL, response_mask_BxN) -> scores [B] (host or traced), for verifiable rewards
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-@struct.dataclass
-class PPOState:
-    step: Array
-    params: dict[str, nnx.State]  # {"policy": ..., "critic": ...}
-    opt_state: Any
-    rng: Array  # key data (uint32)
 
 
 @struct.dataclass
@@ -70,45 +75,15 @@ class Rollout:
     kl: Array  # [B, N] per-token KL estimate (masked)
 
 
-def response_logprobs(
-    model: CausalLM,
-    ids: Array,
-    mask: Array,
-    positions: Array,
-    prompt_len: int,
-    temperature: float,
-    *,
-    with_entropy: bool = False,
-) -> Any:
-    """Log-probs `[B, N]` of the response tokens under `softmax(logits / temperature)`: the hidden
-    state at slot t predicts the token at t + 1, so the response starts from slot P - 1. With
-    `with_entropy`, also the per-token entropy `[B, N]` of that distribution (from the same pass)."""
-    hidden = model.hidden_states(ids, mask, positions)[:, prompt_len - 1 : -1]
-    labels = ids[:, prompt_len:]
-    if with_entropy:
-        logits = model.apply_head(hidden)
-        return token_logprobs(logits, labels, temperature=temperature), entropy_from_logits(
-            logits, temperature=temperature
-        )
-    head = model.lm_head_kernel().astype(hidden.dtype)
-    return token_logprobs_from_hidden(hidden, head, labels, temperature=temperature)
-
-
 def response_values(critic: CausalLM, ids: Array, mask: Array, positions: Array, prompt_len: int) -> Array:
     """Critic values `[B, N]`, read at the slot before each response token (the state it acts from)."""
     return critic(ids, mask, positions)[:, prompt_len - 1 : -1]
 
 
-def last_token_scores(reward_model: CausalLM, ids: Array, mask: Array, positions: Array) -> Array:
-    """Reward-model scores `[B]` at each row's last real token (the EOS when there is one)."""
-    scores_BxL = reward_model(ids, mask, positions)
-    last = jnp.max(jnp.where(mask != 0, jnp.arange(ids.shape[1]), 0), axis=1)
-    return jnp.take_along_axis(scores_BxL, last[:, None], axis=1)[:, 0]
-
-
-class PPOEngine:
+class PPOEngine(RolloutEngine):
     """Compiled PPO on a mesh. Models are given as loaded `CausalLM`s; the reference is a frozen copy
-    of the initial policy (stored in `frozen_dtype` when given)."""
+    of the initial policy (stored in `frozen_dtype` when given), or with LoRA the policy with its
+    adapters off."""
 
     def __init__(
         self,
@@ -123,63 +98,32 @@ class PPOEngine:
         pad_token_id: int,
         seed: int = 0,
         frozen_dtype: Any = None,
+        critic_frozen_from: str = "policy",
     ):
         self.cfg, self.optimizer, self.mesh = cfg, optimizer, mesh
-        self.eos = np.asarray(eos_token_ids, np.int32)
-        self.pad_id = int(pad_token_id)
-        self.policy_def, policy_params = nnx.split(policy, nnx.Param)
-        self.critic_def, critic_params = nnx.split(critic, nnx.Param)
-        # The reference may be stored narrower (e.g. bfloat16): it only feeds forward passes, which
-        # compute in the model's compute dtype anyway.
-        self.ref_params = jax.tree.map(
-            lambda p: p.astype(frozen_dtype) if frozen_dtype is not None else jnp.copy(p), policy_params
-        )
+        policy_params = self._init_policy(
+            policy, reference=True, frozen_dtype=frozen_dtype, eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id,
+        )  # fmt: skip
+        self.critic_def, critic_params, critic_frozen = split_trainable(critic)
         self.rm_def, self.rm_params = (
             nnx.split(reward_model, nnx.Param) if reward_model is not None else (None, None)
         )
-        params = {"policy": policy_params, "critic": critic_params}
-        replicated = NamedSharding(mesh, PartitionSpec())
-        opt_state = init_optimizer_state(optimizer, params, mesh)  # moments sharded like params
-        self.state = PPOState(
-            step=jax.device_put(np.zeros((), np.int32), replicated),
-            params=params,
-            opt_state=opt_state,
-            rng=jax.device_put(np.asarray(jax.random.key_data(jax.random.key(seed))), replicated),
-        )
+        if critic_frozen is not None:  # one base in memory: the policy's or the reward model's
+            source = self.frozen["policy"] if critic_frozen_from == "policy" else self.rm_params
+            critic_frozen = share_arrays(critic_frozen, source)
+        # Not differentiated, not in the optimizer, not checkpointed (it is the loaded checkpoint).
+        self.frozen["critic"] = critic_frozen
+        self._init_state({"policy": policy_params, "critic": critic_params}, optimizer, seed)
         self.kl_coef = float(cfg.kl_coef)
+        # The frozen bases go in as a separate argument, never donated (the critic's may alias the
+        # policy's buffers).
         self._update = jax.jit(self._update_fn, static_argnames=("prompt_len",), donate_argnums=(0,))
         self._score = jax.jit(self._score_fn, static_argnames=("prompt_len",))
         self._eval = jax.jit(self._eval_fn, static_argnames=("prompt_len",))
 
-    # ---------------------------------------------------------------- rollout
-    def _batch(self, x: np.ndarray | Array) -> Array:
-        """Prompts as given: a global `jax.Array` (e.g. built from each host's rows) passes as is; a
-        numpy batch is the whole global batch, the same on every process."""
-        if isinstance(x, jax.Array):
-            return x.astype(jnp.int32)
-        if jax.process_count() == 1:
-            return jnp.asarray(x, jnp.int32)
-        return jax.device_put(np.asarray(x, np.int32), NamedSharding(self.mesh, PartitionSpec()))
-
-    def generate(
-        self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array, *, seed: int | None = None
-    ) -> Generation:
-        """Sample responses with the current policy: tokens, response mask, and the sampler's log-probs
-        and entropies under `softmax(logits / temperature)` (reused by scoring). The key comes from
-        the training stream, or from `seed` (which leaves the training stream untouched)."""
-        if seed is None:
-            rng = jax.random.wrap_key_data(self.state.rng)
-            rng, key = jax.random.split(rng)
-            self.state = self.state.replace(rng=jax.random.key_data(rng))
-        else:
-            data = np.asarray(jax.random.key_data(jax.random.key(seed)))
-            key = jax.random.wrap_key_data(jax.device_put(data, NamedSharding(self.mesh, PartitionSpec())))
-        return _generate(
-            self.policy_def, self.state.params["policy"], self._batch(prompt_ids),
-            self._batch(prompt_mask), self.eos, np.int32(self.pad_id), key,
-            max_new_tokens=self.cfg.response_length, temperature=self.cfg.temperature,
-            top_k=self.cfg.top_k, top_p=self.cfg.top_p,
-        )  # fmt: skip
+    def _critic(self, params: dict[str, nnx.State], frozen: dict[str, Any]) -> CausalLM:
+        return self._model(self.critic_def, params["critic"], frozen["critic"])
 
     def _final_scores(self, rm_params, ids, mask, positions, response_mask, host_scores, prompt_len: int):
         """Scores `[B]` (the reward model's at the last real token, or the host's, then the missing-EOS
@@ -197,23 +141,21 @@ class PPOEngine:
             scores = jnp.where(has_eos, scores, jnp.float32(cfg.missing_eos_score))
         return scores, has_eos
 
-    def _score_fn(self, params, ref_params, rm_params, ids, mask, gen: Generation, host_scores, kl_coef, *,
-                  prompt_len):  # fmt: skip
+    def _score_fn(self, params, frozen, ref_params, rm_params, ids, mask, gen: Generation, host_scores,
+                  kl_coef, *, prompt_len):  # fmt: skip
         cfg = self.cfg
         response_mask = gen.completion_mask
         positions = default_positions(mask, *mask.shape)
-        ref = nnx.merge(self.policy_def, ref_params)
+        ref = self._reference(params, frozen, ref_params)
         if cfg.rescore_policy:
-            policy = nnx.merge(self.policy_def, params["policy"])
+            policy = self._policy(params, frozen)
             logprobs, entropy = response_logprobs(
                 policy, ids, mask, positions, prompt_len, cfg.temperature, with_entropy=True
             )
         else:  # the sampler computed both from the same policy: one forward fewer (as TRL does)
             logprobs, entropy = gen.logprobs, gen.entropy
         ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, cfg.temperature)
-        values = response_values(
-            nnx.merge(self.critic_def, params["critic"]), ids, mask, positions, prompt_len
-        )
+        values = response_values(self._critic(params, frozen), ids, mask, positions, prompt_len)
         scores, _ = self._final_scores(
             rm_params, ids, mask, positions, response_mask, host_scores, prompt_len
         )
@@ -245,7 +187,7 @@ class PPOEngine:
         return rollout, metrics
 
     # ---------------------------------------------------------------- update
-    def _update_fn(self, state: PPOState, rollout: Rollout, *, prompt_len: int):
+    def _update_fn(self, state: PPOState, rollout: Rollout, frozen: dict[str, Any], *, prompt_len: int):
         cfg = self.cfg
         b = rollout.ids.shape[0]
         if b % cfg.num_mini_batches:
@@ -256,14 +198,15 @@ class PPOEngine:
         rng = jax.random.wrap_key_data(state.rng)
         rng, *epoch_keys = jax.random.split(rng, cfg.num_ppo_epochs + 1)
 
-        def loss_fn(params, batch: Rollout):
-            policy = nnx.merge(self.policy_def, params["policy"])
-            critic = nnx.merge(self.critic_def, params["critic"])
+        def loss_fn(params, batch: Rollout, key: Array):
+            policy, critic = self._policy(params, frozen), self._critic(params, frozen)
             # detail: the sampling temperature divides the training logits too
-            logprobs = response_logprobs(
-                policy, batch.ids, batch.mask, batch.positions, prompt_len, cfg.temperature
-            )
-            values = response_values(critic, batch.ids, batch.mask, batch.positions, prompt_len)
+            with lora_dropout(jax.random.fold_in(key, 0)):  # LoRA dropout (when set): updates only
+                logprobs = response_logprobs(
+                    policy, batch.ids, batch.mask, batch.positions, prompt_len, cfg.temperature
+                )
+            with lora_dropout(jax.random.fold_in(key, 1)):
+                values = response_values(critic, batch.ids, batch.mask, batch.positions, prompt_len)
             pg, pg_m = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask,
                                        clip_eps=cfg.cliprange)  # fmt: skip
             vf, vf_m = ppo_value_loss(
@@ -279,9 +222,10 @@ class PPOEngine:
             }
             return pg + cfg.vf_coef * vf, metrics
 
-        def minibatch(state: PPOState, idx: Array):
+        def minibatch(state: PPOState, xs: tuple[Array, Array]):
+            idx, key = xs
             batch = jax.tree.map(lambda x: x[idx], rollout)
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics["grad_norm"] = optax.tree.norm(grads)
@@ -293,7 +237,8 @@ class PPOEngine:
 
         def epoch(state: PPOState, key: Array):  # detail: a fresh permutation every epoch
             perm = jax.random.permutation(key, b).reshape(cfg.num_mini_batches, mb)
-            return jax.lax.scan(minibatch, state, perm)
+            dropout_keys = jax.random.split(jax.random.fold_in(key, 1), cfg.num_mini_batches)
+            return jax.lax.scan(minibatch, state, (perm, dropout_keys))
 
         state, metrics = jax.lax.scan(epoch, state, jnp.stack(epoch_keys))
         metrics = jax.tree.map(jnp.mean, metrics)
@@ -316,19 +261,19 @@ class PPOEngine:
         mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
         host_scores = None
         if self.rm_params is None:
-            host_scores = self._host_scores(score_fn, ids, response_mask)
+            host_scores = self.host_values(score_fn, ids, response_mask)
         jax.block_until_ready(tokens)
         gen_seconds = time.perf_counter() - start
         start = time.perf_counter()
         p = prompt_ids.shape[1]
         rollout, metrics = self._score(
-            self.state.params, self.ref_params, self.rm_params, ids, mask, gen, host_scores,
+            self.state.params, self.frozen, self.ref_params, self.rm_params, ids, mask, gen, host_scores,
             np.float32(self.kl_coef), prompt_len=p,
         )  # fmt: skip
         jax.block_until_ready(rollout)
         score_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        self.state, update_metrics = self._update(self.state, rollout, prompt_len=p)
+        self.state, update_metrics = self._update(self.state, rollout, self.frozen, prompt_len=p)
         out = {k: float(v) for k, v in {**metrics, **update_metrics}.items()}
         update_seconds = time.perf_counter() - start
         response_tokens = float(jnp.sum(response_mask))
@@ -347,20 +292,6 @@ class PPOEngine:
         if (self.rm_params is None) == (score_fn is None):
             raise ValueError("PPO needs exactly one of a reward model (at construction) or a score_fn")
 
-    def _host_scores(self, score_fn: ScoreFn, ids: Array, response_mask: Array) -> Array:
-        """Scores of a Python reward function, as a replicated array. The whole rollout is gathered on
-        every process (a collective), scored on process 0, and broadcast: one call, one answer."""
-        ids_np, mask_np = host_array(ids), host_array(response_mask)
-        if jax.process_count() == 1:
-            return jnp.asarray(score_fn(ids_np, mask_np), jnp.float32)
-        from jax.experimental import multihost_utils
-
-        scores = np.zeros((ids_np.shape[0],), np.float32)
-        if jax.process_index() == 0:
-            scores = np.asarray(score_fn(ids_np, mask_np), np.float32)
-        scores = np.asarray(multihost_utils.broadcast_one_to_all(scores), np.float32)
-        return jax.device_put(scores, NamedSharding(self.mesh, PartitionSpec()))
-
     def evaluate(
         self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array,
         score_fn: ScoreFn | None = None, *, seed: int = 0,
@@ -375,15 +306,16 @@ class PPOEngine:
         gen = self.generate(prompt_ids, prompt_mask, seed=seed)
         ids = jnp.concatenate([prompt_ids, gen.tokens], axis=1)
         mask = jnp.concatenate([prompt_mask, gen.completion_mask], axis=1)
-        host_scores = None if score_fn is None else self._host_scores(score_fn, ids, gen.completion_mask)
-        out = self._eval(self.ref_params, self.rm_params, ids, mask, gen, host_scores,
-                         prompt_len=prompt_ids.shape[1])  # fmt: skip
+        host_scores = None if score_fn is None else self.host_values(score_fn, ids, gen.completion_mask)
+        out = self._eval(self.state.params, self.frozen, self.ref_params, self.rm_params, ids, mask, gen,
+                         host_scores, prompt_len=prompt_ids.shape[1])  # fmt: skip
         return {k: host_array(v) for k, v in out.items()}
 
-    def _eval_fn(self, ref_params, rm_params, ids, mask, gen: Generation, host_scores, *, prompt_len: int):
+    def _eval_fn(self, params, frozen, ref_params, rm_params, ids, mask, gen: Generation, host_scores, *,
+                 prompt_len: int):  # fmt: skip
         response_mask = gen.completion_mask
         positions = default_positions(mask, *mask.shape)
-        ref = nnx.merge(self.policy_def, ref_params)
+        ref = self._reference(params, frozen, ref_params)
         ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, self.cfg.temperature)
         scores, has_eos = self._final_scores(
             rm_params, ids, mask, positions, response_mask, host_scores, prompt_len
@@ -404,4 +336,4 @@ class PPOEngine:
         self.kl_coef *= 1.0 + error * n / self.cfg.kl_horizon
 
     def policy_model(self) -> CausalLM:
-        return nnx.merge(self.policy_def, self.state.params["policy"])
+        return self._policy(self.state.params, self.frozen)

@@ -20,18 +20,17 @@ import numpy as np
 
 from jaxrlhf.data import BatchIterator, DataError, bucket_length, left_pad, load_rows
 from jaxrlhf.evaluation import format_task_report
-from jaxrlhf.models import from_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.models import from_pretrained, load_tokenizer
+from jaxrlhf.models.lora import base_fingerprint
+from jaxrlhf.models.peft_io import load_adapter
 from jaxrlhf.parallel import host_array
 from jaxrlhf.train.checkpoint import Checkpointer
-from jaxrlhf.train.config import ConfigError, ExperimentConfig, config_to_dict
-from jaxrlhf.train.loop import run_loop
-from jaxrlhf.train.metrics import MetricsLogger
-from jaxrlhf.train.pipeline import held_out_split, resolve_data_files
-from jaxrlhf.train.ppo import PPOEngine, ScoreFn
-from jaxrlhf.train.step import make_schedule
-from jaxrlhf.train.trainer import (
+from jaxrlhf.train.common import (
     TrainResult,
+    check_base,
+    export_model,
     fresh_start,
+    lora_spec,
     maybe_initialize_distributed,
     mesh_and_rules,
     model_directory,
@@ -41,12 +40,25 @@ from jaxrlhf.train.trainer import (
     to_global,
     tokenizer_directory,
 )
+from jaxrlhf.train.config import ConfigError, ExperimentConfig, config_to_dict
+from jaxrlhf.train.loop import run_loop
+from jaxrlhf.train.metrics import MetricsLogger
+from jaxrlhf.train.pipeline import held_out_split, resolve_data_files
+from jaxrlhf.train.ppo import PPOEngine, ScoreFn
+from jaxrlhf.train.step import make_schedule
 
 
 def load_prompts(files: list[str], tokenizer: Any, *, max_prompt_length: int) -> list[np.ndarray]:
     """Token ids of every row's `prompt` (conversations get the chat template and a generation
     prompt), truncated from the left to `max_prompt_length`. Bad rows raise `DataError`."""
-    out: list[np.ndarray] = []
+    return [ids for ids, _ in load_prompt_rows(files, tokenizer, max_prompt_length=max_prompt_length)]
+
+
+def load_prompt_rows(
+    files: list[str], tokenizer: Any, *, max_prompt_length: int
+) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """`load_prompts`, each with the row's other columns (what GRPO reward functions receive)."""
+    out: list[tuple[np.ndarray, dict[str, Any]]] = []
     for file in files:
         rows = load_rows(file)
         for i in range(len(rows)):
@@ -65,7 +77,7 @@ def load_prompts(files: list[str], tokenizer: Any, *, max_prompt_length: int) ->
                                   field="prompt")  # fmt: skip
                 raise error.located(*rows.locate(i))
             ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
-            out.append(ids[-max_prompt_length:])
+            out.append((ids[-max_prompt_length:], {k: v for k, v in rows[i].items() if k != "prompt"}))
     return out
 
 
@@ -180,15 +192,21 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         frozen_layers=cfg.model.frozen_layers,
         attention=cfg.model.attention,
     )
-    policy = from_pretrained(policy_dir, **kw)
+    lora = lora_spec(cfg)  # LoRA: policy adapters, the base as the reference (and the critic's base)
+    quant = {"lora": lora, "quantize_base": cfg.lora.quantize_base}
+    policy = from_pretrained(policy_dir, **kw, **quant)
+    if cfg.model.adapter:
+        load_adapter(policy, cfg.model.adapter)
     reward_model = None
     if reward_dir is not None:
         frozen = {"param_dtype": cfg.model.frozen_dtype} if cfg.model.frozen_dtype else {}
         reward_model = from_pretrained(reward_dir, head="score", **{**kw, **frozen})
-    if p.critic_init == "reward_model" and reward_dir is not None:
-        critic = from_pretrained(reward_dir, head="score", **kw)
+    critic_kw = {**kw, **quant} if lora is not None and cfg.lora.critic else kw
+    critic_from = "reward_model" if p.critic_init == "reward_model" and reward_dir is not None else "policy"
+    if critic_from == "reward_model":
+        critic = from_pretrained(reward_dir, head="score", **critic_kw)
     else:
-        critic = from_pretrained(policy_dir, head="score", init_score_head=True, seed=t.seed, **kw)
+        critic = from_pretrained(policy_dir, head="score", init_score_head=True, seed=t.seed, **critic_kw)
     total_steps = t.max_steps or t.num_epochs * (len(prompts) // t.batch_size)
     o = cfg.optim
     schedule = make_schedule(
@@ -211,8 +229,10 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         pad_token_id=tokenizer.pad_token_id,
         seed=t.seed,
         frozen_dtype=cfg.model.frozen_dtype,
+        critic_frozen_from=critic_from,
     )
     del policy, critic, reward_model
+    fingerprint = base_fingerprint(policy_dir) if lora is not None else None
     collate = _collate_prompts(tokenizer.pad_token_id, cfg.data.buckets)
     batches = BatchIterator(
         prompts,
@@ -229,7 +249,8 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     checkpointer = Checkpointer(os.path.join(t.output_dir, "checkpoints"), keep=t.keep_checkpoints)
 
     def snapshot() -> tuple[Any, dict[str, Any]]:  # the engine state, and what exact resume needs
-        extra = {"data": batches.state(), "kl_coef": engine.kl_coef, "config": config_to_dict(cfg)}
+        extra = {"data": batches.state(), "kl_coef": engine.kl_coef, "config": config_to_dict(cfg),
+                 "base_fingerprint": fingerprint}  # fmt: skip
         return engine.state, extra
 
     step = 0
@@ -238,6 +259,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), engine.state
         )
         step, engine.state, extra = checkpointer.restore(abstract_state=abstract)
+        check_base(extra, fingerprint, checkpointer.directory, cfg)
         batches.restore(extra["data"])
         engine.kl_coef = float(extra["kl_coef"])
         say(f"resumed from step {step}")
@@ -304,9 +326,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         logger.log(step, eval_after, split="eval")
     export_dir = None
     if t.export and not preempted:
-        export_dir = os.path.join(t.output_dir, "export")
-        save_pretrained(engine.policy_model(), export_dir, tokenizer=tokenizer)
-        logger.print(f"exported the policy to {export_dir}")
+        export_dir = export_model(engine.policy_model(), cfg, tokenizer, logger.print)
     summary = {
         "steps": step,
         "preempted": preempted,

@@ -18,7 +18,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.models.decoder import CausalLM
-from jaxrlhf.models.lora import adapters_off
+from jaxrlhf.models.lora import adapters_off, lora_dropout
 from jaxrlhf.parallel.partition import batch_axes, is_stacked
 from jaxrlhf.train.objectives import Objective
 
@@ -288,11 +288,16 @@ def make_train_step(
         elif state.base_reference:
             ref_model = model_of(adapters_off(state.params))
 
-        def micro(carry, micro_batch):
+        # LoRA dropout masks: a function of (seed, step, micro-batch), so a resumed run draws the same.
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def micro(carry, xs):
             grads_acc, num_acc, den_acc = carry
+            micro_batch, index = xs
 
             def f(params):
-                num, den, metrics = objective(model_of(params), micro_batch, ref_model)
+                with lora_dropout(jax.random.fold_in(step_key, index)):
+                    num, den, metrics = objective(model_of(params), micro_batch, ref_model)
                 return num, (den, metrics)
 
             (num, (den, metrics)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
@@ -301,7 +306,8 @@ def make_train_step(
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         init = (zeros, jnp.float32(0.0), jnp.float32(0.0))
-        (grads, num, den), metrics = jax.lax.scan(micro, init, batch)
+        num_micro = jax.tree.leaves(batch)[0].shape[0]
+        (grads, num, den), metrics = jax.lax.scan(micro, init, (batch, jnp.arange(num_micro)))
         grads = jax.tree.map(lambda g, p: (g / den).astype(p.dtype), grads, state.params)
         metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         loss, grad_norm = num / den, optax.tree.norm(grads)

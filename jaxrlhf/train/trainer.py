@@ -1,4 +1,4 @@
-"""The training loop shared by SFT, reward-model and DPO training: `train(cfg) -> TrainResult`.
+"""The training loop shared by SFT, reward-model and DPO training: `train_offline(cfg) -> TrainResult`.
 
 Reads top to bottom: start-up (distributed, mesh), tokenizer and data, model, objective, reference
 log-probs, optimizer and state, resume, the step loop (log, evaluate, checkpoint, preemption), the
@@ -20,44 +20,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from jaxrlhf.data import BatchIterator, DataError, TokenizedPair, collate_pairs, collate_sequences
 from jaxrlhf.evaluation import (
-    TaskEvalResult,
-    TaskPrompt,
-    evaluate_tasks,
     format_task_report,
-    has_task_columns,
-    load_task_prompts,
-    write_task_eval,
 )
 from jaxrlhf.losses import dpo_loss, reward_loss
 from jaxrlhf.models import (
-    check_checkpoint,
     from_pretrained,
     load_tokenizer,
-    resolve_checkpoint,
-    save_pretrained,
 )
-from jaxrlhf.models.demo import cache_dir, demo_model_path
+from jaxrlhf.models.demo import cache_dir
 from jaxrlhf.models.lora import base_fingerprint
 from jaxrlhf.models.lora import trainable as lora_trainable
-from jaxrlhf.models.peft_io import load_adapter, read_adapter_config, save_adapter
-from jaxrlhf.parallel import DEFAULT_RULES, make_mesh
+from jaxrlhf.models.peft_io import load_adapter
 from jaxrlhf.train.checkpoint import Checkpointer
-from jaxrlhf.train.config import ConfigError, ExperimentConfig, config_to_dict
+from jaxrlhf.train.common import (
+    TrainResult,
+    check_base,
+    export_model,
+    fresh_start,
+    lora_spec,
+    maybe_initialize_distributed,
+    mesh_and_rules,
+    model_directory,
+    optimizer_from_config,
+    run_task_eval,
+    task_prompts,
+    to_global,
+    tokenizer_directory,
+)
+from jaxrlhf.train.config import ExperimentConfig, config_to_dict
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
 from jaxrlhf.train.objectives import DPOObjective, RewardObjective, SFTObjective, add_targets, pair_logps
-from jaxrlhf.train.pipeline import checkpoint_fingerprint, pairs_fingerprint, prepare_data, resolve_data_files
+from jaxrlhf.train.pipeline import checkpoint_fingerprint, pairs_fingerprint, prepare_data
 from jaxrlhf.train.step import (
     all_params,
-    batch_sharding,
     create_state,
-    frozen_params,
     make_eval_fn,
-    make_optimizer,
     make_schedule,
     make_train_step,
     state_shardings,
@@ -67,108 +68,12 @@ from jaxrlhf.train.step import (
 _CRASH_ENV = "JAXRLHF_CRASH_AFTER_STEP"
 
 
-@dataclasses.dataclass
-class TrainResult:
-    steps: int
-    train_metrics: list[dict[str, float]]
-    eval_before: dict[str, float] | None
-    eval_after: dict[str, float] | None
-    export_dir: str | None
-    preempted: bool = False
-    task_before: TaskEvalResult | None = None  # task accuracy (eval data with checkers), before training
-    task_after: TaskEvalResult | None = None
-
-
 @dataclasses.dataclass(frozen=True)
 class Indexed:
     """A tokenized example with its index in the split (to join precomputed reference log-probs)."""
 
     index: int
     pair: TokenizedPair
-
-
-def maybe_initialize_distributed(cfg: ExperimentConfig) -> None:
-    """Join the other processes with `jax.distributed.initialize`: with the coordinator given in the
-    config (`mesh.coordinator_address`, `num_processes`, `process_id`), or auto-detected on a
-    multi-host TPU slice (JAX reads the TPU metadata itself). Single-host runs skip it."""
-    if jax.distributed.is_initialized():  # e.g. by a notebook; must not touch the backend first
-        return
-    m = cfg.mesh
-    if m.coordinator_address is not None or m.num_processes is not None:
-        jax.distributed.initialize(
-            coordinator_address=m.coordinator_address, num_processes=m.num_processes, process_id=m.process_id
-        )
-    elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-        jax.distributed.initialize()
-
-
-def fresh_start(output_dir: str, resume: bool) -> None:
-    """Without `train.resume`, a run in an existing directory starts clean: earlier checkpoints and
-    metrics are moved aside (never deleted) so they can neither be resumed by accident nor mixed in."""
-    if resume or jax.process_index() != 0:
-        return
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in ("checkpoints", "metrics.jsonl"):
-        path = os.path.join(output_dir, name)
-        if os.path.exists(path):
-            os.replace(path, f"{path}.old-{stamp}")
-
-
-def mesh_and_rules(cfg: ExperimentConfig) -> tuple[Any, Any]:
-    """The device mesh of `cfg.mesh`, and its partition rules: the configured ones first, then the
-    defaults."""
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    if not cfg.mesh.rules:
-        return mesh, DEFAULT_RULES
-    return mesh, [(pattern, tuple(axes)) for pattern, axes in cfg.mesh.rules] + list(DEFAULT_RULES)
-
-
-def model_directory(path: str) -> str:
-    """The local checkpoint directory of `model.path` ("demo": the embedded model), checked to be
-    loadable (config, model type, whole safetensors files) before anything else is read."""
-    return demo_model_path() if path == "demo" else check_checkpoint(path)
-
-
-def tokenizer_directory(cfg: ExperimentConfig, model_dir: str) -> str:
-    if not cfg.model.tokenizer:
-        return model_dir
-    return demo_model_path() if cfg.model.tokenizer == "demo" else resolve_checkpoint(cfg.model.tokenizer)
-
-
-def task_prompts(cfg: ExperimentConfig, tokenizer: Any) -> list[TaskPrompt]:
-    """The held-out prompts to measure task accuracy on: those of `data.eval_files` when every eval
-    file has `family` and `answer` columns and `task_eval.enabled`; else none."""
-    files = resolve_data_files(cfg.data.eval_files)
-    if not cfg.task_eval.enabled or not files or not has_task_columns(files):
-        return []
-    return load_task_prompts(files, tokenizer)
-
-
-def run_task_eval(
-    model: Any, tokenizer: Any, prompts: list[TaskPrompt], cfg: ExperimentConfig, mesh: Any, name: str,
-) -> TaskEvalResult:  # fmt: skip
-    """Task accuracy of `model` (greedy replies), written to `<output_dir>/task_eval/<name>.json`."""
-    te = cfg.task_eval
-    result = evaluate_tasks(
-        model, tokenizer, prompts, max_new_tokens=te.max_new_tokens, batch_size=te.batch_size,
-        samples_per_family=te.samples_per_family, mesh=mesh,
-    )  # fmt: skip
-    if jax.process_index() == 0:
-        path = os.path.join(cfg.train.output_dir, "task_eval", f"{name}.json")
-        write_task_eval(path, result, model=cfg.model.path, data=resolve_data_files(cfg.data.eval_files),
-                        stage=name)  # fmt: skip
-    return result
-
-
-def optimizer_from_config(cfg: ExperimentConfig, schedule: Any) -> Any:
-    """AdamW of `cfg.optim` on `schedule`, with the score head's learning rate and the frozen layers
-    of `cfg.model` (shared by every trainer)."""
-    o, m = cfg.optim, cfg.model
-    return make_optimizer(
-        schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm,
-        head_lr_scale=o.head_lr_scale,
-        frozen=frozen_params(m.frozen_layers, scan_layers=m.use_scan) if m.frozen_layers else None,
-    )
 
 
 def _objective(cfg: ExperimentConfig) -> Any:
@@ -215,18 +120,6 @@ def _length(cfg: ExperimentConfig) -> Callable[[Indexed], int]:
     if cfg.kind == "sft":
         return lambda it: len(it.pair.prompt_ids) + len(it.pair.chosen_ids)
     return lambda it: it.pair.packed_length
-
-
-def to_global(batch: dict[str, np.ndarray], mesh: Any, *, micro: int | None) -> dict[str, jax.Array]:
-    """This host's numpy batch -> global arrays sharded over (data, fsdp); `micro` adds the leading
-    micro-batch axis."""
-    out = {}
-    for k, v in batch.items():
-        if micro is not None:
-            v = v.reshape(micro, v.shape[0] // micro, *v.shape[1:])
-        sharding: NamedSharding = batch_sharding(mesh, v.ndim, micro_axis=micro is not None)
-        out[k] = jax.make_array_from_process_local_data(sharding, v)
-    return out
 
 
 def _iterate_once(examples: list[Indexed], collate: Any, batch_size: int, length: Any) -> BatchIterator:
@@ -373,12 +266,9 @@ def evaluate(
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
 
 
-def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train `cfg.kind` (sft, reward, dpo or ppo) as configured; returns metrics and the export path."""
-    if cfg.kind == "ppo":
-        from jaxrlhf.train.ppo_trainer import train_ppo
-
-        return train_ppo(cfg, log=log)
+def train_offline(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train `cfg.kind` (sft, reward or dpo: learning from a fixed data set) as configured; returns
+    metrics and the export path."""
     maybe_initialize_distributed(cfg)
     t = cfg.train
     if t.batch_size % t.grad_accum_steps:
@@ -406,14 +296,7 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
     eval_ex = [Indexed(i, p) for i, p in enumerate(data.eval)]
     pad_id = tokenizer.pad_token_id
 
-    lora = cfg.lora.spec()
-    if cfg.model.adapter:  # an existing PEFT adapter: its own rank / alpha / targets
-        lora = read_adapter_config(cfg.model.adapter)
-        if cfg.lora.enabled and (cfg.lora.rank, cfg.lora.alpha) != (lora.rank, lora.alpha):
-            raise ConfigError(
-                f"lora.rank={cfg.lora.rank}, lora.alpha={cfg.lora.alpha} but model.adapter "
-                f"{cfg.model.adapter} has r={lora.rank}, lora_alpha={lora.alpha}: drop the lora settings"
-            )
+    lora = lora_spec(cfg)
     model = from_pretrained(
         model_dir, head="score" if cfg.kind == "reward" else "lm", dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype, mesh=mesh, rules=rules, remat=cfg.model.remat,
@@ -471,12 +354,7 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         saved = state.replace(frozen=None)  # a LoRA checkpoint holds the adapters, not the base
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), saved)
         step, restored, extra = checkpointer.restore(abstract_state=abstract)
-        if extra.get("base_fingerprint") != fingerprint:
-            raise ValueError(
-                f"{checkpointer.directory}: its checkpoint was trained on base "
-                f"{extra.get('base_fingerprint')}, but model.path {cfg.model.path} is base {fingerprint}: "
-                "use the same base model (or train.resume=false)"
-            )
+        check_base(extra, fingerprint, checkpointer.directory, cfg)
         state = restored.replace(frozen=state.frozen)
         batches.restore(extra["data"])
         say(f"resumed from step {step}")
@@ -551,16 +429,7 @@ def train(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) ->
         logger.log(step, eval_after, split="eval")
     export_dir = None
     if t.export and not preempted:
-        export_dir = os.path.join(t.output_dir, "export")
-        model = nnx.merge(graphdef, all_params(state))
-        if lora is not None:  # export/ = the PEFT adapter; export_merged/ = the merged full model
-            save_adapter(model, export_dir, base_model=cfg.model.path)
-            merged_dir = os.path.join(t.output_dir, "export_merged")
-            save_pretrained(model, merged_dir, tokenizer=tokenizer)
-            say(f"exported the adapter to {export_dir} and the merged model to {merged_dir}")
-        else:
-            save_pretrained(model, export_dir, tokenizer=tokenizer)
-            say(f"exported to {export_dir}")
+        export_dir = export_model(nnx.merge(graphdef, all_params(state)), cfg, tokenizer, say)
     summary = {"steps": step, "eval_before": eval_before, "eval_after": eval_after, "export_dir": export_dir,
                "preempted": preempted, "data": data.report}  # fmt: skip
     if t.on_nonfinite == "skip" and history:

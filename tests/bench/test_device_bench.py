@@ -24,7 +24,7 @@ def test_device_bench_tiny_on_cpu(tmp_path):
     results = json.loads(out.read_text())["results"]
     by = {(r["what"], r.get("attention")): r for r in results}
     for backend in ("xla", "splash"):
-        for what in ("sft", "dpo_packed", "dpo_unpacked", "generate"):
+        for what in ("sft", "dpo_packed", "dpo_unpacked", "generate", "grpo"):
             assert by[(what, backend)]["tokens_per_s"] > 0
     for what in ("sft", "dpo_packed", "dpo_unpacked"):
         splash, xla = by[(what, "splash")]["first_loss"], by[(what, "xla")]["first_loss"]

@@ -6,7 +6,9 @@
 * with trained (non-zero) adapters the logits equal a model whose kernels are `W + A B alpha / r`
   (the merged weights, computed independently in numpy);
 * gradients taken over the trainable split reach only the adapters (and a score head);
-* a scanned model's adapters are stacked `[L, ...]` and give the unrolled model's logits.
+* a scanned model's adapters are stacked `[L, ...]` and give the unrolled model's logits;
+* LoRA dropout: inverted-dropout masks of the stated rate, only inside `lora_dropout`, per layer
+  and per projection, the same masks scanned and unrolled.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from flax import nnx
 from tiny_hf import make_hf_model, padded_batch
 
 from jaxrlhf.models import from_pretrained
-from jaxrlhf.models.lora import LORA_TARGETS, LoRAParam, LoRASpec, adapters_off, trainable
+from jaxrlhf.models.lora import (
+    LORA_TARGETS,
+    LoRAParam,
+    LoRASpec,
+    adapters_off,
+    dropout_input,
+    lora_dropout,
+    trainable,
+)
 
 SPEC = LoRASpec.build(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
 
@@ -117,3 +127,64 @@ def test_gradients_reach_only_the_trainable_split(path, head):
     grads = jax.grad(lambda t: jnp.sum(nnx.merge(graphdef, t, frozen)(ids, mask, pos) ** 2))(train)
     flat = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
     assert flat.keys() == names and all(np.abs(g).max() > 0 for g in flat.values())
+
+
+def test_dropout_input_is_inverted_dropout_of_the_stated_rate():
+    x = jnp.asarray(np.random.default_rng(0).uniform(1.0, 2.0, size=(40, 500)), jnp.float32)
+    assert dropout_input(x, 0.3, site=0) is x  # no active key: no dropout (sampling, evaluation)
+    with lora_dropout(jax.random.key(1)):
+        assert dropout_input(x, 0.0, site=0) is x
+        y, y_other_site = np.asarray(dropout_input(x, 0.3, site=0)), np.asarray(dropout_input(x, 0.3, site=1))
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / 0.7, rtol=1e-6)
+    n, p = y.size, 0.3  # dropped fraction within 5 binomial standard deviations of the rate
+    assert abs((~kept).mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+    assert ((y_other_site != 0) != kept).mean() > 0.3  # another projection draws its own mask
+
+
+def test_linear_dropout_acts_on_the_adapter_path_only(path):
+    spec = LoRASpec.build(rank=4, alpha=8.0, target_modules=["q_proj"], dropout=0.5)
+    model = randomize_b(from_pretrained(path, lora=spec))
+    q = model.layers[0].self_attn.q_proj
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, model.config.hidden_size)), jnp.float32)
+    w, a, b = (np.asarray(v[...]) for v in (q.kernel, q.lora_a, q.lora_b))
+    bias = 0.0 if q.bias is None else np.asarray(q.bias[...])
+    key = jax.random.key(3)
+    with lora_dropout(key):
+        got = np.asarray(q(x))
+        dropped = np.asarray(dropout_input(x, 0.5, site=LORA_TARGETS.index("q_proj")))
+    assert (dropped == 0).any() and not np.allclose(dropped, np.asarray(x))
+    want = np.asarray(x) @ w + (dropped @ a) @ b * spec.scale + bias
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    no_dropout = np.asarray(x) @ w + (np.asarray(x) @ a) @ b * spec.scale + bias
+    np.testing.assert_allclose(np.asarray(q(x)), no_dropout, rtol=1e-5, atol=1e-5)  # outside: none
+
+
+def test_model_dropout_masks_per_layer_and_equal_scanned_and_unrolled(path):
+    spec = LoRASpec.build(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"], dropout=0.25)
+    ids, mask, pos = padded_batch("right", seed=5)
+    unrolled = randomize_b(from_pretrained(path, lora=spec), seed=9)
+    scanned = from_pretrained(path, lora=spec, scan_layers=True)
+    for block, lin in (("self_attn", "q_proj"), ("self_attn", "v_proj"), ("mlp", "down_proj")):
+        for name in ("lora_a", "lora_b"):
+            layers = [getattr(getattr(getattr(x, block), lin), name)[...] for x in unrolled.layers]
+            getattr(getattr(getattr(scanned.layers, block), lin), name).set_value(jnp.stack(layers))
+    real = mask.astype(bool)
+    plain = np.asarray(unrolled(ids, mask, pos))
+    with lora_dropout(jax.random.key(4)):
+        a, b = np.asarray(unrolled(ids, mask, pos)), np.asarray(scanned(ids, mask, pos))
+    with lora_dropout(jax.random.key(5)):
+        c = np.asarray(unrolled(ids, mask, pos))
+    np.testing.assert_allclose(b[real], a[real], atol=1e-5)  # same masks: the layer folds the key
+    assert np.abs(a - plain)[real].max() > 1e-4 and np.abs(c - a)[real].max() > 1e-4
+    np.testing.assert_array_equal(np.asarray(unrolled(ids, mask, pos)), plain)  # off again outside
+    # every layer draws its own masks: layer 0's and layer 1's differ on the same input
+    x = jnp.ones((2, 3, unrolled.config.hidden_size), jnp.float32)
+    from jaxrlhf.models.lora import layer_dropout
+
+    with lora_dropout(jax.random.key(6)):
+        with layer_dropout(0):
+            m0 = np.asarray(dropout_input(x, 0.25, site=0))
+        with layer_dropout(1):
+            m1 = np.asarray(dropout_input(x, 0.25, site=0))
+    assert ((m0 == 0) != (m1 == 0)).any()

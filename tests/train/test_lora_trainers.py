@@ -4,7 +4,7 @@
   a run whose reference log-probs were computed once, before training, by a separate pass;
 * only the adapters (and a reward model's score head) are trained: the optimizer state is a small
   fraction of the parameters, and a checkpoint holds the adapters, not the base;
-* a killed LoRA run resumes to bit-identical losses; resuming on another base is refused;
+* a killed LoRA run (with dropout) resumes to bit-identical losses; resuming on another base is refused;
 * `train.export`: `export/` is a PEFT adapter, `export_merged/` a model transformers loads, and
   `model.adapter` continues from an exported adapter (its eval equals the first run's final eval).
 """
@@ -53,7 +53,8 @@ def _dir_bytes(path):
 
 
 def test_lora_dpo_resumes_exactly_and_checkpoints_only_the_adapters(tiny_dir, data_files, tmp_path):  # noqa: F811
-    a, b, crashed = crash_and_resume(tiny_dir, data_files, tmp_path, LORA)
+    # with LoRA dropout: its masks follow (seed, step), so the resumed run draws the same ones
+    a, b, crashed = crash_and_resume(tiny_dir, data_files, tmp_path, {**LORA, "lora.dropout": 0.1})
     assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]  # bit-identical
     base = _dir_bytes(tiny_dir)
     step2 = os.path.join(crashed, "checkpoints", "2")

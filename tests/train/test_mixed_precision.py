@@ -10,7 +10,7 @@ import numpy as np
 from test_trainer import _overrides, data_files, tiny_dir  # noqa: F401  (fixtures)
 
 from jaxrlhf.train import load_config
-from jaxrlhf.train.trainer import train
+from jaxrlhf.train.algorithms import train
 
 # Measured on the tiny SmolLM-vocabulary model (lr 1e-2, 6 steps): the bf16 losses stay within
 # 1.7e-3 of fp32 while the run moves the loss by 0.065; bf16 has 8 mantissa bits (~4e-3 relative

@@ -19,7 +19,7 @@ WORKER = textwrap.dedent(
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from jaxrlhf.train import load_config
-    from jaxrlhf.train.trainer import train
+    from jaxrlhf.train.algorithms import train
     overrides = sys.argv[1:]
     result = train(load_config(None, overrides, kind="dpo"))
     assert jax.process_count() == int({n}), jax.process_count()
@@ -197,3 +197,71 @@ def test_ppo_cli_on_two_processes(tmp_path):
     assert [r["step"] for r in evals] == [0, 1, 2, 3] and all(r["prompts"] == 6 for r in evals), evals
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["steps"] == 3
+
+
+GRPO_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    import numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    path, n, pid, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if n > 1:
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.parallel import make_mesh
+    from jaxrlhf.train.config import GRPOConfig
+    from jaxrlhf.train.grpo import GRPOEngine
+    from jaxrlhf.train.step import batch_sharding, make_optimizer, make_schedule
+
+    calls = []
+
+    def rewards(ids, response_mask):  # two host reward functions, the second "does not apply" on odd rows
+        calls.append(ids.shape[0])
+        response = ids[:, -response_mask.shape[1]:]
+        low = ((response < 48) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
+        return np.stack([low, np.where(np.arange(len(ids)) % 2, np.nan, response_mask.mean(1))], axis=1)
+
+    mesh = make_mesh(data=2)
+    cfg = GRPOConfig(num_generations=4, max_completion_length=6, num_iterations=2, num_mini_batches=2,
+                     beta=0.04)
+    optimizer = make_optimizer(make_schedule(1e-3, 100, kind="constant"))
+    engine = GRPOEngine(from_pretrained(path, mesh=mesh), cfg, optimizer, mesh, eos_token_ids=[1],
+                        pad_token_id=0, num_reward_funcs=2, reward_weights=[1.0, 0.5])
+    ids = np.random.default_rng(0).integers(3, 96, (4, 5)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :2] = 0  # one left-padded prompt
+    if n > 1:  # each process holds its own half of the prompts, as the trainer feeds them
+        rows = slice(pid * 2, pid * 2 + 2)
+        sharding = batch_sharding(mesh, 2, micro_axis=False)
+        ids = jax.make_array_from_process_local_data(sharding, ids[rows])
+        mask = jax.make_array_from_process_local_data(sharding, mask[rows])
+    history = [engine.step(ids, mask, rewards, ["low", "len"]) for _ in range(3)]
+    keys = ["reward", "loss", "kl", "clip_ratio/region_mean", "rewards/len/mean"]
+    print("GRPO", json.dumps([[m[k] for k in keys] for m in history]))
+    print("CALLS", json.dumps(calls))
+    """
+)
+
+
+def test_grpo_on_two_processes_matches_one(tmp_path):
+    """GRPO on two processes (one CPU device each, each holding half of the prompts) reproduces one
+    process with two devices: the G completions per prompt are sampled over the global batch, the
+    rewards scored once on process 0 and broadcast, and the update runs over the global batch."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+    from tiny_hf import make_hf_model
+
+    path = str(tmp_path / "tiny")
+    make_hf_model("llama").save_pretrained(path)
+
+    def run(n: int, devices: int) -> list[str]:
+        port = str(_free_port())
+        return _launch([[sys.executable, "-c", GRPO_WORKER, path, str(n), str(i), port] for i in range(n)],
+                       _cpu_env(devices))  # fmt: skip
+
+    one, two = run(1, 2)[0], run(2, 1)
+    ref = np.asarray(_tagged(one, "GRPO"))
+    assert np.all(np.isfinite(ref)) and abs(ref[2, 2]) > 0  # the policy moves away from the reference
+    for out in two:
+        np.testing.assert_allclose(np.asarray(_tagged(out, "GRPO")), ref, rtol=1e-4, atol=1e-6)
+    assert _tagged(two[0], "CALLS") == [16, 16, 16] and _tagged(two[1], "CALLS") == []

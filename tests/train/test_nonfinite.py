@@ -139,7 +139,7 @@ def test_stop_names_the_step_and_saves_the_state_before_it(tiny_dir, train_file,
 
 def test_skip_leaves_the_state_unchanged_and_trains_on(tiny_dir, train_file, tmp_path, poison):
     from jaxrlhf.train import load_config
-    from jaxrlhf.train.trainer import train
+    from jaxrlhf.train.algorithms import train
 
     out = str(tmp_path / "run")
     result = train(load_config(None, _overrides(tiny_dir, train_file, out, **{"train.on_nonfinite": "skip"}),

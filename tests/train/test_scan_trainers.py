@@ -16,10 +16,10 @@ from test_trainer import _losses as _step_losses
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.parallel import make_mesh
 from jaxrlhf.train import load_config
+from jaxrlhf.train.algorithms import train
 from jaxrlhf.train.config import PPOConfig
 from jaxrlhf.train.ppo import PPOEngine
 from jaxrlhf.train.step import make_optimizer, make_schedule
-from jaxrlhf.train.trainer import train
 
 
 def _files(kind, data_files, tmp_path):  # noqa: F811

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
 from tiny_hf import save_tiny_smollm  # noqa: E402
 
 from jaxrlhf.train import load_config  # noqa: E402
-from jaxrlhf.train.trainer import train  # noqa: E402
+from jaxrlhf.train.algorithms import train  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo")
 
@@ -151,7 +151,7 @@ def test_python_api_trains_and_exports(kind, tiny_dir, data_files, tmp_path):
 
 
 def test_fresh_start_moves_old_run_aside(tmp_path):
-    from jaxrlhf.train.trainer import fresh_start
+    from jaxrlhf.train.common import fresh_start
 
     (tmp_path / "checkpoints" / "3").mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text("{}\n")

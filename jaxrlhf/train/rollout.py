@@ -1,0 +1,218 @@
+"""What every online-RL engine shares (PPO, GRPO, RLOO): the policy split into trained and frozen
+parameters (LoRA), the reference, the compiled sampler, prompts as global arrays, and host reward
+functions scored once and broadcast.
+
+`RolloutEngine` is a base class: a subclass sets `self.cfg` (with `response_length`,
+`temperature`, `top_k`, `top_p`), calls `_init_policy` and `_init_state`, and adds its scoring and
+update functions (`jaxrlhf/train/ppo.py`, `jaxrlhf/train/grpo.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxrlhf.generation.sampling import Generation, _generate
+from jaxrlhf.losses import entropy_from_logits, token_logprobs, token_logprobs_from_hidden
+from jaxrlhf.models.decoder import CausalLM
+from jaxrlhf.models.lora import adapters_off, trainable
+from jaxrlhf.parallel import host_array
+from jaxrlhf.train.step import init_optimizer_state
+
+Array = jax.Array
+
+
+@struct.dataclass
+class RolloutState:
+    step: Array
+    params: dict[str, nnx.State]  # {"policy": ...} (PPO: and "critic")
+    opt_state: Any
+    rng: Array  # key data (uint32)
+
+
+def response_logprobs(
+    model: CausalLM,
+    ids: Array,
+    mask: Array,
+    positions: Array,
+    prompt_len: int,
+    temperature: float,
+    *,
+    with_entropy: bool = False,
+) -> Any:
+    """Log-probs `[B, N]` of the response tokens under `softmax(logits / temperature)`: the hidden
+    state at slot t predicts the token at t + 1, so the response starts from slot P - 1. With
+    `with_entropy`, also the per-token entropy `[B, N]` of that distribution (from the same pass)."""
+    hidden = model.hidden_states(ids, mask, positions)[:, prompt_len - 1 : -1]
+    labels = ids[:, prompt_len:]
+    if with_entropy:
+        logits = model.apply_head(hidden)
+        return token_logprobs(logits, labels, temperature=temperature), entropy_from_logits(
+            logits, temperature=temperature
+        )
+    head = model.lm_head_kernel().astype(hidden.dtype)
+    return token_logprobs_from_hidden(hidden, head, labels, temperature=temperature)
+
+
+def last_token_scores(reward_model: CausalLM, ids: Array, mask: Array, positions: Array) -> Array:
+    """Reward-model scores `[B]` at each row's last real token (the EOS when there is one)."""
+    scores_BxL = reward_model(ids, mask, positions)
+    last = jnp.max(jnp.where(mask != 0, jnp.arange(ids.shape[1]), 0), axis=1)
+    return jnp.take_along_axis(scores_BxL, last[:, None], axis=1)[:, 0]
+
+
+def split_trainable(model: CausalLM) -> tuple[nnx.GraphDef, nnx.State, nnx.State | None]:
+    """(graphdef, trained parameters, frozen parameters): with LoRA the adapters (and a score head)
+    are trained and the base is frozen; without, everything is trained."""
+    if model.config.lora is None:
+        graphdef, params = nnx.split(model, nnx.Param)
+        return graphdef, params, None
+    return nnx.split(model, trainable(model.head_type), nnx.Param)
+
+
+def share_arrays(frozen: nnx.State, source: nnx.State | None) -> nnx.State:
+    """`frozen` with each leaf replaced by `source`'s leaf at the same path when that is the same
+    kind of array (shape, dtype, sharding): a LoRA critic then holds no second copy of a base it
+    shares with the policy or the reward model (both loaded from the same checkpoint)."""
+    if source is None:
+        return frozen
+    by_path = dict(nnx.to_flat_state(source))
+
+    def same(a: Any, b: Any) -> bool:
+        return a.shape == b.shape and a.dtype == b.dtype and getattr(a, "sharding", None) == getattr(
+            b, "sharding", None
+        )
+
+    flat = []
+    for path, var in nnx.to_flat_state(frozen):
+        other = by_path.get(path)
+        if other is not None and type(other) is type(var) and same(other.get_value(), var.get_value()):
+            var = other
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)
+
+
+class RolloutEngine:
+    """The policy side of an online-RL engine (see the module docstring)."""
+
+    cfg: Any
+    mesh: Mesh
+    state: RolloutState
+
+    def _init_policy(
+        self,
+        policy: CausalLM,
+        *,
+        reference: bool,
+        frozen_dtype: Any,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+    ) -> nnx.State:
+        """Split the policy; keep a reference when `reference` (a frozen copy of the initial policy,
+        in `frozen_dtype` when given, or with LoRA nothing: the base with the adapters off). Returns
+        the trained parameters."""
+        self.eos = np.asarray(eos_token_ids, np.int32)
+        self.pad_id = int(pad_token_id)
+        self.policy_def, params, frozen = split_trainable(policy)
+        self.lora = frozen is not None
+        self.frozen: dict[str, Any] = {"policy": frozen}
+        # The reference may be stored narrower (e.g. bfloat16): it only feeds forward passes, which
+        # compute in the model's compute dtype anyway. With LoRA it is the base: no copy.
+        self.ref_params = None
+        if reference and not self.lora:
+            self.ref_params = jax.tree.map(
+                lambda p: p.astype(frozen_dtype) if frozen_dtype is not None else jnp.copy(p), params
+            )
+        self.has_reference = reference
+        return params
+
+    def _init_state(self, params: dict[str, nnx.State], optimizer: optax.GradientTransformation,
+                    seed: int) -> None:  # fmt: skip
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        opt_state = init_optimizer_state(optimizer, params, self.mesh)  # moments sharded like params
+        self.state = RolloutState(
+            step=jax.device_put(np.zeros((), np.int32), replicated),
+            params=params,
+            opt_state=opt_state,
+            rng=jax.device_put(np.asarray(jax.random.key_data(jax.random.key(seed))), replicated),
+        )
+
+    # ---------------------------------------------------------------- models
+    @staticmethod
+    def _model(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State | None) -> CausalLM:
+        return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+    def _policy(self, params: dict[str, nnx.State], frozen: dict[str, Any]) -> CausalLM:
+        return self._model(self.policy_def, params["policy"], frozen["policy"])
+
+    def _reference(self, params: dict[str, nnx.State], frozen: dict[str, Any], ref_params: Any) -> CausalLM:
+        """The frozen reference: the copy of the initial policy, or with LoRA the base (adapters off)."""
+        if ref_params is not None:
+            return nnx.merge(self.policy_def, ref_params)
+        return self._model(self.policy_def, adapters_off(params["policy"]), frozen["policy"])
+
+    def _policy_state(self) -> nnx.State:
+        """Every parameter of the current policy (trained and frozen) as one state."""
+        p, f = self.state.params["policy"], self.frozen["policy"]
+        return p if f is None else nnx.merge_state(p, f)
+
+    def policy_model(self) -> CausalLM:
+        return self._policy(self.state.params, self.frozen)
+
+    # ---------------------------------------------------------------- rollout
+    def _batch(self, x: np.ndarray | Array) -> Array:
+        """Prompts as given: a global `jax.Array` (e.g. built from each host's rows) passes as is; a
+        numpy batch is the whole global batch, the same on every process."""
+        if isinstance(x, jax.Array):
+            return x.astype(jnp.int32)
+        if jax.process_count() == 1:
+            return jnp.asarray(x, jnp.int32)
+        return jax.device_put(np.asarray(x, np.int32), NamedSharding(self.mesh, PartitionSpec()))
+
+    def generate(
+        self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array, *, seed: int | None = None
+    ) -> Generation:
+        """Sample responses with the current policy: tokens, response mask, and the sampler's log-probs
+        and entropies under `softmax(logits / temperature)` (reused by scoring). The key comes from
+        the training stream, or from `seed` (which leaves the training stream untouched)."""
+        if seed is None:
+            rng = jax.random.wrap_key_data(self.state.rng)
+            rng, key = jax.random.split(rng)
+            self.state = self.state.replace(rng=jax.random.key_data(rng))
+        else:
+            data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+            key = jax.random.wrap_key_data(jax.device_put(data, NamedSharding(self.mesh, PartitionSpec())))
+        return _generate(
+            self.policy_def, self._policy_state(), self._batch(prompt_ids),
+            self._batch(prompt_mask), self.eos, np.int32(self.pad_id), key,
+            max_new_tokens=self.cfg.response_length, temperature=self.cfg.temperature,
+            top_k=self.cfg.top_k, top_p=self.cfg.top_p,
+        )  # fmt: skip
+
+    def host_values(self, fn: Callable[[np.ndarray, np.ndarray], np.ndarray], ids: Array,
+                    response_mask: Array, *, shape: tuple[int, ...] = ()) -> Array:  # fmt: skip
+        """`fn(ids, response_mask)` of a host function (reward functions): `[B, *shape]` float32,
+        replicated. The whole rollout is gathered on every process (a collective), `fn` runs on
+        process 0 only, and its result is broadcast: one call, one answer."""
+        ids_np, mask_np = host_array(ids), host_array(response_mask)
+        if jax.process_count() == 1:
+            return jnp.asarray(fn(ids_np, mask_np), jnp.float32)
+        from jax.experimental import multihost_utils
+
+        values = np.zeros((ids_np.shape[0], *shape), np.float32)
+        if jax.process_index() == 0:
+            values = np.asarray(fn(ids_np, mask_np), np.float32)
+        values = np.asarray(multihost_utils.broadcast_one_to_all(values), np.float32)
+        # NaN ("does not apply") travels as a mask: device_put checks that every process passes
+        # equal values, and NaN != NaN.
+        valid = ~np.isnan(values)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        values = jax.device_put(np.where(valid, values, 0.0), replicated)
+        return jnp.where(jax.device_put(valid, replicated), values, jnp.nan)

@@ -1,0 +1,108 @@
+"""GRPO / RLOO engine on a tiny model: a controlled task with a closed-form reward, and one rollout's
+rewards, advantages and loss recomputed in numpy (grpo_reference.py) from what the engine logged."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from test_ppo_trainer import EOS, PAD, _prompts, low_token_fraction, tiny_llama  # noqa: F401
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "losses"))
+from grpo_reference import np_group_advantages, np_grpo_loss  # noqa: E402
+
+from jaxrlhf.models import from_pretrained  # noqa: E402
+from jaxrlhf.parallel import make_mesh  # noqa: E402
+from jaxrlhf.train.config import GRPOConfig  # noqa: E402
+from jaxrlhf.train.grpo import GRPOEngine  # noqa: E402
+from jaxrlhf.train.rollout import response_logprobs  # noqa: E402
+from jaxrlhf.train.step import make_optimizer, make_schedule  # noqa: E402
+
+
+def _engine(path, cfg, *, lr, estimator="grpo", weights=None, funcs=1, seed=0):
+    mesh = make_mesh(devices=jax.devices()[:1])
+    optimizer = make_optimizer(make_schedule(lr, 100, kind="constant"))
+    return GRPOEngine(
+        from_pretrained(path, mesh=mesh), cfg, optimizer, mesh, eos_token_ids=[EOS], pad_token_id=PAD,
+        estimator=estimator, reward_weights=weights, num_reward_funcs=funcs, seed=seed,
+    )  # fmt: skip
+
+
+def low_tokens(ids, mask):  # one reward column
+    return low_token_fraction(ids, mask)[:, None]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_grpo_and_rloo_raise_a_closed_form_reward(tiny_llama, estimator):  # noqa: F811
+    """Stated: 8 prompts x 4 samples, 8-token completions, lr 1e-3: within 25 iterations the mean
+    reward of the last 5 is >= 0.15 above the first 5 (measured, GRPO: 0.56 -> 0.94)."""
+    cfg = GRPOConfig(num_generations=4, max_completion_length=8, num_iterations=2, num_mini_batches=2,
+                     scale_rewards="group" if estimator == "grpo" else "none")  # fmt: skip
+    engine = _engine(tiny_llama, cfg, lr=1e-3, estimator=estimator)
+    prompts, mask = _prompts(n=8)
+    history = [engine.step(prompts, mask, low_tokens, ["low"]) for _ in range(25)]
+    rewards = [m["reward"] for m in history]
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert last >= first + 0.15, (first, last)
+    assert all(np.isfinite(m["loss"]) for m in history)
+    assert history[0]["rewards/low/mean"] == pytest.approx(history[0]["reward"], abs=1e-6)
+
+
+def test_one_rollout_recomputed_in_numpy(tiny_llama):  # noqa: F811
+    """With a zero learning rate the update computes the loss of the sampling policy itself: its
+    logged loss and clip ratios equal numpy's from the rollout's tokens, rewards and log-probs."""
+    cfg = GRPOConfig(num_generations=4, max_completion_length=6, temperature=0.9, beta=0.05,
+                     epsilon_high=0.28, loss_type="grpo", mask_truncated_completions=True,
+                     rescore_policy=False)  # fmt: skip
+
+    def two_rewards(ids, mask):  # a None (NaN) in the second reward for some rows
+        second = np.where(np.arange(len(ids)) % 3 == 0, np.nan, mask.sum(1) / mask.shape[1])
+        return np.stack([low_token_fraction(ids, mask), second], axis=1)
+
+    engine = _engine(tiny_llama, cfg, lr=0.0, weights=[1.0, 0.5], funcs=2)
+    prompts, mask = _prompts(n=4, seed=3)
+    metrics = engine.step(prompts, mask, two_rewards, ["low", "len"])
+    r = {k: None if v is None else np.asarray(v) for k, v in engine.last_rollout.flat().items()}
+    ids, rmask, completion = r["ids"], r["loss_mask"], r["completion_mask"]
+    raw = two_rewards(ids, completion)
+    want_rewards = np.nansum(raw * np.array([1.0, 0.5]), axis=1)  # None is left out of the sum
+    np.testing.assert_allclose(r["rewards"], want_rewards, rtol=1e-6)
+    np.testing.assert_allclose(r["advantages"], np_group_advantages(want_rewards, 4), rtol=1e-4, atol=1e-5)
+    has_eos = ((ids[:, prompts.shape[1]:] == EOS) & (completion == 1)).any(1)
+    np.testing.assert_array_equal(rmask, completion * has_eos[:, None])  # truncated ones masked out
+    p = prompts.shape[1]
+    logps = response_logprobs(engine.policy_model(), r["ids"], r["mask"], r["positions"], p, cfg.temperature)
+    old, adv, ref = r["old_logprobs"], r["advantages"], r["ref_logprobs"]
+    want, want_m = np_grpo_loss(np.asarray(logps), old, adv, rmask, ref_logps=ref, loss_type="grpo",
+                                epsilon_high=0.28, beta=0.05)  # fmt: skip
+    assert metrics["loss"] == pytest.approx(want, abs=2e-5)
+    for k in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl"):
+        assert metrics[k] == pytest.approx(want_m[k], abs=2e-5), k
+    assert metrics["rewards/low/mean"] == pytest.approx(raw[:, 0].mean(), abs=1e-6)
+    assert metrics["rewards/len/mean"] == pytest.approx(np.nanmean(raw[:, 1]), abs=1e-6)
+    assert metrics["completions/clipped_ratio"] == pytest.approx(1 - has_eos.mean(), abs=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_packed_groups_give_the_unpacked_logprobs(tiny_llama, scan):  # noqa: F811
+    """One packed row per prompt (the prompt once, then its G completions) gives every completion
+    token the log-prob of its own unpacked row, with left-padded prompts and padded completions."""
+    from jaxrlhf.train.grpo import group_logprobs
+
+    model = from_pretrained(tiny_llama, scan_layers=scan)
+    rng = np.random.default_rng(0)
+    p, g, n = 3, 4, 5
+    prompt_ids = rng.integers(3, 96, (p, 6)).astype(np.int32)
+    prompt_mask = np.ones_like(prompt_ids)
+    prompt_mask[0, :2] = 0  # left padding
+    prompt_mask[2, :1] = 0
+    tokens = rng.integers(3, 96, (p, g, n)).astype(np.int32)
+    lengths = rng.integers(1, n + 1, (p, g))
+    completion_mask = (np.arange(n) < lengths[..., None]).astype(np.int32)
+    packed = group_logprobs(model, prompt_ids, prompt_mask, tokens, completion_mask, 0.7, pack=True)
+    rows = group_logprobs(model, prompt_ids, prompt_mask, tokens, completion_mask, 0.7, pack=False)
+    m = completion_mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(packed)[m], np.asarray(rows)[m], atol=2e-5)
