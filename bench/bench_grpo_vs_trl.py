@@ -24,6 +24,14 @@ when generation and optimizer steps are aligned), and TRL runs without gradient 
 float32 (its GRPOConfig defaults are `gradient_checkpointing=True`, `bf16=True`), as jaxrlhf on CPU
 (no remat, float32).
 
+Layout of the update: jaxrlhf trains on packed groups by default (`grpo.pack_groups`, on here): one
+row per prompt, the prompt once and then its G completions, each attending to the prompt and to
+itself (Lp + G N tokens per prompt, the same log-probs), while TRL runs each completion in its own row
+after a copy of its prompt (G (Lp + N) tokens). `--no-pack-groups` gives jaxrlhf TRL's layout, so the
+update does the same token count on both sides. TRL 1.16 always computes the update's log-probs and
+entropies with its chunked fused-LM-head kernel (`trl/kernels/chunked_logprob.py`), which without
+Triton (CPU) runs in plain torch; there is no setting to turn it off.
+
 Equal work: by default every completion is exactly `--max-completion-length` tokens: both get an
 EOS id that no token has (2**30) instead of `<|im_end|>`, so both samplers run all N decode steps
 from the unmodified distribution and the completion masks cover all N tokens (a sampled `<|im_end|>`
@@ -183,6 +191,7 @@ def run_jax(args) -> None:
         reward_funcs=REWARD_FUNCS, reward_weights=REWARD_WEIGHTS, num_generations=args.num_generations,
         num_iterations=1, num_mini_batches=1, max_completion_length=args.max_completion_length,
         temperature=1.0, beta=0.0, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+        pack_groups=not args.no_pack_groups,
     )  # fmt: skip
     funcs = load_reward_funcs(cfg.reward_funcs)
     optimizer = make_optimizer(make_schedule(LR, 1000, kind="constant"), max_grad_norm=1.0)
@@ -204,7 +213,8 @@ def run_jax(args) -> None:
         send({
             "generation": m["time/generation"], "scoring": m["time/scoring"], "update": m["time/update"],
             "total": total, "cpu_s": cpu_s, "completion_length": m["completions/mean_length"],
-            "reward": m["reward"], "loss": m["loss"], "optimizer_steps": 1,
+            "reward": m["reward"], "loss": m["loss"],
+            "optimizer_steps": cfg.num_iterations * cfg.num_mini_batches,  # by construction
         })  # fmt: skip
     send(
         {"done": True, "jax": jax.__version__, "devices": str(jax.devices()), "prompt_shape": list(ids.shape)}
@@ -363,6 +373,8 @@ class Child:
                "--threads", str(args.threads)]  # fmt: skip
         if args.stop_at_eos:
             cmd.append("--stop-at-eos")
+        if args.no_pack_groups:
+            cmd.append("--no-pack-groups")
         if framework == "trl" and args.tiny and not os.path.exists(args.model_path):
             cmd.append("--make-tiny")  # while the jax child imports
         env = dict(os.environ)
@@ -443,6 +455,7 @@ def run_all(args) -> dict:
         "model": "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct (demo)",
         "model_path": args.model_path, "prompts": args.prompts, "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length, "fixed_length": not args.stop_at_eos,
+        "jax_pack_groups": not args.no_pack_groups,
         "steps": args.steps, "threads": args.threads, "temperature": 1.0, "learning_rate": LR, "beta": 0.0,
         "loss_type": "dapo", "num_iterations": 1, "reward_funcs": REWARD_FUNCS,
         "reward_weights": REWARD_WEIGHTS,
@@ -479,9 +492,10 @@ def table(results: dict) -> str:
 def report(results: dict, args) -> None:
     print(
         f"\nGRPO step: P={args.prompts} prompts x G={args.num_generations}, N={args.max_completion_length} "
-        f"({'fixed length' if not args.stop_at_eos else 'stop at EOS'}), "
+        f"({'fixed length' if not args.stop_at_eos else 'stop at EOS'}), jaxrlhf "
+        f"{'unpacked rows' if args.no_pack_groups else 'packed groups'}, "
         f"{'tiny random model' if args.tiny else 'SmolLM2-135M-Instruct'} float32, threads={args.threads}, "
-        f"median of {args.steps} steps after 1 warm-up, alternating\n"
+        f"median of {args.steps} timed step(s) after 1 warm-up{'' if args.only else ', alternating'}\n"
     )
     print(table(results))
     if "jax" in results and "trl" in results:
@@ -510,6 +524,7 @@ def main() -> None:
     p.add_argument(
         "--stop-at-eos", action="store_true", help="stop at EOS instead of fixed-length completions"
     )
+    p.add_argument("--no-pack-groups", action="store_true", help="jaxrlhf: one row per completion, as TRL")
     p.add_argument(
         "--tiny", action="store_true", help="a tiny random model, P=2 x G=4, N=8, 2 steps (a smoke run)"
     )

@@ -515,7 +515,7 @@ def _lower_ppo(plan: Plan, cfg: ModelConfig, mesh: Mesh, args: argparse.Namespac
         parts = {"params": nbytes(m["params"]), "opt_state": nbytes(opt_state), "batch": nbytes(rollout),
                  "state_unsharded": nbytes((m["params"], opt_state), unsharded=True),
                  "resident": nbytes(m["ref"]) + nbytes(m["rm"])}  # fmt: skip
-        return update.lower(state, rollout, prompt_len=p), parts
+        return update.lower(state, rollout, {"policy": None, "critic": None}, prompt_len=p), parts
     if plan.step == "score":
         gen = Generation(row((b, n), i32), row((b, n), i32), row((b, n), f32), row((b, n), f32))
         score = jax.jit(engine._score_fn, static_argnames=("prompt_len",))
@@ -525,7 +525,8 @@ def _lower_ppo(plan: Plan, cfg: ModelConfig, mesh: Mesh, args: argparse.Namespac
         parts = {"params": nbytes(m["params"]["critic"]) + nbytes(m["ref"]) + nbytes(m["rm"]),
                  "batch": nbytes(inputs),
                  "resident": nbytes(opt_state) + nbytes(m["params"]["policy"])}  # fmt: skip
-        lowered = score.lower(m["params"], m["ref"], m["rm"], *inputs, prompt_len=p)
+        lowered = score.lower(m["params"], {"policy": None, "critic": None}, m["ref"], m["rm"], *inputs,
+                              prompt_len=p)  # fmt: skip
         return lowered, parts
     # generate: the rollout sampler on the policy (prompt P, N new tokens, KV cache [B, P+N])
     prompts, prompt_mask = row((b, p), i32), row((b, p), i32)

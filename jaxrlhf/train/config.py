@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
 import json
 import math
 import re
@@ -763,6 +764,9 @@ class LoRAConfig(_Section):
         return LoRASpec.build(self.rank, self.alpha, self.target_modules, self.dropout)
 
 
+_SECTIONS["lora"] = LoRAConfig  # documented with the others (defined after them)
+
+
 @dataclass(kw_only=True)
 class ExperimentConfig(_Section):
     """A whole run: what to train (`kind`) and one section per concern."""
@@ -1192,6 +1196,10 @@ def _md_cell(text: str) -> str:
 
 def _md_default(f: dataclasses.Field) -> str:
     value = f.default
+    if value is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        if dataclasses.is_dataclass(value):
+            return "*(section)*"
     if value == "" and f.name == "train_files":
         return "*(required)*"
     return f"`{_md_cell(json.dumps(value))}`"
@@ -1222,7 +1230,7 @@ def config_markdown() -> str:
     top = dataclasses.fields(ExperimentConfig)[0]
     lines.append(_md_row("kind", _hints(ExperimentConfig)["kind"], top))
     for section, cls in _SECTIONS.items():
-        lines += ["", f"## `{section}`", "", (cls.__doc__ or "").strip(), ""]
+        lines += ["", f"## `{section}`", "", inspect.cleandoc(cls.__doc__ or ""), ""]
         lines += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
         hints = _hints(cls)
         for f in dataclasses.fields(cls):

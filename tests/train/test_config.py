@@ -94,7 +94,12 @@ def test_kind_argument(tmp_path):
     with pytest.raises(ConfigError, match="says 'sft' but 'dpo' was requested"):
         load_config(None, ["kind=sft"], kind="dpo")
     assert load_config(None, kind="ppo").kind == "ppo"
-    with pytest.raises(ConfigError, match="kind: 'grpo' is not one of"):
+    with pytest.raises(ConfigError, match="kind: 'sgd' is not one of"):
+        load_config(None, kind="sgd")
+    # one `grpo` section serves both estimators: the command picks grpo or rloo
+    grpo = write(tmp_path, "kind: grpo\ngrpo:\n  reward_funcs: [m:f]\n")
+    assert load_config(grpo, kind="rloo").kind == "rloo"
+    with pytest.raises(ConfigError, match="give grpo.reward_funcs"):
         load_config(None, kind="grpo")
 
 

@@ -106,3 +106,38 @@ def test_packed_groups_give_the_unpacked_logprobs(tiny_llama, scan):  # noqa: F8
     rows = group_logprobs(model, prompt_ids, prompt_mask, tokens, completion_mask, 0.7, pack=False)
     m = completion_mask.astype(bool)
     np.testing.assert_allclose(np.asarray(packed)[m], np.asarray(rows)[m], atol=2e-5)
+
+
+def test_lora_policy_and_a_reward_model(tiny_llama):  # noqa: F811
+    """With LoRA only the adapters train and, with beta > 0, the reference is the base (its
+    log-probs equal a separately loaded base model's); a reward model is one more reward column,
+    scored at each completion's last real token."""
+    from flax import nnx
+
+    from jaxrlhf.models.lora import LoRASpec
+    from jaxrlhf.train.rollout import last_token_scores
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    spec = LoRASpec.build(rank=4, alpha=16.0, target_modules=["q_proj", "v_proj"])
+    policy = from_pretrained(tiny_llama, mesh=mesh, lora=spec)
+    rm = from_pretrained(tiny_llama, head="score", init_score_head=True, mesh=mesh, seed=3)
+    cfg = GRPOConfig(num_generations=4, max_completion_length=6, beta=0.1)
+    optimizer = make_optimizer(make_schedule(1e-2, 100, kind="constant"))
+    engine = GRPOEngine(policy, cfg, optimizer, mesh, eos_token_ids=[EOS], pad_token_id=PAD, reward_model=rm,
+                        num_reward_funcs=1, reward_weights=[1.0, 0.5])  # fmt: skip
+    assert engine.ref_params is None
+    names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(engine.state.params["policy"])}
+    assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)
+    prompts, mask = _prompts(n=4, seed=5)
+    for _ in range(2):
+        metrics = engine.step(prompts, mask, low_tokens, ["low"])
+    assert "rewards/reward_model/mean" in metrics and metrics["kl"] > 0
+    r = {k: None if v is None else np.asarray(v) for k, v in engine.last_rollout.flat().items()}
+    p = prompts.shape[1]
+    base = from_pretrained(tiny_llama, mesh=mesh)
+    want_ref = np.asarray(response_logprobs(base, r["ids"], r["mask"], r["positions"], p, cfg.temperature))
+    m = r["completion_mask"].astype(bool)
+    np.testing.assert_allclose(r["ref_logprobs"][m], want_ref[m], atol=2e-5)
+    scores = np.asarray(last_token_scores(rm, r["ids"], r["mask"], r["positions"]))
+    want = low_token_fraction(r["ids"], r["completion_mask"]) + 0.5 * scores
+    np.testing.assert_allclose(r["rewards"], want, rtol=1e-5, atol=1e-5)
