@@ -31,7 +31,6 @@ from jaxrlhf.models.lora import lora_dropout
 from jaxrlhf.train.config import GRPOConfig
 from jaxrlhf.train.objectives import packed_mask
 from jaxrlhf.train.rollout import RolloutEngine, last_token_scores, response_logprobs
-from jaxrlhf.train.step import keep_if
 
 Array = jax.Array
 # reward_fn(query_response_BxL, response_mask_BxN) -> rewards [B, R] (NaN: "does not apply")
@@ -226,17 +225,7 @@ class GRPOEngine(RolloutEngine):
             return loss, {**metrics, "loss": loss}
 
         def minibatch(state, xs):
-            idx, key = xs
-            batch = jax.tree.map(lambda x: x[idx], rollout)
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics["grad_norm"] = optax.tree.norm(grads)
-            # A NaN/inf minibatch changes nothing (train.on_nonfinite: stop or skip, in run_loop).
-            finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
-            params, opt_state = keep_if(finite, (params, opt_state), (state.params, state.opt_state))
-            metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-            return state.replace(params=params, opt_state=opt_state), metrics
+            return self._minibatch_step(state, rollout, loss_fn, *xs)
 
         def epoch(state, key: Array):  # a fresh permutation every pass
             perm = jax.random.permutation(key, p).reshape(cfg.num_mini_batches, mb)

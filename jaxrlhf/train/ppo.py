@@ -50,7 +50,6 @@ from jaxrlhf.train.rollout import (
     share_arrays,
     split_trainable,
 )
-from jaxrlhf.train.step import keep_if
 
 Array = jax.Array
 PPOState = RolloutState  # {"policy", "critic"} parameters and their optimizer state
@@ -223,17 +222,7 @@ class PPOEngine(RolloutEngine):
             return pg + cfg.vf_coef * vf, metrics
 
         def minibatch(state: PPOState, xs: tuple[Array, Array]):
-            idx, key = xs
-            batch = jax.tree.map(lambda x: x[idx], rollout)
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics["grad_norm"] = optax.tree.norm(grads)
-            # A NaN/inf minibatch changes nothing (train.on_nonfinite: stop or skip, in run_loop).
-            finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
-            params, opt_state = keep_if(finite, (params, opt_state), (state.params, state.opt_state))
-            metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
-            return state.replace(params=params, opt_state=opt_state), metrics
+            return self._minibatch_step(state, rollout, loss_fn, *xs)
 
         def epoch(state: PPOState, key: Array):  # detail: a fresh permutation every epoch
             perm = jax.random.permutation(key, b).reshape(cfg.num_mini_batches, mb)

@@ -24,7 +24,7 @@ from jaxrlhf.losses import entropy_from_logits, token_logprobs, token_logprobs_f
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.lora import adapters_off, trainable
 from jaxrlhf.parallel import host_array
-from jaxrlhf.train.step import init_optimizer_state
+from jaxrlhf.train.step import init_optimizer_state, keep_if
 
 Array = jax.Array
 
@@ -104,6 +104,7 @@ class RolloutEngine:
 
     cfg: Any
     mesh: Mesh
+    optimizer: optax.GradientTransformation
     state: RolloutState
 
     def _init_policy(
@@ -143,6 +144,20 @@ class RolloutEngine:
             opt_state=opt_state,
             rng=jax.device_put(np.asarray(jax.random.key_data(jax.random.key(seed))), replicated),
         )
+
+    def _minibatch_step(self, state: RolloutState, rollout: Any, loss_fn: Callable[..., Any], idx: Array,
+                        key: Array) -> tuple[RolloutState, dict[str, Array]]:  # fmt: skip
+        """One optimizer step on the rollout rows `idx`: `loss_fn(params, batch, key) -> (loss,
+        metrics)`. A NaN/inf minibatch changes nothing (train.on_nonfinite: stop or skip, in run_loop)."""
+        batch = jax.tree.map(lambda x: x[idx], rollout)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        params, opt_state = keep_if(finite, (params, opt_state), (state.params, state.opt_state))
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        return state.replace(params=params, opt_state=opt_state), metrics
 
     # ---------------------------------------------------------------- models
     @staticmethod
