@@ -178,10 +178,12 @@ def token_logprobs_from_hidden(
     *,
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    soft_cap: float | None = None,
 ) -> Array:
     r"""``token_logprobs(hidden @ lm_head, labels)`` without materialising the ``[N, V]`` logits.
 
-    .. math:: \log p(y_n) = h_n W_{:,y_n} / \tau - \operatorname{logsumexp}_v(h_n W_{:,v} / \tau)
+    .. math:: \log p(y_n) = z_{n,y_n} / \tau - \operatorname{logsumexp}_v(z_{n,v} / \tau),
+       \quad z = h W \text{ (or } c \tanh(h W / c) \text{ with soft\_cap } c\text{)}
 
     The ``N = prod(hidden.shape[:-1])`` positions are processed about ``chunk_size`` at a time with
     ``jax.lax.map``: for ``[B, T, D]`` input with more than ``chunk_size`` positions a chunk is
@@ -200,6 +202,8 @@ def token_logprobs_from_hidden(
       labels_BxT: integer token ids ``[...]`` matching ``hidden.shape[:-1]``.
       chunk_size: positions per chunk (a positive int, static).
       temperature: logits are divided by this (> 0).
+      soft_cap: Gemma 2's final-logit soft-capping ``c tanh(z / c)``, applied before the
+        temperature (as transformers computes the logits, then samplers divide them).
 
     Returns:
       float32 log-probs with shape ``hidden.shape[:-1]``.
@@ -236,6 +240,8 @@ def token_logprobs_from_hidden(
         # split). bf16 operands stay bf16 for the matmul but accumulate and return float32.
         hidden_MxD = hidden_xD.reshape(-1, D)
         logits_MxV = jnp.dot(hidden_MxD, lm_head_DxV, preferred_element_type=jnp.float32)
+        if soft_cap is not None:
+            logits_MxV = soft_cap * jnp.tanh(logits_MxV / soft_cap)
         logps_M = token_logprobs(logits_MxV, labels_x.reshape(-1), temperature=temperature)
         return logps_M.reshape(labels_x.shape)
 

@@ -18,6 +18,12 @@ from jaxrlhf.models.config import (
 from jaxrlhf.models.decoder import CausalLM, default_positions, make_attention_mask, remat_policy
 from jaxrlhf.models.hf_io import CheckpointError
 from jaxrlhf.models.lora import LORA_TARGETS, LoRAParam, LoRASpec, adapters_off
+from jaxrlhf.models.moe import (
+    collect_router_aux,
+    load_balancing_loss,
+    load_balancing_loss_from_logits,
+    route,
+)
 from jaxrlhf.models.peft_io import load_adapter, merged_params, read_adapter_config, save_adapter
 from jaxrlhf.models.pretrained import (
     check_checkpoint,
@@ -42,11 +48,14 @@ __all__ = [
     "adapters_off",
     "attend",
     "check_checkpoint",
+    "collect_router_aux",
     "default_positions",
     "dot_product_attention",
     "from_hf_config",
     "from_pretrained",
     "load_adapter",
+    "load_balancing_loss",
+    "load_balancing_loss_from_logits",
     "load_tokenizer",
     "make_attention_mask",
     "merged_params",
@@ -54,6 +63,7 @@ __all__ = [
     "remat_policy",
     "resolve_backend",
     "resolve_checkpoint",
+    "route",
     "save_adapter",
     "save_pretrained",
     "splash_attention",

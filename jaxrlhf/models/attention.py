@@ -18,6 +18,11 @@ scores that the XLA path does.
   mask (bfloat16 / float16 only, head dim <= 256; the mask enters as a bias, no `[T, S]` scores).
 * `auto`: splash on TPU; cudnn on GPU when the compute dtype and head dim allow it; xla otherwise.
 
+Gemma 2's soft-capping of the scores (`cap * tanh(s / cap)` after scaling, before the mask) is done
+by `xla` and `splash` (the kernel's `attn_logits_soft_cap`); cuDNN's fused kernel has no soft cap, so
+`auto` picks `xla` on GPU for such models and an explicit `cudnn` is refused. Sliding windows are part
+of the mask, so every backend applies them.
+
 Rows where a query sees no key at all (a dummy row, left padding) have no defined output. The XLA
 path returns the mean of the values there; the kernels get the query's first key unmasked so
 nothing is NaN. Such outputs are never read (their tokens carry no loss).
@@ -41,16 +46,23 @@ Array = jax.Array
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def resolve_backend(name: str, dtype: Any, head_dim: int, platform: str | None = None) -> str:
+def resolve_backend(
+    name: str, dtype: Any, head_dim: int, platform: str | None = None, *, soft_cap: float | None = None
+) -> str:
     """`name` with "auto" replaced by the backend for `platform` (default: jax's default backend)."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    if name == "cudnn" and soft_cap is not None:
+        raise ValueError(
+            "attention=cudnn has no score soft-capping (attn_logit_softcapping of Gemma 2): use "
+            "attention=auto or xla"
+        )
     if name != "auto":
         return name
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return "splash"
-    if platform in ("gpu", "cuda", "rocm") and cudnn_supports(dtype, head_dim):
+    if platform in ("gpu", "cuda", "rocm") and soft_cap is None and cudnn_supports(dtype, head_dim):
         return "cudnn"
     return "xla"
 
@@ -61,9 +73,11 @@ def cudnn_supports(dtype: Any, head_dim: int) -> bool:
 
 
 def xla_attention(
-    q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array, *, scale: float
+    q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array, *, scale: float,
+    soft_cap: float | None = None,
 ) -> Array:
-    """Softmax attention as two einsums, scores and softmax in float32 (transformers' numerics)."""
+    """Softmax attention as two einsums, scores and softmax in float32 (transformers' numerics);
+    with `soft_cap`, scores `cap * tanh(s / cap)` before masking (Gemma 2)."""
     b, t, n, h = q_BxTxNxH.shape
     kv = k_BxSxKxH.shape[2]
     dtype = q_BxTxNxH.dtype
@@ -72,6 +86,8 @@ def xla_attention(
     scores = jnp.einsum(
         "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(dtype), preferred_element_type=jnp.float32
     ) * scale
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH.astype(dtype))
@@ -176,13 +192,17 @@ def splash_attention(
 
 def attend(
     q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array, *, backend: str,
-    scale: float, mesh: Mesh | None = None,
+    scale: float, soft_cap: float | None = None, mesh: Mesh | None = None,
 ) -> Array:
     """Attention output `[B, T, N, H]` by `backend` (resolved: "xla", "splash" or "cudnn")."""
     if backend == "xla":
-        return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale)
+        return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale, soft_cap=soft_cap)
     if backend == "splash":
-        return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale, mesh=mesh)
+        return splash_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale, mesh=mesh, soft_cap=soft_cap
+        )
     if backend == "cudnn":
+        if soft_cap is not None:
+            raise ValueError("attention=cudnn has no score soft-capping: use attention=xla or auto")
         return dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale)
     raise ValueError(f"unknown attention backend {backend!r}")

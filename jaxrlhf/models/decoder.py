@@ -1,9 +1,12 @@
-"""One Flax NNX decoder for every supported family (llama, mistral, qwen2, qwen3, SmolLM2, gpt2).
+"""One Flax NNX decoder for every supported family (llama, mistral, qwen2, qwen3, SmolLM2, gpt2,
+gemma, gemma2, gemma3, mixtral, qwen3_moe).
 
-The families differ only in switches read from `ModelConfig`: RMSNorm or LayerNorm, RoPE or learned
-positions, gated SiLU MLP or GELU MLP, q/k/v biases, q/k RMSNorm, grouped-query attention, tied
-embeddings and sliding windows. Shapes: B batch, T query length, S key length, D hidden, N query heads,
-K key/value heads, G = N / K queries per key head, H head dim, F MLP width, V vocab.
+The families differ only in switches read from `ModelConfig`: RMSNorm or LayerNorm (Gemma: weights
+as `1 + w`), RoPE or learned positions, gated SiLU/GELU MLP or a mixture of experts
+(`jaxrlhf.models.moe`), q/k/v biases, q/k RMSNorm, grouped-query attention, tied (Gemma: scaled)
+embeddings, sliding windows, norms around both sublayers and soft-capped scores and logits (Gemma 2/3).
+Shapes: B batch, T query length, S key length, D hidden, N query heads, K key/value heads,
+G = N / K queries per key head, H head dim, F MLP width, V vocab.
 
 Numerics follow transformers: norms and softmax in float32, RoPE tables in float32, everything else in
 the compute dtype `config.dtype`; parameters are stored in `config.param_dtype`.
@@ -22,6 +25,7 @@ from flax import nnx
 from jaxrlhf.models import attention as attention_backends
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.lora import LORA_TARGETS, LoRASpec, dropout_input, init_adapters, layer_dropout
+from jaxrlhf.models.moe import MoE, record
 from jaxrlhf.models.quant import QuantizedParam, dequantize, quantize
 
 Array = jax.Array
@@ -84,10 +88,12 @@ def _projection(cfg: ModelConfig, rngs: nnx.Rngs, name: str, d_in: int, d_out: i
 
 
 class Norm(nnx.Module):
-    """RMSNorm (llama family) or LayerNorm with bias (gpt2), computed in float32."""
+    """RMSNorm (llama family), Gemma's RMSNorm (`x_hat * (1 + w)`, multiplied in float32 before the
+    cast) or LayerNorm with bias (gpt2), computed in float32."""
 
     def __init__(self, dim: int, *, kind: str, eps: float, cfg: ModelConfig):
-        self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype))
+        self.offset = cfg.norm_offset if kind == "rms" else 0.0
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - self.offset, cfg.param_dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype)) if kind == "layernorm" else None
         self.kind, self.eps, self.dtype = kind, eps, cfg.dtype
 
@@ -97,18 +103,22 @@ class Norm(nnx.Module):
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.eps)
+        if self.offset:  # Gemma: (x_hat * (1 + w)) in float32, then the cast
+            return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
         if self.kind == "rms":  # transformers casts back before the weight multiply
             return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies `[H/2]` (float32), with linear or Llama 3 scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> np.ndarray:
+    """Inverse frequencies `[H/2]` (float32), with linear or Llama 3 scaling applied; `local`: those
+    of Gemma 3's sliding-window layers (their own base, no scaling)."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     inv_freq = inv_freq.astype(np.float32)
-    scaling = cfg.rope_scaling_dict
+    scaling = {} if local else cfg.rope_scaling_dict
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv_freq = inv_freq / np.float32(scaling["factor"])
@@ -141,7 +151,7 @@ class Attention(nnx.Module):
         self.k_proj = _projection(cfg, rngs, "k_proj", d, k * h, cfg.qkv_bias)
         self.v_proj = _projection(cfg, rngs, "v_proj", d, k * h, cfg.qkv_bias)
         self.o_proj = _projection(cfg, rngs, "o_proj", n * h, d, cfg.o_bias)
-        if cfg.qk_norm:
+        if cfg.qk_norm:  # (Gemma 3's are Gemma norms: the offset comes with cfg)
             self.q_norm = Norm(h, kind="rms", eps=cfg.norm_eps, cfg=cfg)
             self.k_norm = Norm(h, kind="rms", eps=cfg.norm_eps, cfg=cfg)
         else:
@@ -149,6 +159,7 @@ class Attention(nnx.Module):
         self.n, self.k, self.h = n, k, h
         self.rope = cfg.position_embedding == "rope"
         self.dtype = cfg.dtype
+        self.scale, self.soft_cap = cfg.attention_scale, cfg.attn_logit_softcap
         self.backend = cfg.effective_attention  # resolved once: "xla", "splash" or "cudnn"
         self.mesh: Any = None  # set by CausalLM.set_mesh: the splash kernel runs under shard_map
 
@@ -168,8 +179,8 @@ class Attention(nnx.Module):
         b, t = q_BxTxNxH.shape[:2]
         backend = self.backend if t > 1 else "xla"  # one-token decode steps stay on XLA
         out = attention_backends.attend(
-            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, backend=backend, scale=1.0 / math.sqrt(self.h),
-            mesh=self.mesh,
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, backend=backend, scale=self.scale,
+            soft_cap=self.soft_cap, mesh=self.mesh,
         )
         return self.o_proj(out.reshape(b, t, self.n * self.h))
 
@@ -200,7 +211,7 @@ class Attention(nnx.Module):
         return out, (k_all, v_all)
 
 
-_ACT = {
+ACTIVATIONS = {
     "silu": jax.nn.silu,
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -218,7 +229,7 @@ class MLP(nnx.Module):
         self.act = cfg.activation
 
     def __call__(self, x_BxTxD: Array) -> Array:
-        act = _ACT[self.act]
+        act = ACTIVATIONS[self.act]
         if self.gate_proj is not None:
             return self.down_proj(act(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
         return self.down_proj(act(self.up_proj(x_BxTxD)))
@@ -240,10 +251,10 @@ def _checkpointed(policy: Any) -> Any:
     """`DecoderLayer.__call__` under `jax.checkpoint(policy=...)`: the layer's parameters go in as a
     pure state (merged inside), so it works wherever the model was merged, jit included."""
 
-    def call(layer: DecoderLayer, x: Array, mask: Array, cos: Any, sin: Any) -> Array:
+    def call(layer: DecoderLayer, x: Array, mask: Array, cos: Any, sin: Any) -> Any:
         graphdef, state = nnx.split(layer)
 
-        def pure(state: Any, x: Array, mask: Array, cos: Any, sin: Any) -> Array:
+        def pure(state: Any, x: Array, mask: Array, cos: Any, sin: Any) -> Any:
             return nnx.merge(graphdef, state)(x, mask, cos, sin)
 
         return jax.checkpoint(pure, policy=policy)(state, x, mask, cos, sin)
@@ -251,31 +262,62 @@ def _checkpointed(policy: Any) -> Any:
     return call
 
 
-class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.input_layernorm = Norm(cfg.hidden_size, kind=cfg.norm_type, eps=cfg.norm_eps, cfg=cfg)
-        self.self_attn = Attention(cfg, rngs=rngs)
-        self.post_attention_layernorm = Norm(cfg.hidden_size, kind=cfg.norm_type, eps=cfg.norm_eps, cfg=cfg)
-        self.mlp = MLP(cfg, rngs=rngs)
+RouterSums = tuple[Array, Array] | None  # an MoE layer's (assignments [E], probabilities [E])
 
-    def __call__(self, x: Array, mask: Array, cos: Array | None, sin: Array | None) -> Array:
-        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP blocks. With `sandwich_norm` (Gemma 2/3) each block's output is
+    normed too: `post_attention_layernorm` then means the norm *after* attention, and the MLP sits
+    between `pre_feedforward_layernorm` and `post_feedforward_layernorm`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
+        norm = lambda: Norm(cfg.hidden_size, kind=cfg.norm_type, eps=cfg.norm_eps, cfg=cfg)  # noqa: E731
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+        self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
+        self.moe = moe
+
+    def _feed_forward(self, x: Array, attn: Array, mask: Array | None) -> tuple[Array, RouterSums]:
+        """The residual adds around attention's output `attn` and the MLP; the MoE's router sums
+        (over the tokens whose mask diagonal is set: the real ones) when `mask` is given."""
+        if self.pre_feedforward_layernorm is not None:
+            x = x + self.post_attention_layernorm(attn)
+            h = self.pre_feedforward_layernorm(x)
+        else:
+            x = x + attn
+            h = self.post_attention_layernorm(x)
+        sums = None
+        if self.moe:
+            valid = jnp.ones(h.shape[:2], bool) if mask is None else jnp.diagonal(mask, axis1=1, axis2=2)
+            h, sums = self.mlp(h, valid)
+        else:
+            h = self.mlp(h)
+        if self.post_feedforward_layernorm is not None:
+            h = self.post_feedforward_layernorm(h)
+        return x + h, sums
+
+    def __call__(
+        self, x: Array, mask: Array, cos: Array | None, sin: Array | None
+    ) -> tuple[Array, RouterSums]:
+        return self._feed_forward(x, self.self_attn(self.input_layernorm(x), mask, cos, sin), mask)
 
     def cached(
         self, x: Array, mask: Array, cos: Any, sin: Any, cache: Any, index: Array
     ) -> tuple[Array, Any]:
         attn, cache = self.self_attn.cached(self.input_layernorm(x), mask, cos, sin, cache, index)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return self._feed_forward(x, attn, None)[0], cache
 
     def cached_stacked(
         self, x: Array, mask: Array, cos: Any, sin: Any, cache: Any, layer: Array, index: Array
     ) -> tuple[Array, Any]:
         normed = self.input_layernorm(x)
         attn, cache = self.self_attn.cached_stacked(normed, mask, cos, sin, cache, layer, index)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return self._feed_forward(x, attn, None)[0], cache
 
 
 def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
@@ -284,9 +326,36 @@ def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(layer_rngs: nnx.Rngs) -> DecoderLayer:
-        return DecoderLayer(cfg, rngs=layer_rngs)
+        return DecoderLayer(cfg, rngs=layer_rngs, moe=cfg.layer_is_moe(0))
 
     return make(rngs)
+
+
+Rope = tuple[tuple[Array, Array], tuple[Array, Array] | None] | None
+
+
+def _pick_rope(rope: Rope, windowed: Any) -> tuple[Array | None, Array | None]:
+    """The `(cos, sin)` a layer uses: the local tables on sliding-window layers where the model has
+    them (`windowed` a Python bool, or a traced flag inside a scan), the global ones otherwise."""
+    if rope is None:
+        return None, None
+    glob, local = rope
+    if local is None or windowed is False:
+        return glob
+    if windowed is True:
+        return local
+    return jnp.where(windowed, local[0], glob[0]), jnp.where(windowed, local[1], glob[1])
+
+
+def _add_sums(a: RouterSums, b: RouterSums) -> RouterSums:
+    if a is None or b is None:
+        return b if a is None else a
+    return a[0] + b[0], a[1] + b[1]
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+    """`cap * tanh(x / cap)` (Gemma 2's logit soft-capping); `x` unchanged when `cap` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def make_attention_mask(
@@ -352,7 +421,9 @@ class CausalLM(nnx.Module):
         if cfg.scan_layers:  # one module whose parameters are stacked [L, ...]
             self.layers = _stacked_layers(cfg, rngs)
         else:
-            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.layers = nnx.List(
+                [DecoderLayer(cfg, rngs=rngs, moe=cfg.layer_is_moe(i)) for i in range(cfg.num_layers)]
+            )
         self.norm = Norm(cfg.hidden_size, kind=cfg.norm_type, eps=cfg.norm_eps, cfg=cfg)
         untied = head == "lm" and not cfg.tie_word_embeddings
         self.lm_head = (
@@ -380,16 +451,26 @@ class CausalLM(nnx.Module):
             return x_BxTxD  # a batch the mesh does not divide (e.g. a tiny eval batch): leave it
         return jax.lax.with_sharding_constraint(x_BxTxD, sharding)
 
-    def _embed(self, input_ids: Array, positions: Array) -> tuple[Array, Array | None, Array | None]:
+    def _embed(self, input_ids: Array, positions: Array) -> tuple[Array, Rope]:
+        """Token (+ learned position) embeddings, and the RoPE tables: (global, local) `(cos, sin)`
+        pairs `[B, T, H]`, local None unless the sliding-window layers have their own (Gemma 3)."""
+        cfg = self.config
         # Ids outside the vocabulary (e.g. a pad token added past it) may only sit at masked
         # positions; embed them as id 0 so they cannot bring NaN (jnp.take fills with NaN).
-        in_vocab = (input_ids >= 0) & (input_ids < self.config.vocab_size)
+        in_vocab = (input_ids >= 0) & (input_ids < cfg.vocab_size)
         x = self.embed_tokens(jnp.where(in_vocab, input_ids, 0))
+        if cfg.embed_scale:  # Gemma: sqrt(D), rounded to the compute dtype as transformers does
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype=x.dtype)
         if self.embed_positions is not None:
-            return x + self.embed_positions(positions), None, None
-        freqs_BxTxH2 = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.config))
-        emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
-        return x, jnp.cos(emb), jnp.sin(emb)
+            return x + self.embed_positions(positions), None
+
+        def tables(inv_freq: np.ndarray) -> tuple[Array, Array]:
+            freqs_BxTxH2 = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+            emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+            return jnp.cos(emb), jnp.sin(emb)
+
+        local = tables(rope_inv_freq(cfg, local=True)) if cfg.local_rope_theta is not None else None
+        return x, (tables(rope_inv_freq(cfg)), local)
 
     def hidden_states(
         self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
@@ -399,23 +480,31 @@ class CausalLM(nnx.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = default_positions(attention_mask, b, t)
-        x, cos, sin = self._embed(input_ids, positions)
+        x, rope = self._embed(input_ids, positions)
         full_mask = make_attention_mask(attention_mask, positions)
         window_mask = None
         if cfg.sliding_window is not None:
             window_mask = make_attention_mask(attention_mask, positions, window=cfg.sliding_window)
         if cfg.scan_layers:
-            return self.norm(self._scanned(x, full_mask, window_mask, cos, sin))
-        layer_fn = DecoderLayer.__call__
-        if cfg.effective_remat != "none":
-            layer_fn = _checkpointed(remat_policy(cfg.effective_remat))
-        x = self._constrain(x)
-        for i, layer in enumerate(self.layers):
-            mask = window_mask if cfg.layer_uses_window(i) else full_mask
-            with layer_dropout(i):
-                x = self._constrain(layer_fn(layer, x, mask, cos, sin))
-            if i + 1 == cfg.frozen_layers:  # frozen below: their backward pass is never computed
-                x = jax.lax.stop_gradient(x)
+            x, sums = self._scanned(x, full_mask, window_mask, rope)
+        else:
+            layer_fn = DecoderLayer.__call__
+            if cfg.effective_remat != "none":
+                layer_fn = _checkpointed(remat_policy(cfg.effective_remat))
+            x, sums = self._constrain(x), None
+            for i, layer in enumerate(self.layers):
+                windowed = cfg.layer_uses_window(i)
+                mask = window_mask if windowed else full_mask
+                with layer_dropout(i):
+                    x, layer_sums = layer_fn(layer, x, mask, *_pick_rope(rope, windowed))
+                x = self._constrain(x)
+                sums = _add_sums(sums, layer_sums)
+                if i + 1 == cfg.frozen_layers:  # frozen below: their backward pass is never computed
+                    x = jax.lax.stop_gradient(x)
+        if sums is not None:  # MoE: hand the router statistics to a collect_router_aux context
+            moe_layers = sum(cfg.layer_is_moe(i) for i in range(cfg.num_layers))
+            tokens = jnp.sum(jnp.diagonal(full_mask, axis1=1, axis2=2).astype(jnp.float32))
+            record(self, *sums, moe_layers * tokens)
         return self.norm(x)
 
     def _window_flags(self) -> Array | None:
@@ -430,37 +519,48 @@ class CausalLM(nnx.Module):
             return full_mask
         return window_mask if flag is None else jnp.where(flag, window_mask, full_mask)
 
+    def _windowed(self, flag: Array | None) -> Any:
+        """Does the sliding window apply to a scanned layer: its flag, or the same for all layers."""
+        return (self.config.sliding_window is not None) if flag is None else flag
+
     def _scanned(
-        self, x: Array, full_mask: Array, window_mask: Array | None, cos: Any, sin: Any
-    ) -> Array:
+        self, x: Array, full_mask: Array, window_mask: Array | None, rope: Rope
+    ) -> tuple[Array, RouterSums]:
         """All decoder layers as one `lax.scan` over the stacked parameters: traced and compiled once
-        whatever the depth; the remat policy applies inside the scanned body (per layer)."""
+        whatever the depth; the remat policy applies inside the scanned body (per layer). Returns
+        the hidden states and the MoE router sums over layers (None for dense layers)."""
         cfg = self.config
         graphdef, stacked = nnx.split(self.layers)
         flags = self._window_flags()
 
-        def body(x: Array, xs: Any) -> tuple[Array, None]:
+        def body(x: Array, xs: Any) -> tuple[Array, RouterSums]:
             layer_state, flag, i = xs
             layer = nnx.merge(graphdef, layer_state)
             mask = self._layer_mask(flag, full_mask, window_mask)
             with layer_dropout(i):
-                return self._constrain(layer(x, mask, cos, sin)), None
+                x, sums = layer(x, mask, *_pick_rope(rope, self._windowed(flag)))
+            return self._constrain(x), sums
 
         if cfg.effective_remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(cfg.effective_remat), prevent_cse=False)
 
-        def run(x: Array, start: int, stop: int) -> Array:
+        def run(x: Array, start: int, stop: int) -> tuple[Array, RouterSums]:
             whole = (start, stop) == (0, cfg.num_layers)
             part = stacked if whole else jax.tree.map(lambda a: a[start:stop], stacked)
             part_flags = None if flags is None else flags[start:stop]
             ids = jnp.arange(start, stop, dtype=jnp.int32)  # layer numbers (LoRA dropout keys)
-            return jax.lax.scan(body, x, (part, part_flags, ids))[0]
+            x, sums = jax.lax.scan(body, x, (part, part_flags, ids))
+            return x, None if sums is None else jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
 
         x, n = self._constrain(x), cfg.frozen_layers
         if n == 0:
             return run(x, 0, cfg.num_layers)
-        x = jax.lax.stop_gradient(run(x, 0, n))  # frozen below: their backward pass is never computed
-        return run(x, n, cfg.num_layers) if n < cfg.num_layers else x
+        x, sums = run(x, 0, n)
+        x = jax.lax.stop_gradient(x)  # frozen below: their backward pass is never computed
+        if n == cfg.num_layers:
+            return x, sums
+        x, upper = run(x, n, cfg.num_layers)
+        return x, _add_sums(sums, upper)
 
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> Any:
         """Empty key/value cache (compute dtype by default): per layer two `[B, S, K, H]` arrays, or
@@ -490,7 +590,7 @@ class CausalLM(nnx.Module):
         """
         cfg = self.config
         t = input_ids_BxT.shape[1]
-        x, cos, sin = self._embed(input_ids_BxT, positions_BxT)
+        x, rope = self._embed(input_ids_BxT, positions_BxT)
         q_slot = index + jnp.arange(t)
         k_slot = jnp.arange(key_valid_BxS.shape[1])
         full = (k_slot[None, :] <= q_slot[:, None])[None] & (key_valid_BxS[:, None, :] != 0)
@@ -509,6 +609,7 @@ class CausalLM(nnx.Module):
                 layer_state, flag, i = xs
                 layer = nnx.merge(graphdef, layer_state)
                 mask = self._layer_mask(flag, full, window)
+                cos, sin = _pick_rope(rope, self._windowed(flag))
                 x, cache = layer.cached_stacked(x, mask, cos, sin, cache, i, index)
                 return (self._constrain(x), cache), None
 
@@ -518,8 +619,9 @@ class CausalLM(nnx.Module):
             return self.norm(x), cache
         new_cache, x = [], self._constrain(x)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
-            mask = window if cfg.layer_uses_window(i) else full
-            x, layer_cache = layer.cached(x, mask, cos, sin, layer_cache, index)
+            windowed = cfg.layer_uses_window(i)
+            mask = window if windowed else full
+            x, layer_cache = layer.cached(x, mask, *_pick_rope(rope, windowed), layer_cache, index)
             x = self._constrain(x)
             new_cache.append(layer_cache)
         return self.norm(x), new_cache
@@ -537,7 +639,8 @@ class CausalLM(nnx.Module):
             kernel = self.score.kernel[...].astype(dtype)
             return jnp.dot(hidden_BxTxD, kernel, preferred_element_type=jnp.float32)[..., 0]
         kernel = self.lm_head_kernel().astype(dtype)
-        return jnp.dot(hidden_BxTxD, kernel, preferred_element_type=jnp.float32)
+        return soft_cap(jnp.dot(hidden_BxTxD, kernel, preferred_element_type=jnp.float32),
+                        self.config.final_logit_softcap)  # fmt: skip
 
     def __call__(
         self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None

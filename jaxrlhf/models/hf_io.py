@@ -10,6 +10,7 @@ Only safetensors files are read: no pickle.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -41,6 +42,15 @@ _GPT2_NAMES = {
     "o_proj": "c_proj",
 }
 _LEAF_NAMES = {"embedding": "weight", "scale": "weight", "kernel": "weight", "bias": "bias"}
+# Mixture-of-experts modules: our `mlp/router`, `mlp/experts/<e>/{gate,up,down}_proj` by family.
+_MOE_NAMES = {
+    "mixtral": {
+        "mlp": "block_sparse_moe", "router": "gate", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"
+    },
+    "qwen3_moe": {"router": "gate"},
+}
+# Where a multimodal checkpoint keeps its text tower (Gemma 3: transformers v5, then v4 layout).
+_TOWER_PREFIXES = ("model.language_model.", "language_model.model.")
 
 
 class CheckpointError(ValueError):
@@ -87,6 +97,9 @@ def tensor_map(cfg: ModelConfig, path: Path, shape: tuple[int, ...]) -> TensorMa
             offset = ("q_proj", "k_proj", "v_proj").index(module) * cfg.hidden_size
             parts[-2] = "c_attn"
         parts = [_GPT2_NAMES.get(p, p) for p in parts]
+    if cfg.num_experts and "mlp" in parts and ("router" in parts or "experts" in parts):
+        names = _MOE_NAMES.get(cfg.model_type, {})
+        parts = [names.get(p, p) for p in parts]
     name = ".".join(parts[:-1] + [leaf])
     hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
     if offset or (cfg.model_type == "gpt2" and parts[-2] == "c_attn"):
@@ -141,7 +154,7 @@ class SafetensorsReader:
 
     def resolve(self, name: str, prefix: str, top_level: bool) -> str | None:
         """The checkpoint key for `name`: with the base prefix first, then bare (e.g. `GPT2Model`)."""
-        candidates = [name] if top_level else [prefix + name, name]
+        candidates = [name] if top_level else [prefix + name, name] + [p + name for p in _TOWER_PREFIXES]
         return next((c for c in candidates if c in self.files), None)
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -200,16 +213,20 @@ def load_params(
     try:
         for path, abstract in flat_abstract:
             shape, dtype = tuple(abstract.shape), abstract.dtype
-            if is_stacked(path):  # [L, ...]: layer i is HF's per-layer tensor `layers.i.*`
-                per_layer = [locate(_layer_path(path, i), shape[1:]) for i in range(shape[0])]
-                if any(p is None for p in per_layer):
+            lead = leading_axes(path)
+            if lead:  # [L, ...] / [E, ...] / [L, E, ...]: one HF tensor per layer / expert
+                grid = list(itertools.product(*(range(n) for n in shape[:lead])))
+                each = {at: locate(indexed_path(path, at), shape[lead:]) for at in grid}
+                if any(p is None for p in each.values()):
                     continue
 
                 def read_slice(
-                    index: tuple[slice, ...], per_layer: Any = per_layer, dtype: Any = dtype
+                    index: tuple[slice, ...], each: Any = each, sizes: Any = shape[:lead], dtype: Any = dtype
                 ) -> Any:
-                    layers = range(*index[0].indices(len(per_layer)))
-                    return np.stack([read(*per_layer[i], index[1:], dtype) for i in layers])
+                    lead = len(sizes)
+                    ranges = [range(*sl.indices(n)) for sl, n in zip(index[:lead], sizes, strict=True)]
+                    parts = [read(*each[at], index[lead:], dtype) for at in itertools.product(*ranges)]
+                    return np.stack(parts).reshape(*(len(r) for r in ranges), *parts[0].shape)
             else:
                 found = locate(path, shape)
                 if found is None:
@@ -242,22 +259,38 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
-def _layer_path(stacked_path: Path, layer: int) -> Path:
-    """`layers/self_attn/...` (stacked) -> `layers/<layer>/self_attn/...` (one layer's path)."""
-    i = [str(p) for p in stacked_path].index("layers")
-    return (*stacked_path[: i + 1], layer, *stacked_path[i + 1 :])
+def leading_axes(path: Path) -> int:
+    """How many leading axes of our parameter index separate HF tensors: the layer axis of a
+    scanned model (`layers/...` stacked `[L, ...]`) and the expert axis of an MoE kernel
+    (`experts/<proj>/kernel` `[E, in, out]`)."""
+    parts = [str(p) for p in path]
+    return int(is_stacked(path)) + int("experts" in parts and parts[-1] == "kernel")
+
+
+def indexed_path(path: Path, at: tuple[int, ...]) -> Path:
+    """One HF tensor's path: `layers/self_attn/...` (stacked) with `at=(3,)` -> `layers/3/...`;
+    an expert kernel `.../experts/gate_proj/kernel` with `(e,)` -> `.../experts/<e>/gate_proj/kernel`
+    (with `(layer, e)` when both)."""
+    out, rest = list(path), list(at)
+    if is_stacked(path):
+        i = [str(p) for p in out].index("layers")
+        out.insert(i + 1, rest.pop(0))
+    if rest:
+        i = [str(p) for p in out].index("experts")
+        out.insert(i + 1, rest.pop(0))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerSlice:
-    """Layer `index` of a stacked `[L, ...]` parameter, gathered only when it is written."""
+    """`stacked[index]` of a parameter with leading layer / expert axes, gathered only when written."""
 
     stacked: jax.Array
-    index: int
+    index: tuple[int, ...]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.stacked.shape[1:])
+        return tuple(self.stacked.shape[len(self.index) :])
 
     @property
     def dtype(self) -> Any:
@@ -274,13 +307,15 @@ def _hf_tensors(
     flat_params: list[tuple[Path, jax.Array]], cfg: ModelConfig
 ) -> dict[str, list[tuple[TensorMap, Any]]]:
     """Group our parameters by the HF tensor they form (GPT-2's q, k, v form one c_attn); a stacked
-    parameter of a scanned model becomes one entry per layer."""
+    parameter of a scanned model becomes one entry per layer, an expert kernel one per expert."""
     prefix = base_prefix(cfg)
     groups: dict[str, list[tuple[TensorMap, Any]]] = {}
     entries: list[tuple[Path, Any]] = []
     for path, value in flat_params:
-        if is_stacked(path):
-            entries += [(_layer_path(path, i), LayerSlice(value, i)) for i in range(value.shape[0])]
+        lead = leading_axes(path)
+        if lead:
+            grid = itertools.product(*(range(n) for n in value.shape[:lead]))
+            entries += [(indexed_path(path, at), LayerSlice(value, at)) for at in grid]
         else:
             entries.append((path, value))
     for path, value in entries:

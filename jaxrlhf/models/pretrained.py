@@ -14,7 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxrlhf.models.config import ATTENTION_BACKENDS, ModelConfig, UnsupportedModelError, from_hf_config
+from jaxrlhf.models.config import (
+    ATTENTION_BACKENDS,
+    GEMMA_TYPES,
+    ModelConfig,
+    UnsupportedModelError,
+    from_hf_config,
+)
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.hf_io import CheckpointError, SafetensorsReader, load_params, write_safetensors
 from jaxrlhf.models.lora import LoRASpec, is_adapter
@@ -35,6 +41,11 @@ _HF_ARCH = {
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
     "gpt2": "GPT2",
+    "gemma": "Gemma",
+    "gemma2": "Gemma2",
+    "gemma3_text": "Gemma3",
+    "mixtral": "Mixtral",
+    "qwen3_moe": "Qwen3Moe",
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -118,6 +129,8 @@ def from_pretrained(
     quantize_base: str = "none",
     init_score_head: bool = False,
     seed: int = 0,
+    router_aux_loss_coef: float | None = None,
+    moe_dispatch: str = "auto",
 ) -> CausalLM:
     """Load a Hugging Face checkpoint (safetensors only) as a Flax NNX `CausalLM`.
 
@@ -147,6 +160,11 @@ def from_pretrained(
         `jaxrlhf.train.step.make_optimizer(frozen=frozen_params(N))` they are not trained).
       init_score_head: with `head="score"` and a checkpoint without `score.weight` (a causal LM), draw
         the score head from N(0, 1/sqrt(D+1)) (seeded by `seed`) instead of raising.
+      router_aux_loss_coef: mixture-of-experts models: the weight of the load-balancing loss the
+        trainers add (`jaxrlhf.models.moe`); None keeps the checkpoint's (its
+        `router_aux_loss_coef` when `output_router_logits` is set, else 0).
+      moe_dispatch: how MoE layers run their experts: "ragged" (sorted tokens, `ragged_dot`),
+        "dense" (every expert on every token) or "auto" (ragged on TPU/GPU, dense on CPU).
     """
     if quantize_base not in QUANTIZATIONS:
         raise ValueError(f"quantize_base must be one of {', '.join(QUANTIZATIONS)}, got {quantize_base!r}")
@@ -156,7 +174,9 @@ def from_pretrained(
     hf = read_hf_config(directory)
     cfg = model_config(directory, dtype=_as_dtype(dtype), param_dtype=_as_dtype(param_dtype), remat=remat,
                        scan_layers=scan_layers, frozen_layers=frozen_layers, attention=attention,
-                       lora=lora, quantize=quantize_base)  # fmt: skip
+                       lora=lora, quantize=quantize_base, moe_dispatch=moe_dispatch)  # fmt: skip
+    if router_aux_loss_coef is not None:
+        cfg = cfg.replace(router_aux_loss_coef=float(router_aux_loss_coef))
     if not 0 <= frozen_layers <= cfg.num_layers:
         raise ValueError(f"frozen_layers must be in [0, {cfg.num_layers}], got {frozen_layers}")
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, head=head, rngs=nnx.Rngs(seed)))
@@ -222,11 +242,14 @@ def to_hf_config(model: CausalLM) -> dict[str, Any]:
     `*ForSequenceClassification`; starts from the original config when the model was loaded from one."""
     cfg: ModelConfig = model.config
     hf: dict[str, Any] = json.loads(getattr(model, "hf_config_json", None) or "{}")
+    if hf.get("model_type") == "gemma3":  # a multimodal checkpoint: its text tower is what we hold
+        hf = {**hf.get("text_config", {}), "model_type": "gemma3_text"}
     if not hf:
         hf = _fresh_hf_config(cfg)
     arch = _HF_ARCH[cfg.model_type]
     if model.head_type == "score":
-        hf["architectures"] = [f"{arch}ForSequenceClassification"]
+        text = "Text" if cfg.model_type == "gemma3_text" else ""
+        hf["architectures"] = [f"{arch}{text}ForSequenceClassification"]
         hf["num_labels"] = 1
         hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
     else:
@@ -268,11 +291,40 @@ def _fresh_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "rope_theta": cfg.rope_theta,
         "sliding_window": cfg.sliding_window,
     }
-    if cfg.model_type in ("llama", "qwen3"):
+    if cfg.model_type in ("llama", "qwen3", "qwen3_moe", "mixtral") or cfg.model_type in GEMMA_TYPES:
         hf["attention_bias"] = cfg.qkv_bias
     if cfg.model_type == "llama":
         hf["mlp_bias"] = cfg.mlp_bias
+    if cfg.model_type in GEMMA_TYPES:
+        hf.update(_gemma_fields(cfg))
+    if cfg.num_experts:
+        hf.update(num_local_experts=cfg.num_experts, num_experts=cfg.num_experts,
+                  num_experts_per_tok=cfg.num_experts_per_tok,
+                  router_aux_loss_coef=cfg.router_aux_loss_coef,
+                  output_router_logits=cfg.router_aux_loss_coef > 0)  # fmt: skip
+        if cfg.model_type == "qwen3_moe":
+            flags = cfg.moe_layers or (True,) * cfg.num_layers
+            dense = [i for i, f in enumerate(flags) if not f]
+            hf.update(moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                      decoder_sparse_step=1, mlp_only_layers=dense)  # fmt: skip
     return hf
+
+
+def _gemma_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The Gemma switches of a model built without a config.json (tests, fresh models)."""
+    out: dict[str, Any] = {"hidden_activation": cfg.activation}
+    if cfg.sliding_window is not None:
+        flags = cfg.sliding_layers or (True,) * cfg.num_layers
+        out["layer_types"] = ["sliding_attention" if f else "full_attention" for f in flags]
+    if cfg.model_type != "gemma":
+        out.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+                   attn_logit_softcapping=cfg.attn_logit_softcap,
+                   final_logit_softcapping=cfg.final_logit_softcap)  # fmt: skip
+    if cfg.model_type == "gemma3_text":
+        full = {"rope_type": "default", **cfg.rope_scaling_dict, "rope_theta": cfg.rope_theta}
+        local = {"rope_type": "default", "rope_theta": cfg.local_rope_theta or cfg.rope_theta}
+        out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    return out
 
 
 def save_pretrained(

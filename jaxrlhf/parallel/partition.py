@@ -1,7 +1,9 @@
 """Device meshes and partition rules: which mesh axis each parameter dimension is split over.
 
 Axes: `data` (pure data parallelism: parameters replicated), `fsdp` (parameters and batch both split:
-ZeRO-3 style), `tensor` (Megatron-style: attention heads and MLP width split). Rules are
+ZeRO-3 style), `expert` (mixture-of-experts: each device group holds its share of the experts; outside
+the experts it splits the batch like `data`), `tensor` (Megatron-style: attention heads and MLP width
+split). Rules are
 `(regex over the parameter path, PartitionSpec-like tuple)`; the first match wins. A mesh axis that is
 absent, of size 1, or does not divide the dimension is dropped from that dimension, so one rule set
 serves every mesh shape.
@@ -18,11 +20,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "expert", "tensor")
 
 Rule = tuple[str, tuple[Any, ...]]
 
 DEFAULT_RULES: tuple[Rule, ...] = (
+    (r"experts/(gate_proj|up_proj)/kernel$", ("expert", "fsdp", "tensor")),  # [E, D, F]
+    (r"experts/down_proj/kernel$", ("expert", "tensor", "fsdp")),  # [E, F, D]
+    (r"router/kernel$", ("fsdp", None)),  # [D, E]
     (r"embed_tokens/embedding$", ("tensor", "fsdp")),  # [V, D]
     (r"embed_positions/embedding$", (None, "fsdp")),  # [P, D]
     # kernel, or a quantized kernel's codes / scales (same [in, out] orientation; jaxrlhf.models.quant)
@@ -36,13 +41,16 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[Any] | None = None
+    data: int = -1, fsdp: int = 1, tensor: int = 1, *, expert: int = 1, devices: Sequence[Any] | None = None
 ) -> Mesh:
-    """A `(data, fsdp, tensor)` mesh over all devices of all hosts; one size may be -1 ("the rest")."""
+    """A `(data, fsdp, expert, tensor)` mesh over all devices of all hosts; one size may be -1
+    ("the rest")."""
     devices = list(devices) if devices is not None else jax.devices()
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, expert, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+        raise ValueError(
+            f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} expert={expert} tensor={tensor}"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
@@ -90,16 +98,16 @@ def _rule_spec(name: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule
     return PartitionSpec(*axes)
 
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...] | None:
-    """The mesh axes a batch dimension is split over: `data` and `fsdp` where larger than 1."""
+    """The mesh axes a batch dimension is split over: `data`, `fsdp` and `expert` where larger than 1."""
     return tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1) or None
 
 
 def activation_sharding(mesh: Mesh) -> NamedSharding:
-    """Activations `[B, T, D]`: the batch split over (`data`, `fsdp`), the rest whole."""
+    """Activations `[B, T, D]`: the batch split over (`data`, `fsdp`, `expert`), the rest whole."""
     return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), None, None))
 
 

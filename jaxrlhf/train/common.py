@@ -75,7 +75,7 @@ def fresh_start(output_dir: str, resume: bool) -> None:
 def mesh_and_rules(cfg: ExperimentConfig) -> tuple[Any, Any]:
     """The device mesh of `cfg.mesh`, and its partition rules: the configured ones first, then the
     defaults."""
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
     if not cfg.mesh.rules:
         return mesh, DEFAULT_RULES
     return mesh, [(pattern, tuple(axes)) for pattern, axes in cfg.mesh.rules] + list(DEFAULT_RULES)

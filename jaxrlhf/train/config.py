@@ -50,7 +50,7 @@ from typing import Any, ClassVar, Union
 
 import yaml
 
-from jaxrlhf.models.config import ATTENTION_BACKENDS
+from jaxrlhf.models.config import ATTENTION_BACKENDS, MOE_DISPATCHES
 
 __all__ = [
     "AXES",
@@ -78,7 +78,7 @@ __all__ = [
 ]
 
 KINDS: tuple[str, ...] = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
-AXES: tuple[str, ...] = ("data", "fsdp", "tensor")  # mesh axes, as in jaxrlhf.parallel
+AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")  # mesh axes, as in jaxrlhf.parallel
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 # The loss types of `jaxrlhf.losses.dpo_loss` (kept in sync by tests/train/test_config.py).
 DPO_LOSS_TYPES: tuple[str, ...] = (
@@ -217,6 +217,20 @@ class ModelConfig(_Section):
         "cudnn on GPU where the dtype allows, xla otherwise). Every backend keeps the packed "
         "DPO/reward row's shared prompt. See docs/attention.md.",
     )
+    router_aux_loss_coef: float | None = _field(
+        None,
+        check=lambda v: None if v is None else _non_negative(v),
+        help="Mixture-of-experts models: weight of the router's load-balancing loss added to every "
+        "trainer's loss (TRL's name). None: the checkpoint's router_aux_loss_coef when its "
+        "output_router_logits is true, else 0 (what transformers and TRL do). See docs/models.md.",
+    )
+    moe_dispatch: str = _field(
+        "auto",
+        choices=MOE_DISPATCHES,
+        help="Mixture-of-experts models: how the experts run: ragged (tokens sorted by expert, "
+        "grouped matmuls with jax.lax.ragged_dot), dense (every expert on every token), auto (ragged "
+        "on TPU/GPU, dense on CPU, where ragged_dot has no grouped kernel). Same numbers either way.",
+    )
     frozen_dtype: str | None = _field(
         None,
         choices=DTYPES,
@@ -352,13 +366,18 @@ class OptimConfig(_Section):
 
 @dataclass(kw_only=True)
 class MeshConfig(_Section):
-    """Device mesh (axes data, fsdp, tensor) and multi-host set-up."""
+    """Device mesh (axes data, fsdp, expert, tensor) and multi-host set-up."""
 
     SECTION: ClassVar[str] = "mesh"
 
     data: int = _field(-1, check=_mesh_size, help="Data-parallel axis size; -1: all remaining devices.")
     fsdp: int = _field(1, check=_mesh_size, help="FSDP (ZeRO-3) axis size: parameters and batch split.")
     tensor: int = _field(1, check=_mesh_size, help="Tensor-parallel axis size (heads / MLP width split).")
+    expert: int = _field(
+        1, check=_mesh_size,
+        help="Expert-parallel axis size (mixture-of-experts models): the experts are split over it, and "
+        "the batch too (like data) everywhere else.",
+    )  # fmt: skip
     rules: list[tuple[str, tuple[str | None, ...]]] | None = _field(
         None,
         help="Partition rules tried before the defaults: a list of [regex over the parameter path, "
@@ -371,7 +390,7 @@ class MeshConfig(_Section):
     process_id: int | None = _field(None, check=_non_negative, help="Multi-host: index of this process.")
 
     def validate(self, prefix: str) -> None:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        sizes = {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "tensor": self.tensor}
         if list(sizes.values()).count(-1) > 1:
             raise ConfigError(f"{prefix.rstrip('.')}: at most one mesh axis may be -1, got {sizes}")
         for i, (pattern, spec) in enumerate(self.rules or ()):

@@ -28,6 +28,7 @@ from jaxrlhf.generation.sampling import Generation
 from jaxrlhf.losses import group_advantages, grpo_loss, masked_mean, token_logprobs_from_hidden
 from jaxrlhf.models.decoder import CausalLM, default_positions
 from jaxrlhf.models.lora import lora_dropout
+from jaxrlhf.models.moe import add_router_aux, collect_router_aux
 from jaxrlhf.train.config import GRPOConfig
 from jaxrlhf.train.objectives import packed_mask
 from jaxrlhf.train.rollout import RolloutEngine, last_token_scores, response_logprobs
@@ -106,7 +107,10 @@ def group_logprobs(model: CausalLM, prompt_ids: Array, prompt_mask: Array, token
     k, j = np.arange(g)[:, None], np.arange(n)[None, :]
     source = np.where(j == 0, lp - 1, lp + k * n + j - 1).reshape(g * n)
     head = model.lm_head_kernel().astype(hidden.dtype)
-    logps = token_logprobs_from_hidden(hidden[:, source], head, ids[:, lp:], temperature=temperature)
+    logps = token_logprobs_from_hidden(
+        hidden[:, source], head, ids[:, lp:], temperature=temperature,
+        soft_cap=model.config.final_logit_softcap,
+    )
     return logps.reshape(p, g, n)
 
 
@@ -209,7 +213,8 @@ class GRPOEngine(RolloutEngine):
 
         def loss_fn(params, batch: GroupRollout, key: Array):
             policy = self._policy(params, frozen)
-            with lora_dropout(key):  # LoRA dropout (when set): in updates only
+            # LoRA dropout (when set): in updates only; MoE router statistics of the policy's pass
+            with lora_dropout(key), collect_router_aux(policy) as aux:
                 logps = group_logprobs(
                     policy, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.completion_mask,
                     cfg.temperature, pack=cfg.pack_groups,
@@ -222,7 +227,8 @@ class GRPOEngine(RolloutEngine):
                 importance_sampling_level=cfg.importance_sampling_level,
                 max_completion_length=cfg.max_completion_length,
             )  # fmt: skip
-            return loss, {**metrics, "loss": loss}
+            metrics = {**metrics, "loss": loss}
+            return add_router_aux(policy, loss, aux, metrics), metrics
 
         def minibatch(state, xs):
             return self._minibatch_step(state, rollout, loss_fn, *xs)

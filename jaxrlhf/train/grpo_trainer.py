@@ -126,7 +126,8 @@ def train_grpo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = Non
     kw = dict(
         dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=mesh, rules=rules,
         remat=cfg.model.remat, scan_layers=cfg.model.use_scan, frozen_layers=cfg.model.frozen_layers,
-        attention=cfg.model.attention,
+        attention=cfg.model.attention, router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+        moe_dispatch=cfg.model.moe_dispatch,
     )  # fmt: skip
     lora = lora_spec(cfg)
     policy = from_pretrained(policy_dir, lora=lora, quantize_base=cfg.lora.quantize_base, **kw)

@@ -67,7 +67,9 @@ def pair_logps(model: CausalLM, batch: Batch, *, chunk_size: int = 1024) -> dict
     hidden_BxCxD = jnp.take_along_axis(hidden_BxLxD, source_BxC[..., None], axis=1)
     labels_BxC = jnp.take_along_axis(batch["input_ids"], target_BxC, axis=1)
     head_DxV = model.lm_head_kernel().astype(hidden_BxCxD.dtype)
-    logps_BxC = token_logprobs_from_hidden(hidden_BxCxD, head_DxV, labels_BxC, chunk_size=chunk_size)
+    logps_BxC = token_logprobs_from_hidden(
+        hidden_BxCxD, head_DxV, labels_BxC, chunk_size=chunk_size, soft_cap=model.config.final_logit_softcap
+    )
     chosen, rejected = batch["target_chosen"], batch["target_rejected"]
     return {
         "chosen": jnp.sum(logps_BxC * chosen, axis=1),
@@ -173,7 +175,8 @@ class SFTObjective:
         weight_BxT1 = weight[:, 1:].astype(jnp.float32)
         head = model.lm_head_kernel().astype(hidden_BxTxD.dtype)
         logps = token_logprobs_from_hidden(
-            hidden_BxTxD[:, :-1], head, labels_BxT1, chunk_size=self.chunk_size
+            hidden_BxTxD[:, :-1], head, labels_BxT1, chunk_size=self.chunk_size,
+            soft_cap=model.config.final_logit_softcap,
         )
         nll_sum = -jnp.sum(logps * weight_BxT1)
         tokens = jnp.sum(weight_BxT1)

@@ -40,6 +40,7 @@ from jaxrlhf.losses import (
 )
 from jaxrlhf.models.decoder import CausalLM, default_positions
 from jaxrlhf.models.lora import lora_dropout
+from jaxrlhf.models.moe import add_router_aux, collect_router_aux
 from jaxrlhf.parallel import host_array
 from jaxrlhf.train.config import PPOConfig
 from jaxrlhf.train.rollout import (
@@ -200,7 +201,8 @@ class PPOEngine(RolloutEngine):
         def loss_fn(params, batch: Rollout, key: Array):
             policy, critic = self._policy(params, frozen), self._critic(params, frozen)
             # detail: the sampling temperature divides the training logits too
-            with lora_dropout(jax.random.fold_in(key, 0)):  # LoRA dropout (when set): updates only
+            # LoRA dropout (when set): updates only; MoE router statistics of the policy's pass
+            with lora_dropout(jax.random.fold_in(key, 0)), collect_router_aux(policy) as aux:
                 logprobs = response_logprobs(
                     policy, batch.ids, batch.mask, batch.positions, prompt_len, cfg.temperature
                 )
@@ -219,7 +221,7 @@ class PPOEngine(RolloutEngine):
                 "loss/value_avg": vf,
                 "val/clipfrac_avg": vf_m["vf_clipfrac"],
             }
-            return pg + cfg.vf_coef * vf, metrics
+            return add_router_aux(policy, pg + cfg.vf_coef * vf, aux, metrics), metrics
 
         def minibatch(state: PPOState, xs: tuple[Array, Array]):
             return self._minibatch_step(state, rollout, loss_fn, *xs)

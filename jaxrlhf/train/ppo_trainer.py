@@ -191,6 +191,8 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         scan_layers=cfg.model.use_scan,
         frozen_layers=cfg.model.frozen_layers,
         attention=cfg.model.attention,
+        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+        moe_dispatch=cfg.model.moe_dispatch,
     )
     lora = lora_spec(cfg)  # LoRA: policy adapters, the base as the reference (and the critic's base)
     quant = {"lora": lora, "quantize_base": cfg.lora.quantize_base}

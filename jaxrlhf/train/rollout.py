@@ -58,7 +58,9 @@ def response_logprobs(
             logits, temperature=temperature
         )
     head = model.lm_head_kernel().astype(hidden.dtype)
-    return token_logprobs_from_hidden(hidden, head, labels, temperature=temperature)
+    return token_logprobs_from_hidden(
+        hidden, head, labels, temperature=temperature, soft_cap=model.config.final_logit_softcap
+    )
 
 
 def last_token_scores(reward_model: CausalLM, ids: Array, mask: Array, positions: Array) -> Array:

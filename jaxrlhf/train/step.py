@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.lora import adapters_off, lora_dropout
+from jaxrlhf.models.moe import add_router_aux, collect_router_aux
 from jaxrlhf.parallel.partition import batch_axes, is_stacked
 from jaxrlhf.train.objectives import Objective
 
@@ -296,8 +297,11 @@ def make_train_step(
             micro_batch, index = xs
 
             def f(params):
-                with lora_dropout(jax.random.fold_in(step_key, index)):
-                    num, den, metrics = objective(model_of(params), micro_batch, ref_model)
+                model = model_of(params)
+                with lora_dropout(jax.random.fold_in(step_key, index)), collect_router_aux(model) as aux:
+                    num, den, metrics = objective(model, micro_batch, ref_model)
+                metrics = dict(metrics)
+                num = add_router_aux(model, num, aux, metrics, weight=den)  # MoE load balancing
                 return num, (den, metrics)
 
             (num, (den, metrics)), grads = jax.value_and_grad(f, has_aux=True)(state.params)

@@ -303,6 +303,7 @@ def train_offline(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = 
         scan_layers=cfg.model.use_scan, frozen_layers=cfg.model.frozen_layers,
         attention=cfg.model.attention, lora=lora, quantize_base=cfg.lora.quantize_base,
         init_score_head=cfg.kind == "reward", seed=t.seed,
+        router_aux_loss_coef=cfg.model.router_aux_loss_coef, moe_dispatch=cfg.model.moe_dispatch,
     )  # fmt: skip
     if cfg.model.adapter:
         load_adapter(model, cfg.model.adapter)

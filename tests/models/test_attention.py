@@ -70,17 +70,17 @@ def _packed(t, seed=0):
     return mask, (seg != 0).astype(np.int32)
 
 
-def _check(fn, mask, valid, t, s, seed=0):
+def _check(fn, mask, valid, t, s, seed=0, **kw):
     """`fn` equals the XLA path where the query sees a key (outputs and q/k/v gradients)."""
     q, k, v = _qkv(t, s, seed)
     scale = 1.0 / math.sqrt(H)
     w = jnp.asarray(valid, jnp.float32)[:, :, None, None]
-    want = xla_attention(q, k, v, mask, scale=scale)
-    got = jax.jit(lambda q, k, v: fn(q, k, v, mask, scale=scale))(q, k, v)
+    want = xla_attention(q, k, v, mask, scale=scale, **kw)
+    got = jax.jit(lambda q, k, v: fn(q, k, v, mask, scale=scale, **kw))(q, k, v)
     np.testing.assert_allclose(np.asarray(got * w), np.asarray(want * w), atol=2e-5)
 
     def loss(f):
-        return lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, mask, scale=scale)) * w)
+        return lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, mask, scale=scale, **kw)) * w)
 
     g_want = jax.grad(loss(xla_attention), argnums=(0, 1, 2))(q, k, v)
     g_got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
@@ -101,6 +101,16 @@ def test_splash_matches_xla_on_packed_rows_and_sliding_window():
     _check(splash_attention, mask, valid, 96, 96, seed=1)
     mask, valid = _padded_mask("right", 160, window=7)
     _check(splash_attention, mask, valid, 160, 160, seed=2)
+
+
+def test_splash_soft_cap_matches_xla():
+    """Gemma 2's score soft-capping (a cap that binds: scores reach ~5) with a sliding window."""
+    mask, valid = _padded_mask("left", 128, window=9)
+    _check(splash_attention, mask, valid, 128, 128, seed=3, soft_cap=1.5)
+    q, k, v = _qkv(8, 8)
+    full = make_attention_mask(None, jnp.broadcast_to(jnp.arange(8), (B, 8)))
+    capped = xla_attention(q, k, v, full, scale=0.25, soft_cap=1.5)
+    assert np.abs(np.asarray(capped - xla_attention(q, k, v, full, scale=0.25))).max() > 1e-2
 
 
 def test_splash_prefill_shape_fewer_queries_than_keys():
@@ -129,6 +139,11 @@ def test_resolve_backend_and_errors():
     assert resolve_backend("auto", jnp.float32, 64, "gpu") == "xla"  # cuDNN flash is fp16/bf16 only
     assert resolve_backend("auto", jnp.bfloat16, 512, "gpu") == "xla"
     assert resolve_backend("splash", jnp.float32, 64, "gpu") == "splash"
+    # cuDNN's fused kernel has no score soft-capping (Gemma 2): auto avoids it, explicit is refused
+    assert resolve_backend("auto", jnp.bfloat16, 64, "gpu", soft_cap=50.0) == "xla"
+    assert resolve_backend("auto", jnp.bfloat16, 64, "tpu", soft_cap=50.0) == "splash"
+    with pytest.raises(ValueError, match="soft-capping"):
+        resolve_backend("cudnn", jnp.bfloat16, 64, "gpu", soft_cap=50.0)
     with pytest.raises(ValueError, match="attention must be one of auto, xla, splash, cudnn"):
         resolve_backend("flash", jnp.float32, 64)
     q, k, v = _qkv(8, 8)
@@ -139,7 +154,7 @@ def test_resolve_backend_and_errors():
 @pytest.fixture(scope="module")
 def tiny_paths(tmp_path_factory):
     out = {}
-    for kind in ("llama", "mistral"):
+    for kind in ("llama", "mistral", "gemma2"):
         path = str(tmp_path_factory.mktemp(kind))
         make_hf_model(kind).save_pretrained(path)
         out[kind] = path
@@ -157,9 +172,12 @@ def _loss_and_grads(model, ids, mask, pos):
     return np.asarray(logits), {str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])  # mistral: a sliding window shorter than the rows
+# mistral: a sliding window shorter than the rows; gemma2: soft-capped scores, two kinds of layers
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
 @pytest.mark.parametrize("scan", [False, True])
 def test_splash_model_matches_xla_model(tiny_paths, kind, scan):
+    if kind == "gemma2" and not scan:
+        pytest.skip("gemma2 is checked scanned (its layers alternate inside the scan)")
     path = tiny_paths[kind]
     for side in ("left", "right"):
         ids, mask, pos = padded_batch(side, seed=4)

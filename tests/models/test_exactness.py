@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from tiny_hf import MODEL_TYPES, hf_logits, make_hf_model, padded_batch
+from tiny_hf import MODEL_TYPES, hf_logits, make_hf_model, padded_batch, saved_hf_model
 
 from jaxrlhf.models import from_pretrained, save_pretrained
 
@@ -24,11 +24,8 @@ def _ours(model, ids, mask, pos):
 @pytest.fixture(scope="module", params=MODEL_TYPES)
 def hf_pair(request, tmp_path_factory):
     """(kind, transformers model, its checkpoint dir, our model loaded from it)."""
-    kind = request.param
-    hf = make_hf_model(kind)
-    path = str(tmp_path_factory.mktemp(kind))
-    hf.save_pretrained(path)
-    return kind, hf, path, from_pretrained(path)
+    hf, path = saved_hf_model(request.param, tmp_path_factory)
+    return request.param, hf, path, from_pretrained(path)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -101,7 +98,9 @@ def test_sliding_window_is_applied():
     assert np.abs(full - ref)[mask.astype(bool)].max() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["llama", "smollm2", "gpt2"])
+@pytest.mark.parametrize(
+    "kind", ["llama", "smollm2", "gpt2", "gemma", "gemma2", "gemma3", "mixtral", "qwen3_moe"]
+)
 def test_score_head_matches_sequence_classification(kind, tmp_path):
     hf = make_hf_model(kind, head="score")
     path = str(tmp_path / "rm")
@@ -150,4 +149,9 @@ def test_bfloat16_compute_close_to_float32(hf_pair):
     ref, got = _ours(ours, ids, mask, pos), _ours(bf16, ids, mask, pos)
     real = mask.astype(bool)
     assert np.isfinite(got).all()
-    assert np.abs(got - ref)[real].max() <= 0.05, kind
+    diff = np.abs(got - ref)[real]
+    if ours.config.num_experts:  # a router score within bf16 rounding of a tie may pick another expert
+        assert np.mean(diff.max(axis=-1) > 0.05) <= 0.15, kind
+        assert np.median(diff) <= 0.01, kind
+    else:
+        assert diff.max() <= 0.05, kind

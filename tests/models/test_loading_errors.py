@@ -37,8 +37,10 @@ def _copy(ckpt, dst, edit_tensors=None, edit_config=None):
 
 def test_unsupported_model_type(ckpt, tmp_path):
     bad = _copy(ckpt, tmp_path / "c", edit_config=lambda c: c.update(model_type="falcon"))
-    with pytest.raises(UnsupportedModelError, match="'falcon'"):
+    with pytest.raises(UnsupportedModelError, match="'falcon'") as err:
         from_pretrained(bad)
+    for supported in ("gemma2", "gemma3_text", "mixtral", "qwen3_moe"):  # the message lists them
+        assert supported in str(err.value)
 
 
 def test_unsupported_rope_type(ckpt, tmp_path):

@@ -15,10 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 import transformers as tf
 from flax import nnx
-from tiny_hf import MIXED_TYPES, MODEL_TYPES, hf_logits, make_hf_model, padded_batch, run_with_cpu_devices
+from tiny_hf import (
+    MIXED_TYPES,
+    MODEL_TYPES,
+    hf_logits,
+    make_hf_model,
+    padded_batch,
+    run_with_cpu_devices,
+    saved_hf_model,
+)
 
 from jaxrlhf.generation import generate
 from jaxrlhf.models import from_pretrained, save_pretrained
@@ -29,20 +36,13 @@ TOL = 1e-4
 KINDS = MODEL_TYPES + MIXED_TYPES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=KINDS)
 def saved(request, tmp_path_factory):
     """(kind, transformers model, checkpoint dir)."""
-    hf = make_hf_model(request.param)
-    path = str(tmp_path_factory.mktemp(request.param))
-    hf.save_pretrained(path)
+    hf, path = saved_hf_model(request.param, tmp_path_factory)
     return request.param, hf, path
 
 

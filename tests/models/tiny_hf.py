@@ -16,7 +16,10 @@ import transformers as tf
 
 VOCAB = 96
 
-MODEL_TYPES = ("llama", "llama3_rope", "smollm2", "mistral", "qwen2", "qwen3", "gpt2")
+MODEL_TYPES = (
+    "llama", "llama3_rope", "smollm2", "mistral", "qwen2", "qwen3", "gpt2", "gemma", "gemma2", "gemma3",
+    "mixtral", "qwen3_moe",
+)  # fmt: skip
 # Families whose layers differ: qwen2 with the sliding window on the middle layer of three only.
 MIXED_TYPES = ("qwen2_mixed",)
 
@@ -63,6 +66,40 @@ def tiny_config(kind: str) -> tf.PretrainedConfig:
         )  # fmt: skip
     if kind == "qwen3":
         return tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False)
+    if kind == "gemma":  # head_dim != hidden / heads, as Gemma's 256; untied (Gemma 2 and 3 are tied)
+        return tf.GemmaConfig(**common, head_dim=24, tie_word_embeddings=False)
+    if kind == "gemma2":
+        # A window shorter than the test rows, query_pre_attn_scalar != head_dim, and soft caps
+        # that bind (test logits reach ~4 before the final cap; scores reach ~1 before theirs).
+        return tf.Gemma2Config(
+            **common, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+            attn_logit_softcapping=0.5, final_logit_softcapping=2.0,
+        )  # fmt: skip
+    if kind == "gemma3":  # local and global layers with their own RoPE, scaled RoPE on global ones
+        rope = {
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+        }
+        return tf.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 3}, head_dim=16, sliding_window=4, query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters=rope, final_logit_softcapping=3.0,
+        )  # fmt: skip
+    if kind == "mixtral":
+        return tf.MixtralConfig(
+            **common, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+            router_aux_loss_coef=0.02,
+        )  # fmt: skip
+    if kind == "qwen3_moe":  # top-k weights not renormalised (norm_topk_prob=False)
+        return tf.Qwen3MoeConfig(
+            **common, head_dim=16, num_experts=5, num_experts_per_tok=3, moe_intermediate_size=40,
+            norm_topk_prob=False, tie_word_embeddings=False,
+        )  # fmt: skip
+    if kind == "qwen3_moe_mixed":  # a dense MLP layer between sparse ones
+        return tf.Qwen3MoeConfig(
+            **{**common, "num_hidden_layers": 3}, head_dim=16, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=40, norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False,
+        )  # fmt: skip
     if kind == "gpt2":
         return tf.GPT2Config(
             vocab_size=VOCAB,
@@ -95,6 +132,14 @@ def make_hf_model(kind: str, head: str = "lm", seed: int = 0) -> torch.nn.Module
         cfg.num_labels = 1
         model = tf.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager")
     return perturb(model.float().eval(), seed)
+
+
+def saved_hf_model(kind: str, tmp_path_factory, head: str = "lm") -> tuple[torch.nn.Module, str]:
+    """(a `make_hf_model` transformers model, the checkpoint directory it was saved to)."""
+    hf = make_hf_model(kind, head)
+    path = str(tmp_path_factory.mktemp(kind))
+    hf.save_pretrained(path)
+    return hf, path
 
 
 def padded_batch(side: str, seed: int = 0, lengths=(11, 7, 3), total: int = 12):
@@ -134,18 +179,30 @@ def run_with_cpu_devices(script: str, devices: int = 8, timeout: int = 600) -> s
 
 
 def save_tiny_smollm(
-    path: str, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2
+    path: str, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2, family: str = "llama"
 ) -> str:
-    """A random llama with SmolLM2's vocabulary and tokenizer (chat template included) saved at `path`:
-    a checkpoint the trainers, `jaxrlhf eval` and `chat` take as they take the demo model."""
+    """A random model with SmolLM2's vocabulary and tokenizer (chat template included) saved at `path`:
+    a checkpoint the trainers, `jaxrlhf eval` and `chat` take as they take the demo model. `family`:
+    a llama, or a Gemma 2 (window, soft caps) or Qwen3-MoE (4 experts, load-balancing loss on)."""
     from jaxrlhf.models import load_tokenizer
     from jaxrlhf.models.demo import demo_model_path
 
-    cfg = tf.LlamaConfig(
+    sizes = dict(
         vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        tie_word_embeddings=True,
     )  # fmt: skip
+    if family == "llama":
+        cfg = tf.LlamaConfig(**sizes, tie_word_embeddings=True)
+    elif family == "gemma2":
+        cfg = tf.Gemma2Config(**sizes, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(
+            **sizes, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            norm_topk_prob=True, tie_word_embeddings=True, output_router_logits=True,
+            router_aux_loss_coef=0.01,
+        )  # fmt: skip
+    else:
+        raise ValueError(family)
     torch.manual_seed(0)
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     load_tokenizer(demo_model_path()).save_pretrained(path)

@@ -50,7 +50,9 @@ def _torch_logps(hf, prompt, completion) -> float:
     return float(sum(logp[p - 1 + i, int(t)] for i, t in enumerate(completion)))
 
 
-@pytest.mark.parametrize("kind", ["smollm2", "gpt2", "mistral"])
+@pytest.mark.parametrize(
+    "kind", ["smollm2", "gpt2", "mistral", "gemma", "gemma2", "gemma3", "mixtral", "qwen3_moe"]
+)
 def test_packed_logps_match_separate_sequences(kind, tmp_path):
     hf = make_hf_model(kind)
     hf.save_pretrained(str(tmp_path))
