@@ -92,12 +92,12 @@ def main() -> None:
         x = jnp.asarray(rng.normal(size=(a.tokens, a.hidden)), jnp.float32)
         args = (x, w(a.hidden, e), w(e, a.hidden, a.width), w(e, a.hidden, a.width), w(e, a.width, a.hidden))
         base, _ = timed(lambda *z, k=k: ragged(*z, k), args)
-        rows = [("ragged_dot (ours)", base, 0.0)]
+        rows = [("ragged", base, 0.0)]
         for factor in (1.25, 2.0):
             ms, drop = timed(lambda *z, f=factor, k=k: capacity(*z, k, f), args)
             rows.append((f"capacity x{factor}", ms, drop))
         ms, _ = timed(lambda *z, k=k: dense(*z, k), args)
-        rows.append(("dense (all experts)", ms, 0.0))
+        rows.append(("dense", ms, 0.0))
         for name, ms, drop in rows:
             print(f"| {e}, {k} | {name} | {ms:.1f} | {ms / base:.2f}x | {drop:.1%} |")
 
