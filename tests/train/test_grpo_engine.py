@@ -141,3 +141,22 @@ def test_lora_policy_and_a_reward_model(tiny_llama):  # noqa: F811
     scores = np.asarray(last_token_scores(rm, r["ids"], r["mask"], r["positions"]))
     want = low_token_fraction(r["ids"], r["completion_mask"]) + 0.5 * scores
     np.testing.assert_allclose(r["rewards"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_policy_adds_the_router_loss(tmp_path):
+    """A mixture-of-experts policy: the minibatch loss carries the router's load-balancing loss
+    (logged as router_aux_loss, between 0 and the expert count) with its coefficient set."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+    from tiny_hf import make_hf_model
+
+    path = str(tmp_path / "moe")
+    make_hf_model("qwen3_moe").save_pretrained(path)  # 5 experts, top-3
+    mesh = make_mesh(devices=jax.devices()[:1])
+    cfg = GRPOConfig(num_generations=4, max_completion_length=6, num_iterations=1, num_mini_batches=1)
+    policy = from_pretrained(path, mesh=mesh, router_aux_loss_coef=0.5)
+    engine = GRPOEngine(policy, cfg, make_optimizer(make_schedule(1e-3, 10, kind="constant")), mesh,
+                        eos_token_ids=[EOS], pad_token_id=PAD)  # fmt: skip
+    prompts, mask = _prompts(n=2)
+    metrics = engine.step(prompts, mask, low_tokens, ["low"])
+    assert 0.0 < metrics["router_aux_loss"] <= 5.0, metrics
+    assert np.isfinite(metrics["loss"])
