@@ -172,7 +172,7 @@ def run_jax(args) -> None:
     from jaxrlhf.train.config import GRPOConfig
     from jaxrlhf.train.grpo import GRPOEngine
     from jaxrlhf.train.grpo_trainer import load_reward_funcs, reward_table
-    from jaxrlhf.train.ppo_trainer import load_prompt_rows
+    from jaxrlhf.train.online import load_prompt_rows
     from jaxrlhf.train.step import make_optimizer, make_schedule
 
     wait_for_command("load")  # with --tiny the model is being written meanwhile

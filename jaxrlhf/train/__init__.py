@@ -27,6 +27,7 @@ from jaxrlhf.train.config import (
 from jaxrlhf.train.grpo import GRPOEngine
 from jaxrlhf.train.grpo_trainer import train_grpo
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
+from jaxrlhf.train.online import load_prompt_rows, load_prompts, run_online
 from jaxrlhf.train.ppo import PPOEngine
 from jaxrlhf.train.ppo_trainer import train_ppo
 from jaxrlhf.train.trainer import train_offline
@@ -59,6 +60,10 @@ __all__ = [
     "config_markdown",
     "config_to_dict",
     "load_config",
+    # online.py (what the PPO and GRPO trainers share)
+    "load_prompt_rows",
+    "load_prompts",
+    "run_online",
     # metrics.py
     "MetricsLogger",
     "device_peak_flops",

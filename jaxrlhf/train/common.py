@@ -118,6 +118,16 @@ def run_task_eval(
     return result
 
 
+def model_kwargs(cfg: ExperimentConfig, mesh: Any, rules: Any) -> dict[str, Any]:
+    """The `from_pretrained` keywords of `cfg.model` and the mesh that every trainer's models share."""
+    m = cfg.model
+    return dict(
+        dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, rules=rules, remat=m.remat,
+        scan_layers=m.use_scan, frozen_layers=m.frozen_layers, attention=m.attention,
+        router_aux_loss_coef=m.router_aux_loss_coef, moe_dispatch=m.moe_dispatch,
+    )  # fmt: skip
+
+
 def optimizer_from_config(cfg: ExperimentConfig, schedule: Any) -> Any:
     """AdamW of `cfg.optim` on `schedule`, with the score head's learning rate and the frozen layers
     of `cfg.model` (shared by every trainer)."""

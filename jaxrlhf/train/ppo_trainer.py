@@ -10,87 +10,34 @@ TensorBoard metrics, and the trained policy exported with `save_pretrained`.
 from __future__ import annotations
 
 import importlib
-import json
-import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from jaxrlhf.data import BatchIterator, DataError, bucket_length, left_pad, load_rows
-from jaxrlhf.evaluation import format_task_report
+from jaxrlhf.data import BatchIterator
 from jaxrlhf.models import from_pretrained, load_tokenizer
 from jaxrlhf.models.lora import base_fingerprint
 from jaxrlhf.models.peft_io import load_adapter
 from jaxrlhf.parallel import host_array
-from jaxrlhf.train.checkpoint import Checkpointer
 from jaxrlhf.train.common import (
     TrainResult,
-    check_base,
-    export_model,
-    fresh_start,
     lora_spec,
     maybe_initialize_distributed,
     mesh_and_rules,
     model_directory,
+    model_kwargs,
     optimizer_from_config,
-    run_task_eval,
     task_prompts,
     to_global,
     tokenizer_directory,
 )
-from jaxrlhf.train.config import ConfigError, ExperimentConfig, config_to_dict
-from jaxrlhf.train.loop import run_loop
-from jaxrlhf.train.metrics import MetricsLogger
+from jaxrlhf.train.config import ConfigError, ExperimentConfig
+from jaxrlhf.train.online import decode_rollout, load_prompts, prompt_batches, run_online
 from jaxrlhf.train.pipeline import held_out_split, resolve_data_files
 from jaxrlhf.train.ppo import PPOEngine, ScoreFn
 from jaxrlhf.train.step import make_schedule
-
-
-def load_prompts(files: list[str], tokenizer: Any, *, max_prompt_length: int) -> list[np.ndarray]:
-    """Token ids of every row's `prompt` (conversations get the chat template and a generation
-    prompt), truncated from the left to `max_prompt_length`. Bad rows raise `DataError`."""
-    return [ids for ids, _ in load_prompt_rows(files, tokenizer, max_prompt_length=max_prompt_length)]
-
-
-def load_prompt_rows(
-    files: list[str], tokenizer: Any, *, max_prompt_length: int
-) -> list[tuple[np.ndarray, dict[str, Any]]]:
-    """`load_prompts`, each with the row's other columns (what GRPO reward functions receive)."""
-    out: list[tuple[np.ndarray, dict[str, Any]]] = []
-    for file in files:
-        rows = load_rows(file)
-        for i in range(len(rows)):
-            prompt = rows[i].get("prompt")
-            if isinstance(prompt, list):
-                try:
-                    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                except Exception as e:  # malformed messages
-                    error = DataError(f"cannot render the conversation ({e})", field="prompt")
-                    raise error.located(*rows.locate(i)) from e
-            elif isinstance(prompt, str) and prompt.strip():
-                text = prompt
-            else:
-                got = "missing" if prompt is None else f"a {type(prompt).__name__}"
-                error = DataError(f"expected a non-empty string or a list of messages, got {got}",
-                                  field="prompt")  # fmt: skip
-                raise error.located(*rows.locate(i))
-            ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
-            out.append((ids[-max_prompt_length:], {k: v for k, v in rows[i].items() if k != "prompt"}))
-    return out
-
-
-def decode_rollout(ids: np.ndarray, response_mask: np.ndarray, tokenizer: Any) -> tuple[list[str], list[str]]:
-    """Prompt and completion texts of a rollout (`ids` [B, P+N], `response_mask` [B, N]), without
-    special tokens."""
-    n = response_mask.shape[1]
-    prompts = tokenizer.batch_decode(ids[:, :-n], skip_special_tokens=True)
-    completions = [
-        tokenizer.decode(row[m == 1], skip_special_tokens=True)
-        for row, m in zip(ids[:, -n:], response_mask, strict=True)
-    ]
-    return prompts, completions
 
 
 def load_score_fn(spec: str, tokenizer: Any) -> ScoreFn:
@@ -110,15 +57,6 @@ def load_score_fn(spec: str, tokenizer: Any) -> ScoreFn:
         return np.asarray(fn(*decode_rollout(ids, response_mask, tokenizer)), np.float32)
 
     return score
-
-
-def _collate_prompts(pad_id: int, buckets: Any) -> Callable[..., dict[str, np.ndarray]]:
-    def collate(rows: list[np.ndarray], *, batch_size: int, min_length: int) -> dict[str, np.ndarray]:
-        width = bucket_length(max([min_length, *(len(r) for r in rows)]), buckets)
-        ids, mask = left_pad(rows, pad_id, width=width, batch_size=batch_size)
-        return {"prompt_ids": ids, "prompt_mask": mask}
-
-    return collate
 
 
 def _train_and_eval_prompts(cfg: ExperimentConfig, tokenizer: Any) -> tuple[list[Any], list[Any]]:
@@ -182,18 +120,7 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
         f"ppo: {len(prompts)} prompts ({len(eval_prompts)} held out), {jax.device_count()} devices, "
         f"mesh {dict(mesh.shape)}"
     )
-    kw = dict(
-        dtype=cfg.model.dtype,
-        param_dtype=cfg.model.param_dtype,
-        mesh=mesh,
-        rules=rules,
-        remat=cfg.model.remat,
-        scan_layers=cfg.model.use_scan,
-        frozen_layers=cfg.model.frozen_layers,
-        attention=cfg.model.attention,
-        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
-        moe_dispatch=cfg.model.moe_dispatch,
-    )
+    kw = model_kwargs(cfg, mesh, rules)
     lora = lora_spec(cfg)  # LoRA: policy adapters, the base as the reference (and the critic's base)
     quant = {"lora": lora, "quantize_base": cfg.lora.quantize_base}
     policy = from_pretrained(policy_dir, **kw, **quant)
@@ -235,111 +162,29 @@ def train_ppo(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None
     )
     del policy, critic, reward_model
     fingerprint = base_fingerprint(policy_dir) if lora is not None else None
-    collate = _collate_prompts(tokenizer.pad_token_id, cfg.data.buckets)
-    batches = BatchIterator(
-        prompts,
-        collate,
-        global_batch_size=t.batch_size,
-        seed=cfg.data.seed,
-        drop_last=True,
-        length_fn=len,  # the prompt width every host pads to: the longest prompt of the global batch
-        shard_index=jax.process_index(),
-        num_shards=jax.process_count(),
-    )
-    os.makedirs(t.output_dir, exist_ok=True)
-    fresh_start(t.output_dir, t.resume)
-    checkpointer = Checkpointer(os.path.join(t.output_dir, "checkpoints"), keep=t.keep_checkpoints)
+    pad_id, buckets = tokenizer.pad_token_id, cfg.data.buckets
+    batches = prompt_batches(prompts, pad_id, buckets, t.batch_size, seed=cfg.data.seed)
 
-    def snapshot() -> tuple[Any, dict[str, Any]]:  # the engine state, and what exact resume needs
-        extra = {"data": batches.state(), "kl_coef": engine.kl_coef, "config": config_to_dict(cfg),
-                 "base_fingerprint": fingerprint}  # fmt: skip
-        return engine.state, extra
-
-    step = 0
-    if t.resume and checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), engine.state
-        )
-        step, engine.state, extra = checkpointer.restore(abstract_state=abstract)
-        check_base(extra, fingerprint, checkpointer.directory, cfg)
-        batches.restore(extra["data"])
-        engine.kl_coef = float(extra["kl_coef"])
-        say(f"resumed from step {step}")
-    logger = MetricsLogger(t.output_dir, total_steps=total_steps, tensorboard=t.tensorboard, start_step=step)
-    iterator = iter(batches)
-
-    def do_eval() -> dict[str, float] | None:
+    def held_out() -> dict[str, float] | None:
         if not eval_prompts:
             return None
-        held_out = BatchIterator(
-            eval_prompts, collate, global_batch_size=t.batch_size, shuffle=False, drop_last=False,
-            num_epochs=1, length_fn=len, shard_index=jax.process_index(), num_shards=jax.process_count(),
-        )  # fmt: skip
-        return evaluate_policy(engine, held_out, mesh, score_fn, seed=t.seed)
+        rows = prompt_batches(eval_prompts, pad_id, buckets, t.batch_size, train=False)
+        return evaluate_policy(engine, rows, mesh, score_fn, seed=t.seed)
 
-    eval_before = do_eval() if step == 0 else None
-    task_before = None
-    if tasks and step == 0:
-        task_before = run_task_eval(engine.policy_model(), tokenizer, tasks, cfg, mesh, "before")
-        eval_before = {**(eval_before or {}), **task_before.summary()}
-        logger.print(format_task_report(task_before, None))
-    if eval_before:
-        logger.log(step, eval_before, split="eval")
+    def restore_kl(extra: dict[str, Any]) -> None:
+        engine.kl_coef = float(extra["kl_coef"])
 
-    def train_step() -> dict[str, float]:
-        batch = to_global(next(iterator), mesh, micro=None)  # this host's rows -> the global batch
-        return engine.step(batch["prompt_ids"], batch["prompt_mask"], score_fn)
-
-    def after_step(step: int, saved: bool) -> None:
-        if t.eval_every and step % t.eval_every == 0 and step < total_steps:
-            metrics = do_eval()
-            if metrics:
-                logger.log(step, metrics, split="eval")
-        if step in (1, total_steps):  # what the scores mean, at the start and the end
-            show_samples(step)
-
-    def show_samples(step: int) -> None:
+    def show_samples(step: int, say: Callable[[str], None]) -> None:
         r = engine.last_rollout  # gathered on every process (a collective), printed by process 0
         ids, response_mask, scores = host_array(r.ids), host_array(r.response_mask), host_array(r.scores)
         prompts, completions = decode_rollout(ids, response_mask, tokenizer)
-        logger.print(f"step {step} samples (score with the missing-EOS rule | prompt end | response):")
+        say(f"step {step} samples (score with the missing-EOS rule | prompt end | response):")
         for i in range(min(3, len(completions))):
-            logger.print(f"  {scores[i]:+.2f} | ...{prompts[i].strip()[-60:]!r} | {completions[i]!r}")
+            say(f"  {scores[i]:+.2f} | ...{prompts[i].strip()[-60:]!r} | {completions[i]!r}")
 
-    try:
-        loop = run_loop(
-            train_step, snapshot, checkpointer, logger, step=step, total_steps=total_steps,
-            log_every=t.log_every, save_every=t.save_every, say=logger.print, after_step=after_step,
-            on_nonfinite=t.on_nonfinite,
-        )  # fmt: skip
-    except BaseException:
-        logger.close()
-        raise
-    finally:
-        checkpointer.close()
-    step, history, preempted = loop.step, loop.history, loop.preempted
-    eval_after = None if preempted else do_eval()
-    task_after = None
-    if tasks and not preempted:
-        task_after = run_task_eval(engine.policy_model(), tokenizer, tasks, cfg, mesh, "after")
-        eval_after = {**(eval_after or {}), **task_after.summary()}
-        logger.print(format_task_report(task_before, task_after))
-    if eval_after:
-        logger.log(step, eval_after, split="eval")
-    export_dir = None
-    if t.export and not preempted:
-        export_dir = export_model(engine.policy_model(), cfg, tokenizer, logger.print)
-    summary = {
-        "steps": step,
-        "preempted": preempted,
-        "export_dir": export_dir,
-        "first": history[0] if history else None,
-        "last": history[-1] if history else None,
-        "eval_before": eval_before,
-        "eval_after": eval_after,
-    }
-    if jax.process_index() == 0:
-        with open(os.path.join(t.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    logger.close()
-    return TrainResult(step, history, eval_before, eval_after, export_dir, preempted, task_before, task_after)
+    return run_online(
+        cfg, engine, batches, lambda b: engine.step(b["prompt_ids"], b["prompt_mask"], score_fn),
+        tokenizer=tokenizer, tasks=tasks, mesh=mesh, total_steps=total_steps, fingerprint=fingerprint,
+        say=say, show_samples=show_samples, held_out=held_out,
+        save_extra=lambda: {"kl_coef": engine.kl_coef}, restore_extra=restore_kl,
+    )  # fmt: skip

@@ -44,6 +44,7 @@ from jaxrlhf.train.common import (
     maybe_initialize_distributed,
     mesh_and_rules,
     model_directory,
+    model_kwargs,
     optimizer_from_config,
     run_task_eval,
     task_prompts,
@@ -298,12 +299,9 @@ def train_offline(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = 
 
     lora = lora_spec(cfg)
     model = from_pretrained(
-        model_dir, head="score" if cfg.kind == "reward" else "lm", dtype=cfg.model.dtype,
-        param_dtype=cfg.model.param_dtype, mesh=mesh, rules=rules, remat=cfg.model.remat,
-        scan_layers=cfg.model.use_scan, frozen_layers=cfg.model.frozen_layers,
-        attention=cfg.model.attention, lora=lora, quantize_base=cfg.lora.quantize_base,
-        init_score_head=cfg.kind == "reward", seed=t.seed,
-        router_aux_loss_coef=cfg.model.router_aux_loss_coef, moe_dispatch=cfg.model.moe_dispatch,
+        model_dir, head="score" if cfg.kind == "reward" else "lm", lora=lora,
+        quantize_base=cfg.lora.quantize_base, init_score_head=cfg.kind == "reward", seed=t.seed,
+        **model_kwargs(cfg, mesh, rules),
     )  # fmt: skip
     if cfg.model.adapter:
         load_adapter(model, cfg.model.adapter)

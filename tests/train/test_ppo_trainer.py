@@ -265,6 +265,33 @@ def ppo_cli_args(tmp_path, out: str) -> tuple[list[str], dict[str, str]]:
     return args, env
 
 
+def test_moe_policy_trains_its_router_with_the_load_balancing_loss(tmp_path):
+    """A mixture-of-experts policy (and critic): the PPO minibatch loss carries
+    `router_aux_loss_coef * aux`. Same seed, coefficient 0 vs 1: the same rollout, the same aux
+    value, and router weights that move differently (the aux term's gradient reaches them)."""
+    path = str(tmp_path / "moe")
+    make_hf_model("qwen3_moe").save_pretrained(path)  # 5 experts, top-3
+    prompts, mask = _prompts(n=4)
+
+    def run(coef: float):
+        mesh = make_mesh(devices=jax.devices()[:1])
+        policy = from_pretrained(path, mesh=mesh, router_aux_loss_coef=coef)
+        critic = from_pretrained(path, head="score", init_score_head=True, mesh=mesh)
+        cfg = PPOConfig(response_length=6, num_ppo_epochs=1, num_mini_batches=1)
+        optimizer = make_optimizer(make_schedule(1e-3, 10, kind="constant"))
+        engine = PPOEngine(policy, critic, None, cfg, optimizer, mesh, eos_token_ids=[EOS], pad_token_id=PAD)
+        metrics = engine.step(prompts, mask, low_token_fraction)
+        model = engine.policy_model()
+        routers = [np.asarray(layer.mlp.router.kernel[...]) for layer in model.layers]
+        return metrics, routers
+
+    (m0, r0), (m1, r1) = run(0.0), run(1.0)
+    assert m0["objective/scores"] == m1["objective/scores"]  # same sampled responses
+    assert 0.0 < m1["router_aux_loss"] <= 5.0, m1
+    np.testing.assert_allclose(m0["router_aux_loss"], m1["router_aux_loss"], rtol=1e-6)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(r0, r1, strict=True)) > 1e-6
+
+
 def test_ppo_trainer_cli_with_reward_function(tmp_path):
     """`jaxrlhf train ppo` end to end on a tiny model with the real tokenizer and a Python reward
     function: runs, checkpoints, resumes and exports a policy transformers can load."""
