@@ -10,9 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Many tests compile the same tiny-model programs again: a resumed run, the second process of a CLI
 # test, the same trainer in another test file. JAX's persistent compilation cache lets every later
-# compile of an identical program load the executable instead (the suite runs ~1.4x faster). The
-# environment carries it to pytest-xdist workers, CLI subprocesses and notebook kernels alike. A run
-# gets a fresh directory unless JAX_COMPILATION_CACHE_DIR is set (set it to keep the cache between runs).
+# compile of an identical program load the executable instead (tests/train/test_trainer.py: 265 s
+# -> 180 s). The environment carries it to pytest-xdist workers, CLI subprocesses and notebook
+# kernels alike. A run gets a fresh directory unless JAX_COMPILATION_CACHE_DIR is set (set it to keep
+# the cache between runs).
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="jaxrlhf-tests-xla-cache-")
