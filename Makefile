@@ -1,14 +1,20 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   # creates .venv, installs everything, runs the main job
-#   make test   # creates .venv, installs everything, runs the test suite
+#   make test   # creates .venv, installs everything, runs the test suite (what CI runs)
+# and for the inner loop:
+#   make test-fast  # the fast tier (-m "not slow"): a few minutes
+#   make test-all   # everything, the notebooks on the real 135M demo model included
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# pytest-xdist workers for `make test` (2 fits the 2-core, 24 GiB CI machine; each worker needs ~6 GiB)
+# pytest-xdist workers (2 fits the 2-core, 24 GiB CI machine; each worker needs ~6 GiB)
 TEST_WORKERS ?= 2
+# worksteal: tests (not whole files) go to whichever worker is free; --durations: the 30 slowest
+# tests in every log (tests/README.md has the table by file).
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=30
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast test-all lint
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +34,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check jaxrlhf tests bench docs
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PYTEST) -m "not demo_model" tests
+
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check jaxrlhf tests bench docs
+	$(PYTEST) -m "not slow and not demo_model" tests
+
+test-all: $(STAMP)
+	$(VENV)/bin/ruff check jaxrlhf tests bench docs
+	$(PYTEST) tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxrlhf tests bench docs

@@ -42,14 +42,6 @@ EXPECTED = {  # what the one line says about each bad checkpoint, besides its pa
 WORKERS = 2  # concurrent processes (a 2-core machine)
 
 
-def _good_checkpoint(path: Path) -> None:
-    """A real tiny llama checkpoint with SmolLM2's tokenizer (what the trainers and chat accept)."""
-    sys.path.insert(0, str(REPO / "tests" / "models"))
-    from tiny_hf import save_tiny_smollm
-
-    save_tiny_smollm(str(path), hidden=16, layers=1, heads=2, kv_heads=1)
-
-
 def _bad_checkpoints(root: Path, good: Path) -> dict[str, Path]:
     bad = {name: root / name for name in BAD_MODELS}  # "missing" is never created
     bad["pytorch_bin_only"].mkdir()
@@ -78,10 +70,9 @@ def _data(root: Path) -> tuple[Path, Path, int]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, mini_dir):
     root = tmp_path_factory.mktemp("cli_errors")
-    good = root / "good"
-    _good_checkpoint(good)
+    good = Path(mini_dir)  # a real tiny llama with SmolLM2's tokenizer (what the trainers and chat accept)
     train_file, bad_row_file, bad_line = _data(root)
     config = root / "tiny.yaml"
     config.write_text(
@@ -101,7 +92,8 @@ def _argv(setup, command: str, model: str, out: str, data: Path | None = None) -
     if command == "chat":
         return ["chat", "--model", model, "--prompt", "Hi"]
     if command == "ppo":
-        return ["train", "ppo", *train, f"model.path={model}", "ppo.reward_fn=ppo_rewards:digit_fraction"]
+        reward = "ppo.reward_fn=helpers.ppo_rewards:digit_fraction"  # tests/ is on PYTHONPATH (conftest.py)
+        return ["train", "ppo", *train, f"model.path={model}", reward]
     if command == "ppo_reward_model":  # a good policy, a bad reward model
         return ["train", "ppo", *train, f"model.path={setup['good']}", f"ppo.reward_model={model}"]
     return ["train", command, *train, f"model.path={model}"]

@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "docs"))
-import pointers  # noqa: E402
+from helpers.scripts import ROOT, load_script
+
+pointers = load_script("docs/pointers.py")
 
 
 def test_ppo_doc_pointers_are_current():

@@ -1,5 +1,8 @@
 """Execute the example notebooks end to end (nbclient, the venv's python3 kernel, cwd = repo root).
 
+In `make test` every notebook runs on a tiny random model with SmolLM2's tokenizer standing in for the
+demo model (`$JAXRLHF_DEMO_MODEL`): every cell and every call of the notebook runs, in a fraction of
+the time. On the real SmolLM2-135M-Instruct they run under the `demo_model` marker (`make test-all`).
 Add a notebook to NOTEBOOKS to have it executed by the test suite.
 """
 
@@ -68,8 +71,7 @@ def kernel_env(tmp_path_factory):
         mp.undo()
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs(name, kernel_env):
+def _execute(name: str) -> None:
     path = NOTEBOOK_DIR / name
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
@@ -87,3 +89,17 @@ def test_notebook_runs(name, kernel_env):
         if out.get("output_type") == "error"
     ]
     assert not errors, errors
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs(name, kernel_env, tiny_dir, monkeypatch):
+    """Each notebook on the tiny stand-in model (the kernel inherits the environment)."""
+    monkeypatch.setenv("JAXRLHF_DEMO_MODEL", tiny_dir)
+    _execute(name)
+
+
+@pytest.mark.demo_model
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_on_the_demo_model(name, kernel_env, monkeypatch):
+    monkeypatch.delenv("JAXRLHF_DEMO_MODEL", raising=False)
+    _execute(name)

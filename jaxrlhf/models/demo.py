@@ -63,9 +63,21 @@ def _is_complete(directory: str, fingerprint: dict[str, object]) -> bool:
         return False
 
 
+DEMO_MODEL_ENV = "JAXRLHF_DEMO_MODEL"
+
+
 def demo_model_path() -> str:
     """Local Hugging Face safetensors directory of SmolLM2-135M-Instruct (model + tokenizer),
-    converting it from the shipped GGUF file on first use (about half a minute on 2 CPU cores)."""
+    converting it from the shipped GGUF file on first use (about half a minute on 2 CPU cores).
+
+    `$JAXRLHF_DEMO_MODEL`, when set, names another local checkpoint directory to stand in for the demo
+    model everywhere "demo" is accepted (configs' `model.path: demo`, the notebooks, `jaxrlhf chat`):
+    e.g. a tiny random model with SmolLM2's tokenizer, for a quick run of a notebook or a config."""
+    override = os.environ.get(DEMO_MODEL_ENV)
+    if override:
+        if not os.path.isfile(os.path.join(override, "config.json")):
+            raise FileNotFoundError(f"{override}: ${DEMO_MODEL_ENV} is not a checkpoint (no config.json)")
+        return override
     source = gguf_path()
     fingerprint = _source_fingerprint(source)
     target = os.path.join(cache_dir(), DEMO_MODEL_NAME)

@@ -305,6 +305,7 @@ def train_offline(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = 
     )  # fmt: skip
     if cfg.model.adapter:
         load_adapter(model, cfg.model.adapter)
+    built_with = {"attention": model.config.effective_attention, "scan_layers": model.config.scan_layers}
     objective = _objective(cfg)
     needs_ref = cfg.kind == "dpo" and objective.needs_reference
     steps_per_epoch = len(train_ex) // t.batch_size
@@ -430,7 +431,7 @@ def train_offline(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = 
     if t.export and not preempted:
         export_dir = export_model(nnx.merge(graphdef, all_params(state)), cfg, tokenizer, say)
     summary = {"steps": step, "eval_before": eval_before, "eval_after": eval_after, "export_dir": export_dir,
-               "preempted": preempted, "data": data.report}  # fmt: skip
+               "preempted": preempted, "data": data.report, "model": built_with}  # fmt: skip
     if t.on_nonfinite == "skip" and history:
         summary["nonfinite_skipped"] = int(history[-1].get("nonfinite_skipped", 0))
     if jax.process_index() == 0:

@@ -18,10 +18,9 @@ import sys
 from typing import Any
 
 import pytest
+from helpers.scripts import ROOT, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import memory_plan  # noqa: E402
+memory_plan = load_script("bench/memory_plan.py")
 
 ARGS_TOLERANCE = 0.10
 SHARD_TOLERANCE = 0.05
@@ -58,8 +57,7 @@ def plan(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "--batch", "8", "--seq", "256", "--steps", "dpo,dpo_same_step,ppo", "--remat", "full",
         "--no-search", "--json", str(out),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(out, encoding="utf-8") as f:
         return json.load(f)
@@ -113,8 +111,7 @@ def test_qlora_plan_keeps_only_adapters_and_a_quantized_base(plan: dict[str, Any
         "--batch", "8", "--seq", "256", "--steps", "dpo_same_step", "--remat", "full",
         "--lora-rank", "8", "--quantize", "nf4", "--no-search", "--json", str(out),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     (row,) = json.loads(out.read_text())["rows"]
     (full,) = [r for r in plan["rows"] if r["step"] == "dpo_same_step"]

@@ -11,9 +11,6 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny_hf import save_tiny_smollm  # noqa: E402
-
 from jaxrlhf.data import DataError
 from jaxrlhf.evaluation import (
     SCHEMA,
@@ -46,8 +43,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return from_pretrained(save_tiny_smollm(str(tmp_path_factory.mktemp("tiny"))))
+def tiny_model(tiny_dir):
+    return from_pretrained(tiny_dir)
 
 
 def _write(path, rows):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -15,14 +14,6 @@ from jaxrlhf.train import load_config
 from jaxrlhf.train.algorithms import train
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))  # ppo_rewards
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny_hf import save_tiny_smollm  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_smollm(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +78,8 @@ def test_task_eval_can_be_turned_off(tiny_dir, data, tmp_path):
 def test_ppo_measures_task_accuracy_with_the_greedy_policy(tiny_dir, data, tmp_path):
     out = str(tmp_path / "ppo")
     cfg = _cfg("ppo", tiny_dir, data, out, **{
-        "ppo.reward_fn": "ppo_rewards:digit_fraction", "ppo.response_length": 6, "ppo.num_ppo_epochs": 1,
-        "ppo.num_mini_batches": 1, "data.buckets": "[64]", "train.export": False,
+        "ppo.reward_fn": "helpers.ppo_rewards:digit_fraction", "ppo.response_length": 6,
+        "ppo.num_ppo_epochs": 1, "ppo.num_mini_batches": 1, "data.buckets": "[64]", "train.export": False,
     })  # fmt: skip
     result = train(cfg)
     assert result.task_before.total == 8 and result.task_after.total == 8

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import textwrap
 
 import jax
@@ -19,12 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_hf import MODEL_TYPES, VOCAB, padded_batch, run_with_cpu_devices
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny_hf import MODEL_TYPES, VOCAB, make_hf_model, padded_batch, run_with_cpu_devices  # noqa: E402
-
-from jaxrlhf.generation import filter_logits, generate, sample_tokens  # noqa: E402
-from jaxrlhf.models import from_pretrained  # noqa: E402
+from jaxrlhf.generation import filter_logits, generate, sample_tokens
+from jaxrlhf.models import from_pretrained
 
 PAD = 0  # the tiny configs' pad id; prompt ids are drawn from [3, VOCAB)
 CONFIG_EOS = 1  # the tiny configs' eos id
@@ -41,15 +37,9 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
+def tiny_dirs(hf_checkpoint):
     """One saved tiny HF model per type: {kind: (hf_model, directory)}."""
-    out = {}
-    for kind in MODEL_TYPES:
-        hf = make_hf_model(kind)
-        path = str(tmp_path_factory.mktemp(kind))
-        hf.save_pretrained(path)
-        out[kind] = (hf, path)
-    return out
+    return {kind: hf_checkpoint(kind) for kind in MODEL_TYPES}
 
 
 def _hf_greedy(hf, ids, mask, n, eos):
@@ -363,10 +353,9 @@ def test_generate_first_token_distribution_matches_model(tiny_dirs):
 
 SHARDED_SCRIPT = textwrap.dedent(
     """
-    import sys, tempfile
-    sys.path.insert(0, {here!r})
+    import tempfile
     import jax, numpy as np
-    from tiny_hf import make_hf_model, padded_batch
+    from helpers.tiny_hf import make_hf_model, padded_batch
     from jaxrlhf.generation import generate
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.parallel import make_mesh
@@ -390,5 +379,4 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_model_generates_same_greedy_tokens():
-    here = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "models"))
-    run_with_cpu_devices(SHARDED_SCRIPT.format(here=here))
+    run_with_cpu_devices(SHARDED_SCRIPT)

@@ -1,6 +1,6 @@
 """Independent reference tests: `jaxrlhf.losses` (float32 JAX) against plain float64 numpy.
 
-The numpy references live in ``numpy_reference.py`` and were written from the agreed API
+The numpy references live in ``tests/helpers/numpy_reference.py`` and were written from the agreed API
 (spec/losses_api.md) and the papers / TRL formulas, not from the JAX implementation.
 
 Precision policy. The JAX functions compute in float32, the references in float64 on the *same*
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import numpy_reference as ref
 
 from jaxrlhf.losses import (
     dpo_loss,
@@ -40,11 +41,6 @@ from jaxrlhf.losses import (
     token_logprobs,
     token_logprobs_from_hidden,
 )
-
-try:  # works both with and without a tests/losses/__init__.py
-    from . import numpy_reference as ref
-except ImportError:
-    import numpy_reference as ref
 
 RTOL = 1e-6
 F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23

@@ -1,6 +1,6 @@
 """`jaxrlhf.losses.group_advantages` and `grpo_loss` against the numpy references of
-`grpo_reference.py` (written from the formulas, independently), plus gradients, jit, vmap and
-bfloat16 inputs."""
+`tests/helpers/grpo_reference.py` (written from the formulas, independently), plus gradients, jit,
+vmap and bfloat16 inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from grpo_reference import np_group_advantages, np_grpo_loss
+from helpers.grpo_reference import np_group_advantages, np_grpo_loss, self_check
 from jax.test_util import check_grads
 
 from jaxrlhf.losses import GRPO_LOSS_TYPES, group_advantages, grpo_loss
@@ -30,6 +30,11 @@ def _inputs(seed: int, spread: float = 0.3):
     ref = (old + rng.normal(0, 0.2, (B, T))).astype(np.float32)
     adv = rng.normal(0, 1, (B,)).astype(np.float32)
     return logps, old, ref, adv
+
+
+def test_numpy_references_give_the_hand_computed_values():
+    """The references themselves, on small cases worked out by hand."""
+    self_check()
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
@@ -91,8 +96,14 @@ def test_grpo_loss_gradients_and_vmap():
     lp_ = jnp.asarray(logps)
     g = np.asarray(jax.grad(lambda lp: grpo_loss(lp, lp_, adv_, mask_)[0])(lp_))
     np.testing.assert_allclose(g, -adv[:, None] * MASK / MASK.sum(), rtol=1e-5, atol=1e-7)
-    batched = jax.vmap(lambda lp: grpo_loss(lp, old_, adv_, mask_)[0])(jnp.stack([lp_] * 3))
-    np.testing.assert_allclose(np.asarray(batched), float(batched[0]), rtol=1e-6)
+    # vmap over three different rows of log-probs: each result is the un-vmapped call on that row
+    rng = np.random.default_rng(7)
+    rows = jnp.asarray(old[None] + rng.normal(0, 0.3, (3, B, T)), jnp.float32)
+    loss = lambda lp: grpo_loss(lp, old_, adv_, mask_, ref_logps=ref_, beta=0.1)[0]  # noqa: E731
+    batched = np.asarray(jax.vmap(loss)(rows))
+    want = np.array([float(loss(rows[i])) for i in range(3)])
+    assert np.ptp(want) > 1e-3, want  # the rows really give different losses
+    np.testing.assert_allclose(batched, want, rtol=1e-6, atol=1e-7)
 
 
 def test_grpo_loss_bfloat16_inputs_compute_in_float32():

@@ -253,10 +253,12 @@ def test_dpo_value_errors(kwargs, match):
         dpo_loss(PC, PR, RC, RR, **kwargs)
 
 
-def test_dpo_valid_edge_parameters_accepted():
-    dpo_loss(PC, PR, RC, RR, label_smoothing=0.5)
-    dpo_loss(PC, PR, RC, RR, loss_type="robust", label_smoothing=0.49)
-    dpo_loss(PC, PR, RC, RR, loss_type="hinge", label_smoothing=0.0)
+@pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.5), ("robust", 0.49), ("hinge", 0.0)])
+def test_dpo_valid_edge_parameters_accepted(loss_type, eps):
+    loss, metrics = dpo_loss(PC, PR, RC, RR, beta=BETA, loss_type=loss_type, label_smoothing=eps)
+    assert _all_finite((loss, metrics))
+    ref, _, _ = _np_dpo(PC, PR, RC, RR, beta=BETA, loss_type=loss_type, eps=eps)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ simpo_loss

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers as tf
-from tiny_hf import MODEL_TYPES, hf_logits, make_hf_model, padded_batch, saved_hf_model
+from helpers.tiny_hf import MODEL_TYPES, hf_logits, make_hf_model, padded_batch
 
 from jaxrlhf.models import from_pretrained, save_pretrained
 
@@ -22,9 +23,9 @@ def _ours(model, ids, mask, pos):
 
 
 @pytest.fixture(scope="module", params=MODEL_TYPES)
-def hf_pair(request, tmp_path_factory):
+def hf_pair(request, hf_checkpoint):
     """(kind, transformers model, its checkpoint dir, our model loaded from it)."""
-    hf, path = saved_hf_model(request.param, tmp_path_factory)
+    hf, path = hf_checkpoint(request.param)
     return request.param, hf, path, from_pretrained(path)
 
 
@@ -86,16 +87,23 @@ def test_sharded_export_with_index(tmp_path):
     )
 
 
-def test_sliding_window_is_applied():
-    """Mistral's window (5) is shorter than the test rows: ignoring it would change the logits."""
-    hf = make_hf_model("mistral")
+def test_sliding_window_is_applied(hf_checkpoint, tmp_path):
+    """Mistral's window (5) is shorter than the test rows: our logits match transformers' with it,
+    and leave them when config.json says "sliding_window": null (so the window is what we apply)."""
+    hf, path = hf_checkpoint("mistral")
+    assert hf.config.sliding_window == 5
+    no_window = str(tmp_path / "no_window")
+    shutil.copytree(path, no_window)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["sliding_window"] = None
+    with open(os.path.join(no_window, "config.json"), "w") as f:
+        json.dump(cfg, f)
     ids, mask, pos = padded_batch("right", seed=5)
     ref = hf_logits(hf, ids, mask, pos)
-    hf.config.sliding_window = None
-    for layer in hf.model.layers:
-        layer.self_attn.sliding_window = None
-    full = hf_logits(hf, ids, mask, pos)
-    assert np.abs(full - ref)[mask.astype(bool)].max() > 1e-3
+    real = mask.astype(bool)
+    assert np.abs(_ours(from_pretrained(path), ids, mask, pos) - ref)[real].max() <= TOL
+    assert np.abs(_ours(from_pretrained(no_window), ids, mask, pos) - ref)[real].max() > 1e-3
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
-from tiny_hf import hf_logits, make_hf_model, padded_batch
+from helpers.tiny_hf import hf_logits, make_hf_model, padded_batch
 
 from jaxrlhf.models import from_pretrained, save_pretrained
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from tiny_hf import make_hf_model
+from helpers.tiny_hf import make_hf_model
 
 SCRIPT = textwrap.dedent(
     """

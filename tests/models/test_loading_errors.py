@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from tiny_hf import make_hf_model
 
 from jaxrlhf.models import CheckpointError, UnsupportedModelError, from_pretrained
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_hf_model("llama").save_pretrained(str(path))
-    return path
+def ckpt(tiny_llama):
+    """The saved tiny llama (a session fixture)."""
+    return Path(tiny_llama)
 
 
 def _copy(ckpt, dst, edit_tensors=None, edit_config=None):

@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_hf import make_hf_model, padded_batch
+from helpers.lora import randomize_b
+from helpers.tiny_hf import padded_batch
 
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.models.lora import (
     LORA_TARGETS,
-    LoRAParam,
     LoRASpec,
     adapters_off,
     dropout_input,
@@ -35,19 +35,9 @@ SPEC = LoRASpec.build(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "do
 
 
 @pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("llama"))
-    make_hf_model("llama").save_pretrained(out)
-    return out
-
-
-def randomize_b(model, seed=0):
-    """Give every `lora_b` random values (fresh ones are zero, which would hide bugs)."""
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
-        if path[-1] == "lora_b":
-            var.set_value(jnp.asarray(rng.normal(0, 0.05, var.get_value().shape), jnp.float32))
-    return model
+def path(tiny_llama):
+    """The saved tiny llama (a session fixture)."""
+    return tiny_llama
 
 
 def test_spec_names_and_errors():
@@ -123,6 +113,9 @@ def test_gradients_reach_only_the_trainable_split(path, head):
     names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(train)}
     assert all(n.endswith(("lora_a", "lora_b")) or n.startswith("score") for n in names)
     assert (head == "score") == any(n.startswith("score") for n in names)
+    per_kind = len(SPEC.targets) * model.config.num_layers  # q_proj, v_proj, down_proj in every layer
+    assert len(SPEC.targets) == 3 and model.config.num_layers >= 2
+    assert sum(n.endswith("lora_a") for n in names) == sum(n.endswith("lora_b") for n in names) == per_kind
     ids, mask, pos = padded_batch("right", seed=4)
     grads = jax.grad(lambda t: jnp.sum(nnx.merge(graphdef, t, frozen)(ids, mask, pos) ** 2))(train)
     flat = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}

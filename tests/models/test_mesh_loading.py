@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 
-from tiny_hf import run_with_cpu_devices
+from helpers.tiny_hf import run_with_cpu_devices
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, tempfile
-    sys.path.insert(0, {here!r})
+    import tempfile
     import jax, jax.numpy as jnp, numpy as np
-    from tiny_hf import make_hf_model, padded_batch
+    from helpers.tiny_hf import make_hf_model, padded_batch
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.parallel import make_mesh
     assert jax.device_count() == 8
@@ -39,4 +37,4 @@ SCRIPT = textwrap.dedent(
 
 
 def test_from_pretrained_on_mesh_matches_single_device():
-    run_with_cpu_devices(SCRIPT.format(here=os.path.dirname(os.path.abspath(__file__))))
+    run_with_cpu_devices(SCRIPT)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from tiny_hf import hf_logits, make_hf_model, padded_batch, run_with_cpu_devices, saved_hf_model
+from helpers.tiny_hf import hf_logits, make_hf_model, padded_batch, run_with_cpu_devices
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from jaxrlhf.models import from_pretrained, save_pretrained
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def pair(request, tmp_path_factory):
+def pair(request, hf_checkpoint):
     """(kind, transformers model, its checkpoint dir, our model loaded from it)."""
-    hf, path = saved_hf_model(request.param, tmp_path_factory)
+    hf, path = hf_checkpoint(request.param)
     return request.param, hf, path, from_pretrained(path)
 
 
@@ -159,10 +159,9 @@ def test_expert_axis_mesh_invariance(tmp_path):
     path = str(tmp_path / "moe")
     make_hf_model("mixtral").save_pretrained(path)  # 4 experts: one per expert-axis device
     script = f"""
-import sys; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from tiny_hf import padded_batch
+from helpers.tiny_hf import padded_batch
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.models.moe import collect_router_aux
 from jaxrlhf.parallel import make_mesh

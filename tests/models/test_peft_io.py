@@ -18,11 +18,8 @@ import peft
 import pytest
 import torch
 import transformers as tf
-from test_lora import (
-    path,  # noqa: F401  (fixture: a saved tiny llama)
-    randomize_b,
-)
-from tiny_hf import hf_logits, padded_batch
+from helpers.lora import randomize_b
+from helpers.tiny_hf import hf_logits, padded_batch
 
 from jaxrlhf.models import CheckpointError, from_pretrained, save_pretrained
 from jaxrlhf.models.lora import LoRASpec
@@ -30,6 +27,12 @@ from jaxrlhf.models.peft_io import load_adapter, read_adapter_config, save_adapt
 
 SPEC = LoRASpec.build(4, 8.0, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
 TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def path(tiny_llama):
+    """The saved tiny llama (a session fixture)."""
+    return tiny_llama
 
 
 def _randomize(model, seed=0):

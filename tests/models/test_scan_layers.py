@@ -11,20 +11,19 @@ unrolled model and against transformers, for every supported family, and every r
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import transformers as tf
 from flax import nnx
-from tiny_hf import (
+from helpers.grads import grads_by_path, mean_nll, unstack_layers
+from helpers.tiny_hf import (
     MIXED_TYPES,
     MODEL_TYPES,
     hf_logits,
     make_hf_model,
     padded_batch,
     run_with_cpu_devices,
-    saved_hf_model,
 )
 
 from jaxrlhf.generation import generate
@@ -40,37 +39,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def saved(request, tmp_path_factory):
+def saved(request, hf_checkpoint):
     """(kind, transformers model, checkpoint dir)."""
-    hf, path = saved_hf_model(request.param, tmp_path_factory)
+    hf, path = hf_checkpoint(request.param)
     return request.param, hf, path
-
-
-def _loss(model, ids, mask, pos):
-    """A scalar that depends on every logit: the mean log-likelihood of the next real token."""
-    logp = jax.nn.log_softmax(model(ids, mask, pos)[:, :-1], axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
-
-
-def _grads(model, ids, mask, pos, jit=False):
-    """Gradients of `_loss` by parameter path; `jit`: the model is merged inside a jitted function,
-    as the train step does."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    grad_fn = jax.grad(lambda p: _loss(nnx.merge(graphdef, p), ids, mask, pos))
-    grads = (jax.jit(grad_fn) if jit else grad_fn)(params)
-    return {tuple(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
-
-
-def _unstack(grads):
-    """Stacked `layers/<name>` gradients `[L, ...]` as unrolled `layers/<i>/<name>` entries."""
-    out = {}
-    for k, v in grads.items():
-        if k[0] == "layers" and not k[1].isdigit():
-            out.update({("layers", str(i), *k[1:]): v[i] for i in range(v.shape[0])})
-        else:
-            out[k] = v
-    return out
 
 
 def test_scanned_logits_match_unrolled_and_transformers(saved):
@@ -87,35 +59,42 @@ def test_scanned_logits_match_unrolled_and_transformers(saved):
     assert np.abs(scanned - unrolled)[real].max() <= 1e-5, kind
 
 
-@pytest.mark.parametrize("remat", REMAT_POLICIES)
-def test_scanned_gradients_match_unrolled_for_every_remat_policy(saved, remat):
-    kind, _, path = saved
-    if remat not in ("none", "auto") and kind not in ("llama", "qwen2_mixed"):
-        pytest.skip("the policies are checked on two families (they only change what is saved)")
+# "none" and "auto" on every family; the other policies only change what is saved, so two families.
+REMAT_CASES = [
+    (kind, remat)
+    for kind in KINDS
+    for remat in REMAT_POLICIES
+    if remat in ("none", "auto") or kind in ("llama", "qwen2_mixed")
+]
+
+
+@pytest.mark.parametrize("kind, remat", REMAT_CASES)
+def test_scanned_gradients_match_unrolled_for_every_remat_policy(hf_checkpoint, kind, remat):
+    _, path = hf_checkpoint(kind)
     ids, mask, pos = padded_batch("right", seed=2)
-    want = _grads(from_pretrained(path), ids, mask, pos)
-    got = _unstack(_grads(from_pretrained(path, scan_layers=True, remat=remat), ids, mask, pos))
+    want = grads_by_path(from_pretrained(path), ids, mask, pos)
+    scanned = from_pretrained(path, scan_layers=True, remat=remat)
+    got = unstack_layers(grads_by_path(scanned, ids, mask, pos))
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-4, err_msg=f"{kind} {remat} {k}")
     if remat not in ("none", "auto"):  # the unrolled model under the same policy, merged in jit as a step is
-        unrolled = _grads(from_pretrained(path, remat=remat), ids, mask, pos, jit=True)
+        unrolled = grads_by_path(from_pretrained(path, remat=remat), ids, mask, pos, jit=True)
         for k in want:
             np.testing.assert_allclose(unrolled[k], want[k], atol=1e-6, rtol=1e-4, err_msg=f"{remat} {k}")
     assert max(np.abs(v).max() for v in want.values()) > 1e-3
 
 
-def test_auto_remat_keeps_the_matmul_outputs_of_scanned_layers(saved):
+def test_auto_remat_keeps_the_matmul_outputs_of_scanned_layers(tiny_llama):
     """remat "auto" is dots_saveable scanned and none unrolled: the compiled scanned gradient keeps
-    less than with "none" (which stacks every elementwise intermediate) and more than "full"."""
-    kind, _, path = saved
-    if kind != "llama":
-        pytest.skip("one family: the policy does not depend on it")
+    less than with "none" (which stacks every elementwise intermediate) and more than "full".
+    One family (llama): the policy does not depend on it."""
+    path = tiny_llama
     ids, mask, pos = padded_batch("right", seed=4)
 
     def temp_bytes(model):
         graphdef, params = nnx.split(model, nnx.Param)
-        grad_fn = jax.jit(jax.grad(lambda p: _loss(nnx.merge(graphdef, p), ids, mask, pos)))
+        grad_fn = jax.jit(jax.grad(lambda p: mean_nll(nnx.merge(graphdef, p), ids, mask, pos)))
         return grad_fn.lower(params).compile().memory_analysis().temp_size_in_bytes
 
     auto = from_pretrained(path, scan_layers=True)
@@ -154,9 +133,9 @@ def test_frozen_layers_with_scanning(tmp_path):
     path = str(tmp_path / "m")
     hf.save_pretrained(path)
     ids, mask, pos = padded_batch("right", seed=5)
-    want = _grads(from_pretrained(path, frozen_layers=2), ids, mask, pos)
+    want = grads_by_path(from_pretrained(path, frozen_layers=2), ids, mask, pos)
     model = from_pretrained(path, scan_layers=True, frozen_layers=2)
-    got = _unstack(_grads(model, ids, mask, pos))
+    got = unstack_layers(grads_by_path(model, ids, mask, pos))
     for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-4, err_msg=str(k))
     assert np.abs(got[("layers", "2", "mlp", "up_proj", "kernel")]).max() > 0
@@ -165,7 +144,7 @@ def test_frozen_layers_with_scanning(tmp_path):
     graphdef, params = nnx.split(model, nnx.Param)
     opt = make_optimizer(optax.constant_schedule(1e-2), weight_decay=0.1,
                          frozen=frozen_params(2, scan_layers=True))  # fmt: skip
-    grads = jax.grad(lambda p: _loss(nnx.merge(graphdef, p), ids, mask, pos))(params)
+    grads = jax.grad(lambda p: mean_nll(nnx.merge(graphdef, p), ids, mask, pos))(params)
     updates, _ = opt.update(grads, opt.init(params), params)
     new = optax.apply_updates(params, updates)
     before = params["layers"]["mlp"]["up_proj"]["kernel"].get_value()
@@ -182,11 +161,9 @@ def test_scanned_model_on_8_devices_matches_one(tmp_path):
     hf.save_pretrained(path)
     run_with_cpu_devices(
         f"""
-import sys
-sys.path.insert(0, {repr(__file__.rsplit("/", 1)[0])})
 import jax, numpy as np
-from test_scan_layers import _grads, _unstack
-from tiny_hf import padded_batch
+from helpers.grads import grads_by_path
+from helpers.tiny_hf import padded_batch
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.parallel import make_mesh
 assert jax.device_count() == 8
@@ -198,7 +175,7 @@ kernel = sharded.layers.mlp.up_proj.kernel.get_value()
 assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), kernel.sharding.spec
 assert kernel.addressable_shards[0].data.shape == (3, 32, 48)
 np.testing.assert_allclose(np.asarray(sharded(ids, mask, pos)), np.asarray(one(ids, mask, pos)), atol=1e-5)
-want, got = _grads(one, ids, mask, pos), _grads(sharded, ids, mask, pos)
+want, got = grads_by_path(one, ids, mask, pos), grads_by_path(sharded, ids, mask, pos)
 for k in want:
     np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=1e-4, err_msg=str(k))
 print("OK")

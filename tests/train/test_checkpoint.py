@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers.procs import cpu_env
 
 from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
 
@@ -155,13 +156,7 @@ def test_leftover_tmp_dir_is_not_latest(tmp_path):
 
 
 def run_python(code: str, *, devices: int = 1, **kwargs) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        PYTHONPATH=str(REPO),
-        PYTHONUNBUFFERED="1",
-    )
+    env = cpu_env(devices, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=env,
@@ -187,6 +182,9 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 60.0) -> l
 
 
 def test_kill_during_save_never_leaves_a_bad_latest(tmp_path):
+    """SIGKILL while step 2 is being written (as soon as orbax's temporary directory of step 2
+    appears; the 128 MiB write takes far longer than one poll): step 1 stays the latest, restores
+    whole, and the leftovers of step 2 are removed by the next Checkpointer."""
     proc = run_python(
         f"""
         import time, jax.numpy as jnp
@@ -201,21 +199,29 @@ def test_kill_during_save_never_leaves_a_bad_latest(tmp_path):
         """
     )
     wait_for_line(proc, "saved 1")
-    wait_for_line(proc, "saving 2")
+
+    def temporary_2():
+        return [p.name for p in tmp_path.iterdir() if p.name.startswith("2.orbax-checkpoint-tmp")]
+
+    deadline = time.time() + 60
+    while not temporary_2():
+        if (tmp_path / "2").exists() or proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"no temporary directory of step 2 seen: {sorted(os.listdir(tmp_path))}")
+        time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    finished = (tmp_path / "2").exists()
-    print("interrupted:", not finished, sorted(p.name for p in tmp_path.iterdir()))
+    # the interrupted path is the one exercised: step 2 never completed, its leftovers are there
+    assert not (tmp_path / "2").exists(), "step 2 finished before the kill"
+    assert temporary_2(), sorted(os.listdir(tmp_path))
     ckpt = Checkpointer(tmp_path)
-    latest = ckpt.latest_step()
-    assert latest == (2 if finished else 1)
-    shape = (32 * 1024 * 1024,) if finished else (16,)
-    step, restored, extra = ckpt.restore(abstract_state={"x": jax.ShapeDtypeStruct(shape, jnp.float32)})
-    assert extra == {"s": latest} and float(restored["x"][-1]) == latest
+    assert ckpt.latest_step() == 1
+    step, restored, extra = ckpt.restore(abstract_state={"x": jax.ShapeDtypeStruct((16,), jnp.float32)})
+    assert step == 1 and extra == {"s": 1} and float(restored["x"][-1]) == 1.0
     ckpt.save(3, {"x": jnp.zeros(2)}, {})
     ckpt.close()
     on_disk = sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit())
-    assert on_disk == (["1", "2", "3"] if finished else ["1", "3"])  # leftovers of step 2 removed
+    assert on_disk == ["1", "3"]  # the leftovers of step 2 removed
 
 
 def test_restore_onto_another_sharding(tmp_path):
@@ -304,7 +310,9 @@ def test_preemption_guard_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = run_python(
         f"""
         import time, jax, jax.numpy as jnp
-        from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
+        from helpers.procs import cpu_env
+
+from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
         ckpt = Checkpointer({str(tmp_path)!r}, keep=2)
         state = {{"w": jnp.zeros(4), "rng": jax.random.key(0)}}
         train_step = jax.jit(lambda s: {{"w": s["w"] + 1, "rng": jax.random.split(s["rng"])[0]}})

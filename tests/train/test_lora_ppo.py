@@ -18,7 +18,8 @@ import sys
 import jax
 import numpy as np
 from flax import nnx
-from test_ppo_trainer import EOS, PAD, _prompts, low_token_fraction, ppo_cli_args, tiny_llama  # noqa: F401
+from helpers.ppo import EOS, PAD, low_token_fraction, random_prompts
+from helpers.runs import ppo_cli_args
 
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.models.lora import LoRASpec
@@ -34,7 +35,7 @@ def _names(params):
     return {f"{k}/" + "/".join(map(str, p)) for k, v in params.items() for p, _ in nnx.to_flat_state(v)}
 
 
-def test_lora_ppo_reference_is_the_base_and_only_adapters_train(tiny_llama):  # noqa: F811
+def test_lora_ppo_reference_is_the_base_and_only_adapters_train(tiny_llama):
     mesh = make_mesh(devices=jax.devices()[:1])
     policy = from_pretrained(tiny_llama, mesh=mesh, lora=SPEC)
     critic = from_pretrained(tiny_llama, head="score", init_score_head=True, mesh=mesh, lora=SPEC)
@@ -51,7 +52,7 @@ def test_lora_ppo_reference_is_the_base_and_only_adapters_train(tiny_llama):  # 
     assert critic_base and all(policy_base[p] is v for p, v in critic_base)  # shared, not copied
     before = {p: np.asarray(v.get_value()) for p, v in policy_base.items()}
 
-    prompts, mask = _prompts(n=8)
+    prompts, mask = random_prompts(n=8)
     for _ in range(3):
         metrics = engine.step(prompts, mask, low_token_fraction)
     assert np.isfinite(metrics["loss/policy_avg"]) and metrics["objective/kl"] != 0.0

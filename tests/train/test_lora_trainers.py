@@ -17,28 +17,28 @@ import os
 import numpy as np
 import pytest
 import transformers as tf
-from test_scan_trainers import _files, _losses, crash_and_resume
-from test_trainer import _cli, _overrides, data_files, tiny_dir  # noqa: F401  (fixtures)
+from helpers.runs import crash_and_resume, files_for, overrides, run_cli, train_losses
 
 LORA = {"lora.rank": 2, "lora.alpha": 32.0, "lora.target_modules": "[q_proj,v_proj]",
         "optim.learning_rate": 3e-2}  # fmt: skip
 
 
-def test_lora_dpo_reference_is_the_base(tiny_dir, data_files, tmp_path):  # noqa: F811
-    a, result = _losses("dpo", tiny_dir, data_files, str(tmp_path / "same"), **LORA)
+def test_lora_dpo_reference_is_the_base(tiny_dir, data_files, tmp_path):
+    a, result = train_losses("dpo", tiny_dir, data_files, str(tmp_path / "same"), **LORA)
     pre = {**LORA, "dpo.reference": "precompute"}
-    b, _ = _losses("dpo", tiny_dir, data_files, str(tmp_path / "pre"), **pre)
+    b, _ = train_losses("dpo", tiny_dir, data_files, str(tmp_path / "pre"), **pre)
     assert np.abs(a - a[0]).max() > 1e-3  # the adapters train
     np.testing.assert_allclose(b, a, atol=2e-5)
-    full, _ = _losses("dpo", tiny_dir, data_files, str(tmp_path / "full"), **{"optim.learning_rate": 3e-2})
+    full, _ = train_losses("dpo", tiny_dir, data_files, str(tmp_path / "full"),
+                           **{"optim.learning_rate": 3e-2})  # fmt: skip
     assert np.abs(full - a).max() > 1e-3  # a different run: LoRA is not full fine-tuning
 
 
 @pytest.mark.parametrize("kind", ["sft", "reward"])
-def test_lora_sft_and_reward_train_and_export(kind, tiny_dir, data_files, tmp_path):  # noqa: F811
-    files = _files(kind, data_files, tmp_path)
+def test_lora_sft_and_reward_train_and_export(kind, tiny_dir, data_files, tmp_path):
+    files = files_for(kind, data_files, tmp_path)
     out = tmp_path / kind
-    losses, result = _losses(kind, tiny_dir, files, str(out), **LORA, **{"train.export": True})
+    losses, result = train_losses(kind, tiny_dir, files, str(out), **LORA, **{"train.export": True})
     assert np.abs(losses - losses[0]).max() > 1e-3
     config = json.loads((out / "export" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["target_modules"] == ["q_proj", "v_proj"]
@@ -52,7 +52,7 @@ def _dir_bytes(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def test_lora_dpo_resumes_exactly_and_checkpoints_only_the_adapters(tiny_dir, data_files, tmp_path):  # noqa: F811
+def test_lora_dpo_resumes_exactly_and_checkpoints_only_the_adapters(tiny_dir, data_files, tmp_path):
     # with LoRA dropout: its masks follow (seed, step), so the resumed run draws the same ones
     a, b, crashed = crash_and_resume(tiny_dir, data_files, tmp_path, {**LORA, "lora.dropout": 0.1})
     assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]  # bit-identical
@@ -67,15 +67,15 @@ def test_lora_dpo_resumes_exactly_and_checkpoints_only_the_adapters(tiny_dir, da
             data = data[:-8] + b"\x00" * 8  # other weights (the last float32 values), same header
         (other / name).write_bytes(data)
     extra = {**LORA, "train.max_steps": 6, "train.save_every": 2}
-    proc = _cli(["dpo", *_overrides(str(other), data_files, crashed, **extra)])
+    proc = run_cli(["dpo", *overrides(str(other), data_files, crashed, **extra)])
     assert proc.returncode != 0 and "trained on base" in proc.stdout + proc.stderr
 
 
-def test_model_adapter_continues_from_an_exported_adapter(tiny_dir, data_files, tmp_path):  # noqa: F811
+def test_model_adapter_continues_from_an_exported_adapter(tiny_dir, data_files, tmp_path):
     first = tmp_path / "first"
-    _, r1 = _losses("dpo", tiny_dir, data_files, str(first), **LORA, **{"train.export": True})
+    _, r1 = train_losses("dpo", tiny_dir, data_files, str(first), **LORA, **{"train.export": True})
     adapter = str(first / "export")
-    _, r2 = _losses("dpo", tiny_dir, data_files, str(tmp_path / "second"), **{"model.adapter": adapter,
+    _, r2 = train_losses("dpo", tiny_dir, data_files, str(tmp_path / "second"), **{"model.adapter": adapter,
                     "optim.learning_rate": 3e-2, "dpo.reference": "precompute"})  # fmt: skip
     # The second run starts from the first one's final adapters: its policy log-probs of the eval
     # pairs before training equal the first run's after training (the references differ).
@@ -84,10 +84,10 @@ def test_model_adapter_continues_from_an_exported_adapter(tiny_dir, data_files, 
     assert r1.eval_before["logps/chosen"] != r1.eval_after["logps/chosen"]
 
 
-def test_qlora_dpo_trains_on_an_nf4_base(tiny_dir, data_files, tmp_path):  # noqa: F811
+def test_qlora_dpo_trains_on_an_nf4_base(tiny_dir, data_files, tmp_path):
     out = tmp_path / "qlora"
     extra = {**LORA, "lora.quantize_base": "nf4", "train.export": True}
-    losses, _ = _losses("dpo", tiny_dir, data_files, str(out), **extra)
+    losses, _ = train_losses("dpo", tiny_dir, data_files, str(out), **extra)
     assert np.all(np.isfinite(losses)) and np.abs(losses - losses[0]).max() > 1e-3
     assert json.loads((out / "export" / "adapter_config.json").read_text())["r"] == 2
     merged = tf.AutoModelForCausalLM.from_pretrained(str(out / "export_merged"))  # dequantized + merged

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import textwrap
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "models"))
-from tiny_hf import run_with_cpu_devices  # noqa: E402
+from helpers.tiny_hf import run_with_cpu_devices
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, tempfile
-    sys.path.insert(0, {models!r}); sys.path.insert(0, {here!r})
+    import tempfile
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from tiny_hf import make_hf_model
-    from test_objectives import random_pairs
+    from helpers.pairs import random_pairs
+    from helpers.tiny_hf import make_hf_model
     from jaxrlhf.data import collate_pairs
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.parallel import make_mesh
@@ -32,32 +27,47 @@ SCRIPT = textwrap.dedent(
     def run(mesh, head, objective):
         model = from_pretrained(path, mesh=mesh, head=head, init_score_head=True)
         graphdef, params = nnx.split(model, nnx.Param)
-        batch = {{k: jax.device_put(v, batch_sharding(mesh, v.ndim, micro_axis=False))
-                  for k, v in batch_np.items()}}
+        batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim, micro_axis=False))
+                  for k, v in batch_np.items()}
+        # the reference is a perturbed copy (same values on every mesh), so the DPO loss is not
+        # trivially ln 2
+        def perturb(tree):
+            leaves, treedef = jax.tree.flatten(tree)
+            noise = lambda i, x: 0.01 * jax.random.normal(jax.random.key(i), x.shape, x.dtype)
+            return jax.tree.unflatten(treedef, [x + noise(i, x) for i, x in enumerate(leaves)])
+        ref_params = perturb(params)
         def loss(p, b):
-            num, den, _ = objective(nnx.merge(graphdef, p), b, nnx.merge(graphdef, p))
+            num, den, _ = objective(nnx.merge(graphdef, p), b, nnx.merge(graphdef, ref_params))
             return num / den
-        # the reference is a perturbed copy, so the DPO loss is not trivially ln 2
         value, grads = jax.jit(jax.value_and_grad(loss))(params, batch)
         flat = [np.asarray(g) for g in jax.tree.leaves(grads)]
-        # and the full compiled train step (accumulation over 2 micro-batches) on this mesh
+        # and the full compiled train step (accumulation over 2 micro-batches) on this mesh, twice
         schedule = make_schedule(1e-3, 10, kind="constant")
         opt = make_optimizer(schedule)
         graphdef, state = create_state(model, opt, mesh, with_reference=head == "lm")
+        if head == "lm":
+            state = state.replace(ref_params=perturb(state.ref_params))
         step = make_train_step(graphdef, objective, opt, schedule, state_shardings(state), mesh)
-        micro = {{k: v.reshape(2, 8, *v.shape[1:]) for k, v in batch_np.items()}}
-        micro = {{k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in micro.items()}}
+        micro = {k: v.reshape(2, 8, *v.shape[1:]) for k, v in batch_np.items()}
+        micro = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in micro.items()}
         state, metrics = step(state, micro)
-        return float(value), flat, float(metrics["loss"]), float(metrics["grad_norm"])
+        state, metrics2 = step(state, micro)
+        return (float(value), flat, float(metrics["loss"]), float(metrics["grad_norm"]),
+                float(metrics2["loss"]))
 
     for head, objective in (("lm", DPOObjective(beta=0.5)), ("score", RewardObjective())):
         one = run(make_mesh(devices=jax.devices()[:1]), head, objective)
+        if head == "lm":  # otherwise every mesh would trivially give ln 2
+            assert abs(one[0] - np.log(2)) > 1e-3 and abs(one[2] - np.log(2)) > 1e-3, one[::2]
+        assert abs(one[4] - one[2]) > 1e-6, (head, one[2], one[4])  # the first step changed the loss
+        print(head, "one device: loss", one[0], "step losses", one[2], one[4])
         for shape in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
             got = run(make_mesh(*shape), head, objective)
             assert abs(got[0] - one[0]) <= 1e-5, (head, shape, got[0], one[0])
             err = max(float(np.abs(a - b).max()) for a, b in zip(got[1], one[1]))
             assert err <= 1e-5, (head, shape, err)
             assert abs(got[2] - one[2]) <= 1e-5 and abs(got[3] - one[3]) <= 1e-4, (head, shape)
+            assert abs(got[4] - one[4]) <= 1e-5, (head, shape, got[4], one[4])
             print(head, shape, "loss", got[0], "max grad diff", err)
     print("OK")
     """
@@ -65,17 +75,15 @@ SCRIPT = textwrap.dedent(
 
 
 def test_mesh_invariance_dpo_and_reward():
-    script = SCRIPT.format(models=os.path.join(HERE, "..", "models"), here=HERE)
-    run_with_cpu_devices(script, timeout=900)
+    run_with_cpu_devices(SCRIPT, timeout=900)
 
 
 LORA_SCRIPT = textwrap.dedent(
     """
-    import sys, tempfile
-    sys.path.insert(0, {models!r}); sys.path.insert(0, {here!r})
+    import tempfile
     import jax, numpy as np
-    from tiny_hf import make_hf_model
-    from test_objectives import random_pairs
+    from helpers.pairs import random_pairs
+    from helpers.tiny_hf import make_hf_model
     from jaxrlhf.data import collate_pairs
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.models.lora import LoRASpec, trainable
@@ -94,8 +102,8 @@ LORA_SCRIPT = textwrap.dedent(
         opt = make_optimizer(schedule)
         graphdef, state = create_state(model, opt, mesh, with_reference=True, trainable=trainable("lm"))
         step = make_train_step(graphdef, DPOObjective(beta=0.5), opt, schedule, state_shardings(state), mesh)
-        micro = {{k: v.reshape(2, 8, *v.shape[1:]) for k, v in batch_np.items()}}
-        micro = {{k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in micro.items()}}
+        micro = {k: v.reshape(2, 8, *v.shape[1:]) for k, v in batch_np.items()}
+        micro = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in micro.items()}
         losses, norms = [], []
         for _ in range(3):  # the first step moves B off zero; the next ones see the adapters
             state, metrics = step(state, micro)
@@ -119,5 +127,4 @@ LORA_SCRIPT = textwrap.dedent(
 
 def test_mesh_invariance_lora_dpo():
     """LoRA DPO (base reference, adapters trained) on 8 devices equals one device, unrolled and scanned."""
-    script = LORA_SCRIPT.format(models=os.path.join(HERE, "..", "models"), here=HERE)
-    run_with_cpu_devices(script, timeout=900)
+    run_with_cpu_devices(LORA_SCRIPT, timeout=900)

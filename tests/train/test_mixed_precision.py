@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from test_trainer import _overrides, data_files, tiny_dir  # noqa: F401  (fixtures)
+from helpers.runs import overrides
 
 from jaxrlhf.train import load_config
 from jaxrlhf.train.algorithms import train
@@ -18,14 +18,14 @@ from jaxrlhf.train.algorithms import train
 LOSS_TOL = 5e-3
 
 
-def _run(tiny_dir, data_files, out, **extra):  # noqa: F811
+def _run(tiny_dir, data_files, out, **extra):
     common = {"train.max_steps": 6, "train.save_every": 0, "train.grad_accum_steps": 1,
               "optim.learning_rate": 1e-2, "optim.warmup_steps": 0, "dpo.reference": "same_step",
               "task_eval.enabled": False, **extra}  # fmt: skip
-    return train(load_config(None, _overrides(tiny_dir, data_files, out, **common), kind="dpo"))
+    return train(load_config(None, overrides(tiny_dir, data_files, out, **common), kind="dpo"))
 
 
-def test_bf16_compute_tracks_fp32(tiny_dir, data_files, tmp_path):  # noqa: F811
+def test_bf16_compute_tracks_fp32(tiny_dir, data_files, tmp_path):
     fp32 = _run(tiny_dir, data_files, str(tmp_path / "fp32"))
     mixed = _run(tiny_dir, data_files, str(tmp_path / "bf16"), **{
         "model.dtype": "bfloat16", "model.param_dtype": "float32", "model.frozen_dtype": "bfloat16",
@@ -38,7 +38,7 @@ def test_bf16_compute_tracks_fp32(tiny_dir, data_files, tmp_path):  # noqa: F811
     assert not np.array_equal(a, b)  # bf16 really ran
 
 
-def test_frozen_reference_is_stored_in_bf16(tiny_dir):  # noqa: F811
+def test_frozen_reference_is_stored_in_bf16(tiny_dir):
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.parallel import make_mesh
     from jaxrlhf.train.step import create_state, make_optimizer, make_schedule
@@ -55,7 +55,7 @@ def test_frozen_reference_is_stored_in_bf16(tiny_dir):  # noqa: F811
     assert nbytes(state.ref_params) * 2 == nbytes(state.params)
 
 
-def test_ppo_reference_in_bf16_scores_like_fp32(tiny_dir):  # noqa: F811
+def test_ppo_reference_in_bf16_scores_like_fp32(tiny_dir):
     """PPO's frozen reference stored in bfloat16 (`frozen_dtype`): half the bytes, and its per-token
     log-probs on the first rollout (policy == reference) match the float32 policy's to bf16 rounding."""
     from jaxrlhf.models import from_pretrained

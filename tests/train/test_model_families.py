@@ -11,9 +11,7 @@ import sys
 
 import pytest
 import transformers as tf
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny_hf import save_tiny_smollm  # noqa: E402
+from helpers.tiny_hf import save_tiny_smollm
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo")
 

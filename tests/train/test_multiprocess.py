@@ -11,7 +11,8 @@ import sys
 import textwrap
 
 import numpy as np
-from test_trainer import _overrides, data_files, tiny_dir  # noqa: F401  (fixtures)
+from helpers.procs import cpu_env
+from helpers.runs import overrides, ppo_cli_args
 
 WORKER = textwrap.dedent(
     """
@@ -47,11 +48,6 @@ def _launch(commands: list[list[str]], env: dict[str, str]) -> list[str]:
     return logs
 
 
-def _cpu_env(devices_per_process: int, **extra: str) -> dict[str, str]:
-    flags = f"--xla_force_host_platform_device_count={devices_per_process}"
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, **extra}
-
-
 def _mesh_args(n: int, i: int, port: int) -> list[str]:
     if n == 1:
         return []
@@ -62,7 +58,7 @@ def _run(n: int, overrides: list[str], devices_per_process: int) -> list[str]:
     port = _free_port()
     return _launch(
         [[sys.executable, "-c", WORKER.format(n=n), *overrides, *_mesh_args(n, i, port)] for i in range(n)],
-        _cpu_env(devices_per_process),
+        cpu_env(devices_per_process),
     )
 
 
@@ -70,7 +66,7 @@ def _tagged(out: str, tag: str):
     return json.loads(next(line for line in out.splitlines() if line.startswith(tag))[len(tag) :])
 
 
-def test_two_processes_match_one(tiny_dir, data_files, tmp_path):  # noqa: F811
+def test_two_processes_match_one(tiny_dir, data_files, tmp_path):
     common = {
         "train.max_steps": 3,
         "train.save_every": 0,
@@ -79,8 +75,8 @@ def test_two_processes_match_one(tiny_dir, data_files, tmp_path):  # noqa: F811
         "dpo.reference": "same_step",
         "mesh.fsdp": 2,
     }
-    one = _run(1, _overrides(tiny_dir, data_files, str(tmp_path / "one"), **common), devices_per_process=4)
-    two = _run(2, _overrides(tiny_dir, data_files, str(tmp_path / "two"), **common), devices_per_process=2)
+    one = _run(1, overrides(tiny_dir, data_files, str(tmp_path / "one"), **common), devices_per_process=4)
+    two = _run(2, overrides(tiny_dir, data_files, str(tmp_path / "two"), **common), devices_per_process=2)
     ref = _tagged(one[0], "LOSSES")
     assert len(ref) == 3 and abs(ref[2] - ref[0]) > 1e-3  # the losses move: not trivially ln 2
     for out in two:  # every process reports the same global losses as the single process
@@ -138,7 +134,7 @@ def _run_ppo(n: int, path: str, devices_per_process: int) -> list[str]:
     port = str(_free_port())
     return _launch(
         [[sys.executable, "-c", PPO_WORKER, path, str(n), str(i), port] for i in range(n)],
-        _cpu_env(devices_per_process),
+        cpu_env(devices_per_process),
     )
 
 
@@ -147,8 +143,7 @@ def test_ppo_on_two_processes_matches_one(tmp_path):
     the prompts) reproduces one process with two devices: the rollout is gathered, scored once on
     process 0 and broadcast, and the update runs over the global batch. `evaluate` on a numpy batch
     (the same on every process) agrees too."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-    from tiny_hf import make_hf_model
+    from helpers.tiny_hf import make_hf_model
 
     path = str(tmp_path / "tiny")
     make_hf_model("llama").save_pretrained(path)
@@ -168,11 +163,9 @@ def test_ppo_cli_on_two_processes(tmp_path):
     """`jaxrlhf train ppo` on two processes: each host feeds its half of every prompt batch; process 0
     writes the metrics, the samples and the summary; both save checkpoints, export the policy, and
     resume together."""
-    from test_ppo_trainer import ppo_cli_args
-
     out = str(tmp_path / "run")
     args, env = ppo_cli_args(tmp_path, out)
-    env = _cpu_env(1, PYTHONPATH=env["PYTHONPATH"])  # the reward function's module is on it
+    env = cpu_env(1, PYTHONPATH=env["PYTHONPATH"])  # the reward function's module is on it
 
     def run(extra: list[str]) -> list[str]:
         port = _free_port()
@@ -248,8 +241,7 @@ def test_grpo_on_two_processes_matches_one(tmp_path):
     """GRPO on two processes (one CPU device each, each holding half of the prompts) reproduces one
     process with two devices: the G completions per prompt are sampled over the global batch, the
     rewards scored once on process 0 and broadcast, and the update runs over the global batch."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-    from tiny_hf import make_hf_model
+    from helpers.tiny_hf import make_hf_model
 
     path = str(tmp_path / "tiny")
     make_hf_model("llama").save_pretrained(path)
@@ -257,7 +249,7 @@ def test_grpo_on_two_processes_matches_one(tmp_path):
     def run(n: int, devices: int) -> list[str]:
         port = str(_free_port())
         return _launch([[sys.executable, "-c", GRPO_WORKER, path, str(n), str(i), port] for i in range(n)],
-                       _cpu_env(devices))  # fmt: skip
+                       cpu_env(devices))  # fmt: skip
 
     one, two = run(1, 2)[0], run(2, 1)
     ref = np.asarray(_tagged(one, "GRPO"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 import warnings
 
 import jax
@@ -18,20 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny_hf import save_tiny_smollm  # noqa: E402
-
-from jaxrlhf.train.checkpoint import Checkpointer, NonFiniteError  # noqa: E402
-from jaxrlhf.train.loop import run_loop  # noqa: E402
+from jaxrlhf.train.checkpoint import Checkpointer, NonFiniteError
+from jaxrlhf.train.loop import run_loop
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo")
 POISONED_STEP = 3
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 1-layer random llama with SmolLM2's vocabulary and tokenizer."""
-    return save_tiny_smollm(str(tmp_path_factory.mktemp("tiny")), hidden=16, layers=1, heads=2, kv_heads=1)
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +102,14 @@ def _steps(out) -> list[int]:
     return sorted(int(s) for s in os.listdir(os.path.join(out, "checkpoints")) if s.isdigit())
 
 
-def test_stop_names_the_step_and_saves_the_state_before_it(tiny_dir, train_file, tmp_path, poison, capsys):
+def test_stop_names_the_step_and_saves_the_state_before_it(mini_dir, train_file, tmp_path, poison, capsys):
     """Through `jaxrlhf train dpo` (the CLI's `main`, in this process): exit code 2, one line naming
     step 3; checkpoint 3 holds exactly the parameters and optimizer state of checkpoint 2; no
     checkpoint holds NaN; no later step ran."""
     from jaxrlhf.cli import main
 
     out = str(tmp_path / "run")
-    code = main(["train", "dpo", *_overrides(tiny_dir, train_file, out)])
+    code = main(["train", "dpo", *_overrides(mini_dir, train_file, out)])
     err = capsys.readouterr().err
     assert poison == [POISONED_STEP]
     assert code == 2 and "Traceback" not in err, err[-3000:]
@@ -137,12 +127,12 @@ def test_stop_names_the_step_and_saves_the_state_before_it(tiny_dir, train_file,
     assert [r["step"] for r in logged if r["split"] == "train"] == [1, 2]
 
 
-def test_skip_leaves_the_state_unchanged_and_trains_on(tiny_dir, train_file, tmp_path, poison):
+def test_skip_leaves_the_state_unchanged_and_trains_on(mini_dir, train_file, tmp_path, poison):
     from jaxrlhf.train import load_config
     from jaxrlhf.train.algorithms import train
 
     out = str(tmp_path / "run")
-    result = train(load_config(None, _overrides(tiny_dir, train_file, out, **{"train.on_nonfinite": "skip"}),
+    result = train(load_config(None, _overrides(mini_dir, train_file, out, **{"train.on_nonfinite": "skip"}),
                                kind="dpo"))  # fmt: skip
     assert poison == [POISONED_STEP]
     assert result.steps == 5 and _steps(out) == [1, 2, 3, 4, 5]
@@ -261,8 +251,7 @@ def test_ppo_nan_reward_leaves_policy_and_critic_unchanged(tmp_path):
     """One NaN score makes the whole rollout's whitened advantages NaN: every minibatch update of that
     PPO step is skipped (policy and critic bit-exact, `nonfinite` reported); the next step with
     finite rewards trains as usual."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-    from tiny_hf import make_hf_model
+    from helpers.tiny_hf import make_hf_model
 
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.parallel import make_mesh

@@ -3,38 +3,26 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers.pairs import random_pairs
+from helpers.tiny_hf import make_hf_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny_hf import make_hf_model  # noqa: E402
-
-from jaxrlhf.data import TokenizedPair, collate_pairs  # noqa: E402
-from jaxrlhf.models import from_pretrained  # noqa: E402
-from jaxrlhf.parallel import make_mesh  # noqa: E402
-from jaxrlhf.train.objectives import (  # noqa: E402
+from jaxrlhf.data import collate_pairs
+from jaxrlhf.models import from_pretrained
+from jaxrlhf.parallel import make_mesh
+from jaxrlhf.train.objectives import (
     DPOObjective,
     RewardObjective,
     add_targets,
     pair_logps,
     pair_scores,
 )
-from jaxrlhf.train.step import create_state, make_optimizer, make_schedule, make_train_step, state_shardings  # noqa: E402
-
-
-def random_pairs(n: int, seed: int = 0, vocab: int = 96) -> list[TokenizedPair]:
-    rng = np.random.default_rng(seed)
-
-    def toks(lo: int, hi: int) -> np.ndarray:
-        return rng.integers(3, vocab, rng.integers(lo, hi)).astype(np.int32)
-
-    return [TokenizedPair(toks(2, 12), toks(1, 9), toks(1, 9), float(rng.normal())) for _ in range(n)]
+from jaxrlhf.train.step import create_state, make_optimizer, make_schedule, make_train_step, state_shardings
 
 
 def _batch(pairs):

@@ -5,11 +5,7 @@ FSDP-split moments, not all of them."""
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny_hf import make_hf_model, run_with_cpu_devices  # noqa: E402
+from helpers.tiny_hf import make_hf_model, run_with_cpu_devices
 
 SCRIPT = """
 import jax, numpy as np

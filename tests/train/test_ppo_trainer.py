@@ -5,35 +5,19 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
 import jax
 import numpy as np
 import pytest
+from helpers.ppo import EOS, PAD, low_token_fraction, random_prompts
+from helpers.runs import ppo_cli_args
+from helpers.tiny_hf import make_hf_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny_hf import make_hf_model  # noqa: E402
-
-from jaxrlhf.models import from_pretrained  # noqa: E402
-from jaxrlhf.parallel import make_mesh  # noqa: E402
-from jaxrlhf.train.config import ConfigError, PPOConfig  # noqa: E402
-from jaxrlhf.train.ppo import PPOEngine  # noqa: E402
-from jaxrlhf.train.step import make_optimizer, make_schedule  # noqa: E402
-
-EOS, PAD = 1, 0
-
-
-def low_token_fraction(ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
-    """The closed-form reward: the fraction of response tokens with id < 48 (half the vocabulary)."""
-    response = ids[:, -response_mask.shape[1] :]
-    return ((response < 48) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    path = tempfile.mkdtemp()
-    make_hf_model("llama").save_pretrained(path)
-    return path
+from jaxrlhf.models import from_pretrained
+from jaxrlhf.parallel import make_mesh
+from jaxrlhf.train.config import ConfigError, PPOConfig
+from jaxrlhf.train.ppo import PPOEngine
+from jaxrlhf.train.step import make_optimizer, make_schedule
 
 
 def _engine(path, cfg, lr=3e-4, seed=0):
@@ -44,11 +28,6 @@ def _engine(path, cfg, lr=3e-4, seed=0):
     return PPOEngine(
         policy, critic, None, cfg, optimizer, mesh, eos_token_ids=[EOS], pad_token_id=PAD, seed=seed
     )
-
-
-def _prompts(n=16, length=6, seed=0):
-    ids = np.random.default_rng(seed).integers(3, 96, (n, length)).astype(np.int32)
-    return ids, np.ones_like(ids)
 
 
 def test_ppo_raises_a_closed_form_reward_with_bounded_kl(tiny_llama):
@@ -64,7 +43,7 @@ def test_ppo_raises_a_closed_form_reward_with_bounded_kl(tiny_llama):
         num_mini_batches=2,
     )
     engine = _engine(tiny_llama, cfg)
-    prompts, mask = _prompts()
+    prompts, mask = random_prompts()
     history = [engine.step(prompts, mask, low_token_fraction) for _ in range(60)]
     scores = [m["objective/scores"] for m in history]
     first, last = np.mean(scores[:5]), np.mean(scores[-5:])
@@ -84,16 +63,22 @@ def test_rollout_tensors_match_numpy(tiny_llama):
         lam=0.9,
     )
     engine = _engine(tiny_llama, cfg, seed=3)
-    prompts, mask = _prompts(n=8, seed=1)
+    prompts, mask = random_prompts(n=8, seed=1)
     mask[:3, :2] = 0  # left padding
     prompts[:3, :2] = PAD
     engine.step(prompts, mask, low_token_fraction)
     r = jax.tree.map(np.asarray, engine.last_rollout)
     m = r.response_mask.astype(np.float64)
-    lp, ref = r.logprobs.astype(np.float64), r.ref_logprobs.astype(np.float64)
     # the rollout keeps the sampler's log-probs (KV-cache path); on the first rollout the policy is
     # the reference, whose log-probs come from a full forward: the two paths agree
-    np.testing.assert_allclose(ref * m, lp * m, atol=1e-4)
+    np.testing.assert_allclose(r.ref_logprobs * m, r.logprobs * m, atol=1e-4)
+    # the rollout checked below is the second one: after an update the policy is not the reference,
+    # so the KL is large enough to tell k3 from k2 or from a sign error
+    engine.step(prompts, mask, low_token_fraction)
+    r = jax.tree.map(np.asarray, engine.last_rollout)
+    m = r.response_mask.astype(np.float64)
+    lp, ref = r.logprobs.astype(np.float64), r.ref_logprobs.astype(np.float64)
+    assert np.abs(ref - lp)[m == 1].max() > 0.05
     assert (lp[m == 0] == 0).all() and (r.logprobs[m == 1] < 0).all()
     # scores: the closed-form reward, minus the missing-EOS penalty
     response = r.ids[:, -m.shape[1] :]
@@ -130,7 +115,7 @@ def test_rollout_tensors_match_numpy(tiny_llama):
 def test_missing_eos_score_replaces_the_score(tiny_llama):
     cfg = PPOConfig(response_length=4, missing_eos_penalty=None, missing_eos_score=-3.0)
     engine = _engine(tiny_llama, cfg, seed=2)
-    prompts, mask = _prompts(n=8, seed=4)
+    prompts, mask = random_prompts(n=8, seed=4)
     engine.step(prompts, mask, low_token_fraction)
     r = jax.tree.map(np.asarray, engine.last_rollout)
     has_eos = ((r.ids[:, -4:] == EOS) & (r.response_mask == 1)).any(1)
@@ -144,7 +129,7 @@ def test_missing_eos_score_replaces_the_score(tiny_llama):
 def test_rescoring_the_policy_gives_the_same_rollout(tiny_llama):
     """`rescore_policy=True` recomputes the policy log-probs with a full forward; the rollout, the
     advantages and the update metrics agree with the default (sampler log-probs) to float tolerance."""
-    prompts, mask = _prompts(n=8, seed=2)
+    prompts, mask = random_prompts(n=8, seed=2)
     out = {}
     for rescore in (False, True):
         cfg = PPOConfig(response_length=6, temperature=0.9, rescore_policy=rescore, num_mini_batches=2)
@@ -171,7 +156,7 @@ def test_evaluate_scores_held_out_prompts_without_touching_training(tiny_llama):
     every time; and evaluating between training steps does not change them."""
     cfg = PPOConfig(response_length=6, temperature=0.8, num_ppo_epochs=2, num_mini_batches=2,
                     missing_eos_penalty=1.0)  # fmt: skip
-    prompts, mask = _prompts(n=8, seed=6)
+    prompts, mask = random_prompts(n=8, seed=6)
     mask[:2, :2] = 0
     prompts[:2, :2] = PAD
     engine = _engine(tiny_llama, cfg, lr=1e-3, seed=1)
@@ -215,63 +200,13 @@ def test_evaluate_scores_held_out_prompts_without_touching_training(tiny_llama):
     assert np.abs(after["kl"]).max() > 1e-3  # the update moved the policy
 
 
-def ppo_cli_args(tmp_path, out: str) -> tuple[list[str], dict[str, str]]:
-    """CLI overrides and environment for `jaxrlhf train ppo` on a tiny model that uses the real
-    tokenizer (prompts from the shipped data) with the `ppo_rewards:digit_fraction` reward."""
-    import transformers as tf
-    from test_trainer import _overrides  # the tiny-model set-up of the other trainers
-
-    from jaxrlhf.models import load_tokenizer
-    from jaxrlhf.models.demo import demo_model_path
-
-    tiny = str(tmp_path / "tiny")
-    if not os.path.exists(tiny):
-        cfg = tf.LlamaConfig(
-            vocab_size=49152,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-        tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tiny)
-        load_tokenizer(demo_model_path()).save_pretrained(tiny)
-    train_file = os.path.join(
-        os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo", "test.jsonl"
-    )
-    args = _overrides(
-        tiny,
-        (train_file, train_file),
-        out,
-        **{
-            "train.max_steps": 2,
-            "train.save_every": 1,
-            "train.export": True,
-            "ppo.reward_fn": "ppo_rewards:digit_fraction",
-            "ppo.response_length": 8,
-            "ppo.num_ppo_epochs": 2,
-            "ppo.num_mini_batches": 2,
-            "ppo.critic_init": "policy",
-            "data.eval_fraction": 0.1,  # 6 of the 64 prompts held out: batches of 4 and 2 (+2 padding rows)
-            "train.eval_every": 1,
-        },
-    )
-    args = [a for a in args if not a.startswith(("data.eval_files", "train.grad_accum_steps"))]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    return args, env
-
-
 def test_moe_policy_trains_its_router_with_the_load_balancing_loss(tmp_path):
     """A mixture-of-experts policy (and critic): the PPO minibatch loss carries
     `router_aux_loss_coef * aux`. Same seed, coefficient 0 vs 1: the same rollout, the same aux
     value, and router weights that move differently (the aux term's gradient reaches them)."""
     path = str(tmp_path / "moe")
     make_hf_model("qwen3_moe").save_pretrained(path)  # 5 experts, top-3
-    prompts, mask = _prompts(n=4)
+    prompts, mask = random_prompts(n=4)
 
     def run(coef: float):
         mesh = make_mesh(devices=jax.devices()[:1])

@@ -10,63 +10,32 @@ import jax
 import numpy as np
 import pytest
 import transformers as tf
-from test_trainer import _cli, _overrides, data_files, tiny_dir  # noqa: F401  (fixtures)
-from test_trainer import _losses as _step_losses
+from helpers.runs import crash_and_resume, files_for, train_losses
 
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.parallel import make_mesh
-from jaxrlhf.train import load_config
-from jaxrlhf.train.algorithms import train
 from jaxrlhf.train.config import PPOConfig
 from jaxrlhf.train.ppo import PPOEngine
 from jaxrlhf.train.step import make_optimizer, make_schedule
 
 
-def _files(kind, data_files, tmp_path):  # noqa: F811
-    if kind != "sft":
-        return data_files
-    sft = tmp_path / "sft.jsonl"  # prompt + chosen answer as a conversation
-    with open(data_files[0]) as f:
-        rows = [json.loads(line) for line in f]
-    sft.write_text("".join(json.dumps({"messages": r["prompt"] + r["chosen"]}) + "\n" for r in rows))
-    return str(sft), str(sft)
-
-
-def _losses(kind, tiny_dir, files, out, **extra):  # noqa: F811
-    common = {"train.max_steps": 3, "train.save_every": 0, "optim.learning_rate": 1e-2,
-              "optim.warmup_steps": 0, "task_eval.enabled": False, "train.resume": False,
-              **extra}  # fmt: skip
-    result = train(load_config(None, _overrides(tiny_dir, files, out, **common), kind=kind))
-    return np.array([m["loss"] for m in result.train_metrics]), result
-
-
 @pytest.mark.parametrize("kind", ["sft", "reward", "dpo"])
-def test_scanned_trainer_matches_unrolled(kind, tiny_dir, data_files, tmp_path):  # noqa: F811
-    files = _files(kind, data_files, tmp_path)
-    a, _ = _losses(kind, tiny_dir, files, str(tmp_path / "unrolled"))
+def test_scanned_trainer_matches_unrolled(kind, tiny_dir, data_files, tmp_path):
+    files = files_for(kind, data_files, tmp_path)
+    a, _ = train_losses(kind, tiny_dir, files, str(tmp_path / "unrolled"))
     scanned = {"model.scan_layers": True, "model.remat": "full", "train.export": True}
-    b, result = _losses(kind, tiny_dir, files, str(tmp_path / "scanned"), **scanned)
+    b, result = train_losses(kind, tiny_dir, files, str(tmp_path / "scanned"), **scanned)
     assert len(a) == 3 and np.abs(a - a[0]).max() > 1e-3  # the losses move
     np.testing.assert_allclose(b, a, atol=2e-5)
+    for run, scan in (("unrolled", False), ("scanned", True)):  # the option reached the model
+        with open(tmp_path / run / "summary.json") as f:
+            assert json.load(f)["model"]["scan_layers"] is scan, run
     auto = tf.AutoModelForSequenceClassification if kind == "reward" else tf.AutoModelForCausalLM
     exported = auto.from_pretrained(result.export_dir)
     assert "model.layers.1.self_attn.q_proj.weight" in exported.state_dict()
 
 
-def crash_and_resume(tiny_dir, data_files, tmp_path, extra):  # noqa: F811
-    """A 4-step DPO run straight, and one killed right after its step-2 checkpoint and resumed:
-    their per-step losses `(straight, resumed)` and the resumed run's output directory."""
-    extra = {**extra, "train.max_steps": 4, "train.save_every": 2}
-    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
-    assert _cli(["dpo", *_overrides(tiny_dir, data_files, straight, **extra)]).returncode == 0
-    args = ["dpo", *_overrides(tiny_dir, data_files, crashed, **extra)]
-    assert _cli(args, env={"JAXRLHF_CRASH_AFTER_STEP": "2"}).returncode == 17
-    proc = _cli(args)
-    assert proc.returncode == 0 and "resumed from step 2" in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    return _step_losses(straight), _step_losses(crashed), crashed
-
-
-def test_scanned_dpo_resumes_exactly(tiny_dir, data_files, tmp_path):  # noqa: F811
+def test_scanned_dpo_resumes_exactly(tiny_dir, data_files, tmp_path):
     """Killed right after the step-2 checkpoint, the scanned run resumes to the same losses."""
     a, b, _ = crash_and_resume(tiny_dir, data_files, tmp_path, {"model.scan_layers": True})
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
@@ -74,11 +43,7 @@ def test_scanned_dpo_resumes_exactly(tiny_dir, data_files, tmp_path):  # noqa: F
 
 
 def test_scanned_ppo_matches_unrolled(tmp_path):
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-    from tiny_hf import make_hf_model
+    from helpers.tiny_hf import make_hf_model
 
     path = str(tmp_path / "m")
     make_hf_model("qwen2_mixed").save_pretrained(path)

@@ -13,69 +13,24 @@ import time
 
 import pytest
 import transformers as tf
+from helpers.runs import logged_losses, overrides, run_cli
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from tiny_hf import save_tiny_smollm  # noqa: E402
-
-from jaxrlhf.train import load_config  # noqa: E402
-from jaxrlhf.train.algorithms import train  # noqa: E402
-
-ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 2-layer random llama with SmolLM2's vocabulary and tokenizer (chat template included)."""
-    return save_tiny_smollm(str(tmp_path_factory.mktemp("tiny")))
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    with open(os.path.join(ASSETS, "train.jsonl")) as f:
-        rows = f.readlines()
-    (d / "train.jsonl").write_text("".join(rows[:32]))
-    (d / "eval.jsonl").write_text("".join(rows[32:40]))
-    return str(d / "train.jsonl"), str(d / "eval.jsonl")
-
-
-def _overrides(tiny_dir, data_files, out, **extra):
-    base = {
-        "model.path": tiny_dir, "data.train_files": data_files[0], "data.eval_files": data_files[1],
-        "data.max_length": 96, "data.max_prompt_length": 64, "optim.learning_rate": 1e-3,
-        "optim.warmup_steps": 1, "train.batch_size": 4, "train.grad_accum_steps": 2, "train.log_every": 1,
-        "train.save_every": 3, "train.output_dir": out, "train.tensorboard": False, "train.export": False,
-        "train.resume": True,
-    }  # fmt: skip
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _cli(args, env=None, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "jaxrlhf", "train", *args], capture_output=True, text=True, timeout=600,
-        env={**os.environ, **(env or {})}, **kw,
-    )  # fmt: skip
-
-
-def _losses(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+from jaxrlhf.train import load_config
+from jaxrlhf.train.algorithms import train
 
 
 def test_resume_after_crash_is_exact(tiny_dir, data_files, tmp_path):
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
-    proc = _cli(["dpo", *_overrides(tiny_dir, data_files, straight, **{"train.max_steps": 6})])
+    proc = run_cli(["dpo", *overrides(tiny_dir, data_files, straight, **{"train.max_steps": 6})])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    args = ["dpo", *_overrides(tiny_dir, data_files, crashed, **{"train.max_steps": 6})]
-    proc = _cli(args, env={"JAXRLHF_CRASH_AFTER_STEP": "3"})
+    args = ["dpo", *overrides(tiny_dir, data_files, crashed, **{"train.max_steps": 6})]
+    proc = run_cli(args, env={"JAXRLHF_CRASH_AFTER_STEP": "3"})
     assert proc.returncode == 17, proc.stderr[-3000:]  # killed right after the step-3 checkpoint
-    assert sorted(_losses(crashed)) == [1, 2, 3]
-    proc = _cli(args)
+    assert sorted(logged_losses(crashed)) == [1, 2, 3]
+    proc = run_cli(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step 3" in proc.stdout + proc.stderr
-    a, b = _losses(straight), _losses(crashed)
+    a, b = logged_losses(straight), logged_losses(crashed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]  # bit-identical
     assert abs(a[1] - 0.6931471805599453) < 1e-6  # policy == reference at the first step
@@ -85,13 +40,13 @@ def test_sigterm_saves_a_checkpoint_before_exit(tiny_dir, data_files, tmp_path):
     out = str(tmp_path / "run")
     args = [
         "dpo",
-        *_overrides(tiny_dir, data_files, out, **{"train.num_epochs": 1000, "train.save_every": 0}),
+        *overrides(tiny_dir, data_files, out, **{"train.num_epochs": 1000, "train.save_every": 0}),
     ]
     proc = subprocess.Popen([sys.executable, "-m", "jaxrlhf", "train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     metrics = os.path.join(out, "metrics.jsonl")
     deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.exists(metrics) and len(_losses(out)) >= 2):
+    while time.time() < deadline and not (os.path.exists(metrics) and len(logged_losses(out)) >= 2):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
@@ -108,19 +63,19 @@ def test_bad_input_names_file_row_and_field(tiny_dir, data_files, tmp_path):
     del rows[5]["rejected"]
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = str(tmp_path / "run")
-    args = _overrides(tiny_dir, data_files, out, **{"data.train_files": str(bad), "train.max_steps": 1})
-    proc = _cli(["dpo", *args])
+    args = overrides(tiny_dir, data_files, out, **{"data.train_files": str(bad), "train.max_steps": 1})
+    proc = run_cli(["dpo", *args])
     assert proc.returncode == 2
     # rows[5] is on line 6 of the file; the error is the last line of stderr, without a traceback
     assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}, line 6, field 'rejected': missing"
     assert "Traceback" not in proc.stderr
-    proc = _cli(["dpo", *args, "data.skip_invalid=true"])
+    proc = run_cli(["dpo", *args, "data.skip_invalid=true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train/rows_skipped_invalid=1" in proc.stdout + proc.stderr
 
 
 def test_unknown_config_key_suggests(tiny_dir, data_files, tmp_path):
-    proc = _cli(["dpo", "--config", "configs/dpo_demo.yaml", "optim.learning_rat=1e-5"])
+    proc = run_cli(["dpo", "--config", "configs/dpo_demo.yaml", "optim.learning_rat=1e-5"])
     assert proc.returncode == 2 and "optim.learning_rate" in proc.stderr
 
 
@@ -136,7 +91,7 @@ def test_python_api_trains_and_exports(kind, tiny_dir, data_files, tmp_path):
     out = str(tmp_path / kind)
     # evaluate on the training pairs themselves: a deterministic measure that training fits them
     extra = {"train.max_steps": 6, "train.export": True, "train.resume": False, "data.eval_files": files[0]}
-    result = train(load_config(None, _overrides(tiny_dir, files, out, **extra), kind=kind))
+    result = train(load_config(None, overrides(tiny_dir, files, out, **extra), kind=kind))
     assert result.steps == 6 and result.export_dir
     assert all(math.isfinite(m["loss"]) for m in result.train_metrics)
     before, after = result.eval_before, result.eval_after

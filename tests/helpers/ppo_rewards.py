@@ -1,4 +1,4 @@
-"""A verifiable reward for the PPO trainer tests: `ppo.reward_fn=ppo_rewards:digit_fraction`."""
+"""A verifiable reward for the PPO trainer tests: `ppo.reward_fn=helpers.ppo_rewards:digit_fraction`."""
 
 
 def digit_fraction(prompts: list[str], completions: list[str]) -> list[float]:

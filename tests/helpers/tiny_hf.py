@@ -6,13 +6,14 @@ mis-mapped tensor (say q_norm loaded as k_norm) changes the logits.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import numpy as np
 import torch
 import transformers as tf
+
+from helpers.procs import cpu_env
 
 VOCAB = 96
 
@@ -168,8 +169,7 @@ def hf_logits(model: torch.nn.Module, ids, mask, pos) -> np.ndarray:
 def run_with_cpu_devices(script: str, devices: int = 8, timeout: int = 600) -> str:
     """Run `script` in a fresh Python process that sees `devices` simulated CPU devices (the XLA flag
     must be set before jax is imported); check it exits 0 and prints OK; return its stdout."""
-    flags = f"--xla_force_host_platform_device_count={devices}"
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(devices)
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
     )

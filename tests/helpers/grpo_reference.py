@@ -213,7 +213,8 @@ def np_grpo_loss(
 # ----------------------------------------------------------------------------------------------
 # hand-computed self checks
 # ----------------------------------------------------------------------------------------------
-if __name__ == "__main__":
+def self_check() -> None:
+    """Hand-computed values the references must give (run by tests/losses/test_grpo.py)."""
     # advantages: group [0, 1] -> mean 0.5, std(ddof=1) = sqrt(0.5)
     s = math.sqrt(0.5)
     a = np_group_advantages([0.0, 1.0], 2)
@@ -276,4 +277,8 @@ if __name__ == "__main__":
     assert m["clip_ratio/high_mean"] == 0.5  # token-weighted would give 0.75
     assert math.isclose(loss, (3 * -1.2 + -1.0) / 4)  # dapo: token-level sum / 4 active tokens
     assert np.allclose(np_group_advantages([3.0, 5.0], 1), [0.0, 0.0])
+
+
+if __name__ == "__main__":
+    self_check()
     print("grpo_reference self-checks passed")

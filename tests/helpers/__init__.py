@@ -1,0 +1,1 @@
+"""Shared test code: tiny models, numpy references, trainer-run helpers and session fixtures."""
