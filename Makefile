@@ -9,9 +9,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # pytest-xdist workers (2 fits the 2-core, 24 GiB CI machine; each worker needs ~6 GiB)
 TEST_WORKERS ?= 2
-# worksteal: tests (not whole files) go to whichever worker is free; --durations: the 30 slowest
+# loadgroup: each test goes to whichever worker is free (files that share a costly fixture stay
+# together: tests/conftest.py), in the order the conftest gives; --durations: the 30 slowest
 # tests in every log (tests/README.md has the table by file).
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=30
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=30
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast test-all lint

@@ -43,7 +43,44 @@ pytest_plugins = ["helpers.fixtures"]
 # losses against their references, models against transformers, data, config, objectives, engines and
 # loop units, in-process. `slow` marks what is left out of it: whole files, or single tests by name
 # (`file::test`, every parametrization), each with why. `make test` (CI) runs all but `demo_model`.
-SLOW: dict[str, str] = {}
+SLOW: dict[str, str] = {
+    # end-to-end runs: CLI subprocesses, several processes, notebooks, benchmark scripts
+    "test_notebooks.py": "five Jupyter kernels, each running a notebook",
+    "train/test_multiprocess.py": "two jax.distributed processes (gloo) against one",
+    "train/test_ppo_trainer.py": "PPO trainer runs, CLI included",
+    "train/test_mesh_invariance.py": "trains on several 8-device meshes in a subprocess",
+    "train/test_scan_trainers.py": "every trainer twice (scanned and unrolled), resume",
+    "train/test_trainer.py": "CLI runs: crash and resume, SIGTERM, exports",
+    "train/test_lora_trainers.py": "LoRA trainer runs with resume",
+    "train/test_lora_ppo.py": "LoRA PPO CLI runs with resume and exports",
+    "train/test_grpo_trainer.py": "GRPO / RLOO CLI runs",
+    "train/test_model_families.py": "CLI DPO runs on Gemma 2 and Qwen3-MoE",
+    "train/test_attention_trainers.py": "trainers twice (splash and xla)",
+    "evaluation/test_trainer_task_eval.py": "trainer runs with task evaluation",
+    "test_cli_errors.py": "~20 CLI subprocesses",
+    "bench/test_device_bench.py": "the device benchmark script on CPU, TRL included",
+    "bench/test_bench_grpo.py": "the GRPO benchmark script against TRL",
+    "bench/test_memory_plan.py": "the memory plan script on 8 simulated devices",
+    # the real 135M model
+    "models/test_demo_model.py": "the 135M demo model against transformers",
+    "evaluation/test_task_eval.py::test_cli_eval_on_the_demo_model_is_reproducible": "135M model, twice",
+    "generation/test_sampling.py::test_demo_greedy_matches_transformers_batched_chat": "135M model",
+    # 8 simulated devices in a subprocess
+    "models/test_scan_layers.py::test_scanned_model_on_8_devices_matches_one": "8-device subprocess",
+    "models/test_attention.py::test_splash_under_shard_map_on_8_devices_matches_one": "8-device subprocess",
+    "models/test_moe.py::test_expert_axis_mesh_invariance": "8-device subprocess",
+    "models/test_mesh_loading.py": "8-device subprocess",
+    "generation/test_sampling.py::test_sharded_model_generates_same_greedy_tokens": "8-device subprocess",
+    # many compiles: the fast tier keeps a cheaper check of the same code
+    "models/test_scan_layers.py::test_scanned_gradients_match_unrolled_for_every_remat_policy":
+        "34 gradient compiles (fast tier: scanned logits and generation)",
+    "models/test_attention.py::test_splash_model_matches_xla_model":
+        "whole models' gradients per backend (fast tier: the kernel on padded and packed rows)",
+    "models/test_quant.py::test_qlora_model_is_the_dequantized_base_plus_adapters":
+        "QLoRA models, scanned and not (fast tier: the quantizers against numpy)",
+    "train/test_mixed_precision.py::test_bf16_compute_tracks_fp32": "30 bf16 and fp32 train steps",
+    "train/test_nonfinite.py::test_ppo_nan_reward_leaves_policy_and_critic_unchanged": "a PPO engine",
+}
 
 
 def pytest_configure(config):
@@ -54,11 +91,25 @@ def pytest_configure(config):
             raise pytest.UsageError(f"tests/conftest.py: SLOW names {key!r}, which does not exist")
 
 
+# Files whose tests share an expensive module fixture: `make test` (--dist loadgroup) keeps each on one
+# worker; every other test goes to whichever worker is free.
+TOGETHER = ("test_cli_errors.py", "bench/test_memory_plan.py", "models/test_demo_model.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
+    rank = {key: i for i, key in enumerate(SLOW)}
+    order = {}
+    for i, item in enumerate(items):
         path = os.path.relpath(str(item.path), _TESTS).replace(os.sep, "/")
-        if path in SLOW or f"{path}::{item.originalname}" in SLOW:
+        key = next((k for k in (path, f"{path}::{item.originalname}") if k in SLOW), None)
+        if key is not None:
             item.add_marker(pytest.mark.slow)
+        if path in TOGETHER:
+            item.add_marker(pytest.mark.xdist_group(path))
+        # slow tests first, in SLOW's order (about longest first), so that the two workers finish
+        # together instead of one waiting on a long test picked up last
+        order[item.nodeid] = (rank[key] if key is not None else len(rank), i)
+    items.sort(key=lambda item: order[item.nodeid])
 
 
 def pytest_unconfigure(config):
