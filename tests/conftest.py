@@ -96,6 +96,7 @@ def pytest_configure(config):
 TOGETHER = ("test_cli_errors.py", "bench/test_memory_plan.py", "models/test_demo_model.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     rank = {key: i for i, key in enumerate(SLOW)}
     order = {}
@@ -110,6 +111,17 @@ def pytest_collection_modifyitems(config, items):
         # together instead of one waiting on a long test picked up last
         order[item.nodeid] = (rank[key] if key is not None else len(rank), i)
     items.sort(key=lambda item: order[item.nodeid])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """On an xdist worker under --dist loadgroup, the TOGETHER files must carry their group in the node
+    id (pytest-xdist adds it; pytest 9.2 broke that silently: pytest-xdist issue #1386)."""
+    if getattr(session.config.option, "loadgroup", False):
+        grouped = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group")]
+        lost = [nodeid for nodeid in grouped if "@" not in nodeid]
+        if lost:
+            raise pytest.UsageError(f"pytest-xdist ignored the xdist_group of {lost[0]} (pytest-xdist #1386)")
 
 
 def pytest_unconfigure(config):

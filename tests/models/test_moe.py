@@ -79,7 +79,8 @@ def test_ragged_and_dense_dispatch_agree(pair):
         out[dispatch] = np.asarray(logits), flat
     np.testing.assert_allclose(out["ragged"][0], out["dense"][0], atol=1e-5, err_msg=kind)
     for name, g in out["dense"][1].items():
-        np.testing.assert_allclose(out["ragged"][1][name], g, atol=1e-6, rtol=1e-4, err_msg=str(name))
+        # float32 sums in another order: ~1e-6 apart on gradients of ~1e-2
+        np.testing.assert_allclose(out["ragged"][1][name], g, atol=1e-5, rtol=1e-4, err_msg=str(name))
 
 
 def test_load_balancing_loss_function_equals_transformers():

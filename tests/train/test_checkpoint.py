@@ -310,9 +310,7 @@ def test_preemption_guard_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = run_python(
         f"""
         import time, jax, jax.numpy as jnp
-        from helpers.procs import cpu_env
-
-from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
+        from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
         ckpt = Checkpointer({str(tmp_path)!r}, keep=2)
         state = {{"w": jnp.zeros(4), "rng": jax.random.key(0)}}
         train_step = jax.jit(lambda s: {{"w": s["w"] + 1, "rng": jax.random.split(s["rng"])[0]}})

@@ -118,8 +118,10 @@ LORA_SCRIPT = textwrap.dedent(
             got = run(make_mesh(*shape), scan)
             assert np.abs(np.array(got[0]) - np.array(one[0])).max() <= 1e-5, (scan, shape, got[0], one[0])
             # (parameters are not compared: Adam turns reduction-order noise in near-zero
-            # gradients into lr-sized steps; the losses after them are what must agree)
-            np.testing.assert_allclose(got[1], one[1], rtol=1e-4, err_msg=str((scan, shape)))
+            # gradients into lr-sized steps; the losses after them are what must agree, and the
+            # gradient norms: tightly at the first step, within that noise after two Adam steps)
+            np.testing.assert_allclose(got[1][0], one[1][0], rtol=1e-4, err_msg=str((scan, shape)))
+            np.testing.assert_allclose(got[1][1:], one[1][1:], rtol=1e-3, err_msg=str((scan, shape)))
     print("OK")
     """
 )

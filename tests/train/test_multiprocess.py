@@ -84,7 +84,7 @@ def test_two_processes_match_one(tiny_dir, data_files, tmp_path):
         assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= 1e-5, (got, ref)
 
 
-PPO_WORKER = textwrap.dedent(
+ENGINES_WORKER = textwrap.dedent(
     """
     import json, sys
     import jax
@@ -95,68 +95,104 @@ PPO_WORKER = textwrap.dedent(
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.parallel import make_mesh
-    from jaxrlhf.train.config import PPOConfig
+    from jaxrlhf.train.config import GRPOConfig, PPOConfig
+    from jaxrlhf.train.grpo import GRPOEngine
     from jaxrlhf.train.ppo import PPOEngine
     from jaxrlhf.train.step import batch_sharding, make_optimizer, make_schedule
 
-    calls = []
+    mesh = make_mesh(data=2)
+    sharding = batch_sharding(mesh, 2, micro_axis=False)
 
-    def low_tokens(ids, response_mask):  # a verifiable reward, called on the host
-        calls.append(ids.shape[0])
+
+    def local_half(ids, mask):  # each process holds its own half of the rows, as the trainers feed them
+        if n == 1:
+            return ids, mask
+        rows = slice(pid * len(ids) // 2, (pid + 1) * len(ids) // 2)
+        return (jax.make_array_from_process_local_data(sharding, ids[rows]),
+                jax.make_array_from_process_local_data(sharding, mask[rows]))
+
+
+    def prompts(rows):
+        ids = np.random.default_rng(0).integers(3, 96, (rows, 5)).astype(np.int32)
+        mask = np.ones_like(ids)
+        mask[0, :2] = 0  # one left-padded prompt
+        return ids, mask
+
+
+    # PPO with a verifiable reward called on the host
+    ppo_calls = []
+
+    def low_tokens(ids, response_mask):
+        ppo_calls.append(ids.shape[0])
         response = ids[:, -response_mask.shape[1]:]
         return ((response < 48) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
 
-    mesh = make_mesh(data=2)
     policy = from_pretrained(path, mesh=mesh)
     critic = from_pretrained(path, head="score", init_score_head=True, mesh=mesh)
     cfg = PPOConfig(response_length=6, num_ppo_epochs=2, num_mini_batches=2, missing_eos_penalty=1.0)
     optimizer = make_optimizer(make_schedule(3e-4, 100, kind="constant"), eps=1e-5)
     engine = PPOEngine(policy, critic, None, cfg, optimizer, mesh, eos_token_ids=[1], pad_token_id=0)
-    ids = np.random.default_rng(0).integers(3, 96, (8, 5)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[0, :2] = 0  # one left-padded prompt
+    ids, mask = prompts(8)
     held_out = engine.evaluate(ids[::-1].copy(), mask[::-1].copy(), low_tokens, seed=1)  # numpy: same on all
-    if n > 1:  # each process holds its own half of the rows, as the trainer feeds them
-        rows = slice(pid * 4, pid * 4 + 4)
-        sharding = batch_sharding(mesh, 2, micro_axis=False)
-        ids = jax.make_array_from_process_local_data(sharding, ids[rows])
-        mask = jax.make_array_from_process_local_data(sharding, mask[rows])
+    ids, mask = local_half(ids, mask)
     history = [engine.step(ids, mask, low_tokens) for _ in range(3)]
     keys = ["objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg"]
     print("PPO", json.dumps([[m[k] for k in keys] for m in history]))
     print("EVAL", json.dumps({k: v.tolist() for k, v in held_out.items()}))
-    print("CALLS", json.dumps(calls))
+    print("PPO_CALLS", json.dumps(ppo_calls))
+
+    # GRPO with two host reward functions, the second "does not apply" on odd rows
+    grpo_calls = []
+
+    def rewards(ids, response_mask):
+        grpo_calls.append(ids.shape[0])
+        response = ids[:, -response_mask.shape[1]:]
+        low = ((response < 48) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
+        return np.stack([low, np.where(np.arange(len(ids)) % 2, np.nan, response_mask.mean(1))], axis=1)
+
+    cfg = GRPOConfig(num_generations=4, max_completion_length=6, num_iterations=2, num_mini_batches=2,
+                     beta=0.04)
+    optimizer = make_optimizer(make_schedule(1e-3, 100, kind="constant"))
+    engine = GRPOEngine(from_pretrained(path, mesh=mesh), cfg, optimizer, mesh, eos_token_ids=[1],
+                        pad_token_id=0, num_reward_funcs=2, reward_weights=[1.0, 0.5])
+    ids, mask = local_half(*prompts(4))
+    history = [engine.step(ids, mask, rewards, ["low", "len"]) for _ in range(3)]
+    keys = ["reward", "loss", "kl", "clip_ratio/region_mean", "rewards/len/mean"]
+    print("GRPO", json.dumps([[m[k] for k in keys] for m in history]))
+    print("GRPO_CALLS", json.dumps(grpo_calls))
     """
 )
 
 
-def _run_ppo(n: int, path: str, devices_per_process: int) -> list[str]:
-    port = str(_free_port())
-    return _launch(
-        [[sys.executable, "-c", PPO_WORKER, path, str(n), str(i), port] for i in range(n)],
-        cpu_env(devices_per_process),
-    )
-
-
-def test_ppo_on_two_processes_matches_one(tmp_path):
-    """PPO with a Python reward function on two processes (one CPU device each, each holding half of
-    the prompts) reproduces one process with two devices: the rollout is gathered, scored once on
-    process 0 and broadcast, and the update runs over the global batch. `evaluate` on a numpy batch
-    (the same on every process) agrees too."""
+def test_ppo_and_grpo_engines_on_two_processes_match_one(tmp_path):
+    """PPO and GRPO on two processes (one CPU device each, each holding half of the prompts) reproduce
+    one process with two devices: the rollout is gathered (GRPO: the G completions per prompt sampled
+    over the global batch), the rewards scored once on process 0 and broadcast, and the update runs
+    over the global batch. PPO's `evaluate` on a numpy batch (the same on every process) agrees too.
+    One interpreter per process runs both engines."""
     from helpers.tiny_hf import make_hf_model
 
     path = str(tmp_path / "tiny")
     make_hf_model("llama").save_pretrained(path)
-    one = _run_ppo(1, path, devices_per_process=2)[0]
-    two = _run_ppo(2, path, devices_per_process=1)
-    ref = np.asarray(_tagged(one, "PPO"))
-    assert np.all(np.isfinite(ref)) and abs(ref[2, 1]) > 0  # the policy moves away from the reference
+
+    def run(n: int, devices: int) -> list[str]:
+        port = str(_free_port())
+        return _launch([[sys.executable, "-c", ENGINES_WORKER, path, str(n), str(i), port] for i in range(n)],
+                       cpu_env(devices))  # fmt: skip
+
+    one, two = run(1, 2)[0], run(2, 1)
+    ppo, grpo = np.asarray(_tagged(one, "PPO")), np.asarray(_tagged(one, "GRPO"))
+    # the policies move away from the reference
+    assert np.all(np.isfinite(ppo)) and abs(ppo[2, 1]) > 0
+    assert np.all(np.isfinite(grpo)) and abs(grpo[2, 2]) > 0
     for out in two:
-        np.testing.assert_allclose(np.asarray(_tagged(out, "PPO")), ref, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(_tagged(out, "PPO")), ppo, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(_tagged(out, "GRPO")), grpo, rtol=1e-4, atol=1e-6)
         for k, v in _tagged(out, "EVAL").items():  # evaluation from the same numpy batch on every process
             np.testing.assert_allclose(v, _tagged(one, "EVAL")[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    # the reward function ran once per call (an evaluation, then 3 steps), on process 0, on all 8 rows
-    assert _tagged(two[0], "CALLS") == [8, 8, 8, 8] and _tagged(two[1], "CALLS") == []
+    # each reward function ran once per call (PPO: an evaluation, then 3 steps), on process 0, on all rows
+    assert _tagged(two[0], "PPO_CALLS") == [8, 8, 8, 8] and _tagged(two[1], "PPO_CALLS") == []
+    assert _tagged(two[0], "GRPO_CALLS") == [16, 16, 16] and _tagged(two[1], "GRPO_CALLS") == []
 
 
 def test_ppo_cli_on_two_processes(tmp_path):
@@ -190,70 +226,3 @@ def test_ppo_cli_on_two_processes(tmp_path):
     assert [r["step"] for r in evals] == [0, 1, 2, 3] and all(r["prompts"] == 6 for r in evals), evals
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["steps"] == 3
-
-
-GRPO_WORKER = textwrap.dedent(
-    """
-    import json, sys
-    import jax
-    import numpy as np
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    path, n, pid, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    if n > 1:
-        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
-    from jaxrlhf.models import from_pretrained
-    from jaxrlhf.parallel import make_mesh
-    from jaxrlhf.train.config import GRPOConfig
-    from jaxrlhf.train.grpo import GRPOEngine
-    from jaxrlhf.train.step import batch_sharding, make_optimizer, make_schedule
-
-    calls = []
-
-    def rewards(ids, response_mask):  # two host reward functions, the second "does not apply" on odd rows
-        calls.append(ids.shape[0])
-        response = ids[:, -response_mask.shape[1]:]
-        low = ((response < 48) * response_mask).sum(1) / np.maximum(response_mask.sum(1), 1)
-        return np.stack([low, np.where(np.arange(len(ids)) % 2, np.nan, response_mask.mean(1))], axis=1)
-
-    mesh = make_mesh(data=2)
-    cfg = GRPOConfig(num_generations=4, max_completion_length=6, num_iterations=2, num_mini_batches=2,
-                     beta=0.04)
-    optimizer = make_optimizer(make_schedule(1e-3, 100, kind="constant"))
-    engine = GRPOEngine(from_pretrained(path, mesh=mesh), cfg, optimizer, mesh, eos_token_ids=[1],
-                        pad_token_id=0, num_reward_funcs=2, reward_weights=[1.0, 0.5])
-    ids = np.random.default_rng(0).integers(3, 96, (4, 5)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[0, :2] = 0  # one left-padded prompt
-    if n > 1:  # each process holds its own half of the prompts, as the trainer feeds them
-        rows = slice(pid * 2, pid * 2 + 2)
-        sharding = batch_sharding(mesh, 2, micro_axis=False)
-        ids = jax.make_array_from_process_local_data(sharding, ids[rows])
-        mask = jax.make_array_from_process_local_data(sharding, mask[rows])
-    history = [engine.step(ids, mask, rewards, ["low", "len"]) for _ in range(3)]
-    keys = ["reward", "loss", "kl", "clip_ratio/region_mean", "rewards/len/mean"]
-    print("GRPO", json.dumps([[m[k] for k in keys] for m in history]))
-    print("CALLS", json.dumps(calls))
-    """
-)
-
-
-def test_grpo_on_two_processes_matches_one(tmp_path):
-    """GRPO on two processes (one CPU device each, each holding half of the prompts) reproduces one
-    process with two devices: the G completions per prompt are sampled over the global batch, the
-    rewards scored once on process 0 and broadcast, and the update runs over the global batch."""
-    from helpers.tiny_hf import make_hf_model
-
-    path = str(tmp_path / "tiny")
-    make_hf_model("llama").save_pretrained(path)
-
-    def run(n: int, devices: int) -> list[str]:
-        port = str(_free_port())
-        return _launch([[sys.executable, "-c", GRPO_WORKER, path, str(n), str(i), port] for i in range(n)],
-                       cpu_env(devices))  # fmt: skip
-
-    one, two = run(1, 2)[0], run(2, 1)
-    ref = np.asarray(_tagged(one, "GRPO"))
-    assert np.all(np.isfinite(ref)) and abs(ref[2, 2]) > 0  # the policy moves away from the reference
-    for out in two:
-        np.testing.assert_allclose(np.asarray(_tagged(out, "GRPO")), ref, rtol=1e-4, atol=1e-6)
-    assert _tagged(two[0], "CALLS") == [16, 16, 16] and _tagged(two[1], "CALLS") == []
