@@ -78,7 +78,10 @@ SLOW: dict[str, str] = {
         "whole models' gradients per backend (fast tier: the kernel on padded and packed rows)",
     "models/test_quant.py::test_qlora_model_is_the_dequantized_base_plus_adapters":
         "QLoRA models, scanned and not (fast tier: the quantizers against numpy)",
-    "train/test_mixed_precision.py::test_bf16_compute_tracks_fp32": "30 bf16 and fp32 train steps",
+    "train/test_mixed_precision.py": "bf16 and fp32 trainers and PPO engines side by side",
+    "models/test_scan_layers.py::test_frozen_layers_with_scanning": "scanned and unrolled train steps",
+    "evaluation/test_task_eval.py::test_greedy_replies_do_not_depend_on_batching": "a compile per batch",
+    "train/test_grpo_engine.py::test_lora_policy_and_a_reward_model": "a LoRA policy and a reward model",
     "train/test_nonfinite.py::test_ppo_nan_reward_leaves_policy_and_critic_unchanged": "a PPO engine",
 }
 
