@@ -97,3 +97,16 @@ def test_missing_config(tmp_path):
 def test_not_a_directory_nor_hub_id(tmp_path):
     with pytest.raises(CheckpointError):
         from_pretrained(str(tmp_path / "does" / "not" / "exist"))
+
+
+def test_demo_model_override_names_a_checkpoint(ckpt, tmp_path, monkeypatch):
+    """$JAXRLHF_DEMO_MODEL stands in for the demo model where "demo" is accepted; a directory without a
+    config.json is refused with its path, never converted or guessed."""
+    from jaxrlhf.models.demo import demo_model_path
+    from jaxrlhf.train.common import model_directory
+
+    monkeypatch.setenv("JAXRLHF_DEMO_MODEL", str(ckpt))
+    assert demo_model_path() == str(ckpt) and model_directory("demo") == str(ckpt)
+    monkeypatch.setenv("JAXRLHF_DEMO_MODEL", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: .*JAXRLHF_DEMO_MODEL.*config.json"):
+        demo_model_path()
