@@ -80,24 +80,11 @@ def ppo_cli_args(tmp_path, out: str) -> tuple[list[str], dict[str, str]]:
     """CLI overrides and environment for `jaxrlhf train ppo` on a tiny model that uses the real
     tokenizer (prompts from the shipped data) with the `helpers.ppo_rewards:digit_fraction` reward
     (importable: tests/conftest.py puts tests/ on PYTHONPATH)."""
-    import transformers as tf
-
-    from jaxrlhf.models import load_tokenizer
-    from jaxrlhf.models.demo import demo_model_path
+    from helpers.tiny_hf import save_tiny_smollm
 
     tiny = str(tmp_path / "tiny")
     if not os.path.exists(tiny):
-        cfg = tf.LlamaConfig(
-            vocab_size=49152,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-        tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tiny)
-        load_tokenizer(demo_model_path()).save_pretrained(tiny)
+        save_tiny_smollm(tiny, full_vocab=True)
     train_file = os.path.join(REPO, "jaxrlhf", "assets", "dpo_demo", "test.jsonl")
     args = overrides(
         tiny,
