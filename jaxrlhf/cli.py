@@ -1,11 +1,13 @@
-"""Command line: `jaxrlhf train KIND --config FILE [key=value ...]`, `demo`, `eval`, `chat`.
+"""Command line: `jaxrlhf train KIND --config FILE [key=value ...]`, `demo`, `eval`, `chat`, `plan`.
 
 `train` runs a trainer (KIND: sft, reward, dpo, ppo, grpo or rloo) from a YAML config (see
 docs/configuration.md) with dotted `key=value`
 overrides; `demo` is the main job (DPO on the embedded demo model with held-out task accuracy,
 preference metrics and sample replies before and after); `eval` measures task accuracy (greedy
 replies judged by the checker of each row's family); `chat` loads a model (default: the embedded
-SmolLM2-135M-Instruct) with our Flax model and prints the replies it generates (greedy decoding).
+SmolLM2-135M-Instruct) with our Flax model and prints the replies it generates (greedy decoding);
+`plan` compiles a run's steps for a TPU slice with the TPU compiler, on shapes alone (no TPU, no
+weights), and says whether they fit, their estimated step time and MFU (docs/scaling.md).
 
 Mistakes in what the user gave -- config, data, checkpoint, a run whose loss turns NaN -- are one
 line on stderr naming the file (and row and field) or the step, with exit code 2.
@@ -63,10 +65,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     one line on stderr with exit code 2, never as a traceback."""
     from jaxrlhf.data import DataError
     from jaxrlhf.models import CheckpointError, UnsupportedModelError
+    from jaxrlhf.plan.target import PlanError
     from jaxrlhf.train.checkpoint import NonFiniteError
     from jaxrlhf.train.config import ConfigError
 
-    return (ConfigError, DataError, CheckpointError, UnsupportedModelError, NonFiniteError)
+    return (ConfigError, DataError, CheckpointError, UnsupportedModelError, NonFiniteError, PlanError)
 
 
 def _reported(fn: Callable[[], int]) -> int:
@@ -171,6 +174,33 @@ def run_train(kind: str, config: str | None, overrides: Sequence[str]) -> int:
     return 0
 
 
+def run_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """`jaxrlhf plan`: the run of `--config` compiled for `--topology`; exit 0 if every step fits."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: the slice's devices come from libtpu
+    if args.platform == "cpu":
+        from jaxrlhf.plan.target import set_host_devices
+
+        set_host_devices(args.devices or 8)
+    from jaxrlhf.plan.run import model_config_json, plan_run, specs_from_config, write_json
+    from jaxrlhf.plan.target import resolve
+    from jaxrlhf.train.config import load_config
+
+    cfg = load_config(args.config, overrides, kind=args.kind)
+    target = resolve(args.platform, args.topology, args.devices)  # errors before anything heavy
+    specs = specs_from_config(cfg, target, model_config_json(cfg.model.path))
+    print(f"plan: {cfg.kind} of {cfg.model.path} on {target.name} ({target.count} x {target.chip.name}, "
+          f"{target.chip.hbm_gb:g} GB HBM each); every time and MFU below is the compiler's "
+          "estimate")  # fmt: skip
+    result = plan_run(specs, target, search=not args.no_search)
+    for step, overrides_found in result["suggestions"].items():
+        print(f"{step} fits with: {' '.join(overrides_found)}")
+    print(f"verdict: {'fits' if result['fits'] else 'does not fit'} on {target.name}")
+    if args.json:
+        write_json(result, args.json)
+        print(f"written: {args.json}")
+    return 0 if result["fits"] else 1
+
+
 def format_eval(before: dict[str, float] | None, after: dict[str, float] | None) -> str:
     """A before/after table of held-out metrics."""
     keys = sorted(set(before or {}) | set(after or {}))
@@ -205,7 +235,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat.add_argument("--model", default="demo", help="checkpoint directory or hub id (default: demo model)")
     chat.add_argument("--prompt", action="append", help="a user message (repeatable)")
     chat.add_argument("--max-new-tokens", type=int, default=64)
+    pl = sub.add_parser("plan", help="compile a run for a TPU slice (no TPU needed): fits? step time? MFU?")
+    pl.add_argument("--config", help="the run's YAML config (as for `jaxrlhf train`)")
+    pl.add_argument("--kind", choices=("sft", "reward", "dpo", "ppo", "grpo", "rloo"),
+                    help="what the run trains (default: the config's kind)")  # fmt: skip
+    pl.add_argument("--topology", help="TPU slice GENERATION:AxB[xC], e.g. v5p:4x4x4 (64 chips), v5e:16x16; "
+                    "GPUs: h100:8, h200:2x8 (hosts x GPUs)")  # fmt: skip
+    pl.add_argument("--platform", choices=("tpu", "gpu", "cpu"), default="tpu",
+                    help="tpu (libtpu's compiler), gpu (XLA's CUDA plugin: memory and FLOPs, no time) "
+                    "or cpu (fake host devices: memory only)")  # fmt: skip
+    pl.add_argument("--devices", type=int, help="--platform cpu: the number of fake devices (default 8)")
+    pl.add_argument("--json", help="write the plan's rows and verdict as JSON here")
+    pl.add_argument("--no-search", action="store_true", help="do not look for settings that fit")
+    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.batch_size=64")
     args, extra = parser.parse_known_args(argv)
+    if args.command == "plan":
+        bad = [x for x in extra if "=" not in x]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are key=value)")
+        return _reported(lambda: run_plan(args, [*args.overrides, *extra]))
     if args.command in ("train", "demo"):
         bad = [x for x in extra if "=" not in x]
         if bad:

@@ -7,6 +7,10 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs on CPU. libtpu (the TPU compiler, a test dependency for tests/plan) would otherwise
+# look for a TPU at every backend start and log its warnings to every CLI test's stderr; the TPU
+# plans take their devices from a topology description, not from a runtime.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Many tests compile the same tiny-model programs again: a resumed run, the second process of a CLI
 # test, the same trainer in another test file. JAX's persistent compilation cache lets every later
@@ -61,6 +65,12 @@ SLOW: dict[str, str] = {
     "bench/test_device_bench.py": "the device benchmark script on CPU, TRL included",
     "bench/test_bench_grpo.py": "the GRPO benchmark script against TRL",
     "bench/test_memory_plan.py": "the memory plan script on 8 simulated devices",
+    # the TPU compiler (libtpu) on tiny models: ~2 s per compile
+    "models/test_tpu_compile.py": "17 TPU compiles of attention variants, the sampler, MoE, QLoRA",
+    "plan/test_plan.py": "TPU compiles of the DPO, GRPO and sampler steps and of `jaxrlhf plan` runs",
+    "plan/test_hlo_cost.py::test_loops_are_counted_by_their_trip_counts": "TPU compiles of a matmul chain",
+    "plan/test_hlo_cost.py::test_nested_loops_multiply": "a TPU compile",
+    "plan/test_hlo_cost.py::test_fsdp_collectives_match_the_arithmetic": "a TPU compile on 4 chips",
     # the real 135M model
     "models/test_demo_model.py": "the 135M demo model against transformers",
     "evaluation/test_task_eval.py::test_cli_eval_on_the_demo_model_is_reproducible": "135M model, twice",

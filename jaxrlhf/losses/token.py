@@ -179,6 +179,7 @@ def token_logprobs_from_hidden(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     soft_cap: float | None = None,
+    batch_shards: int = 1,
 ) -> Array:
     r"""``token_logprobs(hidden @ lm_head, labels)`` without materialising the ``[N, V]`` logits.
 
@@ -187,8 +188,9 @@ def token_logprobs_from_hidden(
 
     The ``N = prod(hidden.shape[:-1])`` positions are processed about ``chunk_size`` at a time with
     ``jax.lax.map``: for ``[B, T, D]`` input with more than ``chunk_size`` positions a chunk is
-    every row's next ``chunk_size // B`` positions (the batch axis stays whole, so a batch sharded
-    over devices stays sharded); otherwise the positions are flattened (batch-major, which keeps a
+    every row's next ``chunk_size * batch_shards // B`` positions (the batch axis stays whole, so a
+    batch sharded over ``batch_shards`` devices stays sharded and each device takes ``chunk_size`` of
+    its own positions per chunk); otherwise the positions are flattened (batch-major, which keeps a
     batch split) and padded up to a multiple of ``chunk_size``. Each chunk's body is
     wrapped in ``jax.checkpoint``, so the backward pass recomputes that chunk's logits instead of
     saving them: peak memory is O(chunk_size * V) instead of O(N * V) (the "chunked / fused
@@ -204,6 +206,9 @@ def token_logprobs_from_hidden(
       temperature: logits are divided by this (> 0).
       soft_cap: Gemma 2's final-logit soft-capping ``c tanh(z / c)``, applied before the
         temperature (as transformers computes the logits, then samplers divide them).
+      batch_shards: devices the batch axis is split over (static). Chunks are sized per device:
+        with the global count instead, a batch over 64 devices would run 64 times as many chunks of
+        1/64 the size, each gathering the whole LM head again (and reducing its gradient again).
 
     Returns:
       float32 log-probs with shape ``hidden.shape[:-1]``.
@@ -249,7 +254,7 @@ def token_logprobs_from_hidden(
         # Chunks run along T and keep the whole batch axis, so a batch split over devices stays
         # split: each device computes its own rows' chunks (chunk_size positions in all).
         B, T = lead_shape[0], N // lead_shape[0]
-        K = max(1, min(chunk_size // max(B, 1), T))
+        K = max(1, min(chunk_size * max(batch_shards, 1) // max(B, 1), T))
         C = -(-T // K)
         pad = C * K - T
         # Padding positions are zeros / label 0: finite, sliced off before anything depends on

@@ -67,6 +67,15 @@ def resolve_backend(
     return "xla"
 
 
+def mesh_platform(mesh: Mesh | None) -> str:
+    """The platform of `mesh`'s devices; jax's default backend without a mesh. They differ when a
+    CPU process compiles for a TPU topology (`jaxrlhf.plan`): the kernel must then be Mosaic, not
+    Pallas interpret mode (which would lower the kernel to plain XLA ops on TPU)."""
+    if mesh is None:
+        return jax.default_backend()
+    return mesh.devices.flat[0].platform
+
+
 def cudnn_supports(dtype: Any, head_dim: int) -> bool:
     """cuDNN flash attention: float16 / bfloat16 inputs, head dim a multiple of 8 up to 256."""
     return jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES] and head_dim % 8 == 0 and head_dim <= 256
@@ -175,7 +184,7 @@ def splash_attention(
     """The splash kernel per device: under `shard_map` over `mesh` (the batch split like the
     activations, heads over `tensor` when it divides the key heads), directly without a mesh."""
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = mesh_platform(mesh) != "tpu"
     local = functools.partial(_splash_local, scale=scale, soft_cap=soft_cap, interpret=interpret)
     if mesh is None or mesh.size == 1:
         return local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)

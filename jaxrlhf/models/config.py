@@ -166,6 +166,21 @@ class ModelConfig:
 
         return "dense" if jax.default_backend() == "cpu" else "ragged"
 
+    def for_platform(self, platform: str) -> ModelConfig:
+        """This config with "auto" attention and MoE dispatch resolved for `platform` ("tpu", "gpu",
+        "cpu") instead of jax's default backend. A CPU process compiling for a TPU topology (e.g.
+        `jaxrlhf.plan`) builds its model from `cfg.for_platform("tpu")`, or "auto" would pick the
+        CPU paths (XLA attention, dense experts)."""
+        from jaxrlhf.models.attention import resolve_backend
+
+        attention = resolve_backend(
+            self.attention, self.dtype, self.head_dim, platform, soft_cap=self.attn_logit_softcap
+        )
+        dispatch = self.moe_dispatch
+        if dispatch == "auto":
+            dispatch = "dense" if platform == "cpu" else "ragged"
+        return self.replace(attention=attention, moe_dispatch=dispatch)
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 

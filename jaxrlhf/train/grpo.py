@@ -25,7 +25,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from jaxrlhf.generation.sampling import Generation
-from jaxrlhf.losses import group_advantages, grpo_loss, masked_mean, token_logprobs_from_hidden
+from jaxrlhf.losses import group_advantages, grpo_loss, masked_mean
 from jaxrlhf.models.decoder import CausalLM, default_positions
 from jaxrlhf.models.lora import lora_dropout
 from jaxrlhf.models.moe import add_router_aux, collect_router_aux
@@ -106,11 +106,7 @@ def group_logprobs(model: CausalLM, prompt_ids: Array, prompt_mask: Array, token
     # completion's own previous token
     k, j = np.arange(g)[:, None], np.arange(n)[None, :]
     source = np.where(j == 0, lp - 1, lp + k * n + j - 1).reshape(g * n)
-    head = model.lm_head_kernel().astype(hidden.dtype)
-    logps = token_logprobs_from_hidden(
-        hidden[:, source], head, ids[:, lp:], temperature=temperature,
-        soft_cap=model.config.final_logit_softcap,
-    )
+    logps = model.token_logprobs(hidden[:, source], ids[:, lp:], temperature=temperature)
     return logps.reshape(p, g, n)
 
 

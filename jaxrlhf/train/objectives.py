@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.data.collate import CHOSEN, REJECTED, bucket_length
-from jaxrlhf.losses import dpo_loss, orpo_loss, reward_loss, simpo_loss, token_logprobs_from_hidden
+from jaxrlhf.losses import dpo_loss, orpo_loss, reward_loss, simpo_loss
 from jaxrlhf.models.decoder import CausalLM
 
 Array = jax.Array
@@ -66,10 +66,7 @@ def pair_logps(model: CausalLM, batch: Batch, *, chunk_size: int = 1024) -> dict
     source_BxC = jnp.take_along_axis(batch["prev_index"], target_BxC, axis=1)
     hidden_BxCxD = jnp.take_along_axis(hidden_BxLxD, source_BxC[..., None], axis=1)
     labels_BxC = jnp.take_along_axis(batch["input_ids"], target_BxC, axis=1)
-    head_DxV = model.lm_head_kernel().astype(hidden_BxCxD.dtype)
-    logps_BxC = token_logprobs_from_hidden(
-        hidden_BxCxD, head_DxV, labels_BxC, chunk_size=chunk_size, soft_cap=model.config.final_logit_softcap
-    )
+    logps_BxC = model.token_logprobs(hidden_BxCxD, labels_BxC, chunk_size=chunk_size)
     chosen, rejected = batch["target_chosen"], batch["target_rejected"]
     return {
         "chosen": jnp.sum(logps_BxC * chosen, axis=1),
@@ -173,11 +170,7 @@ class SFTObjective:
         labels_BxT1 = batch["input_ids"][:, 1:]
         weight = batch["completion_mask"] if self.completion_only else batch["attention_mask"]
         weight_BxT1 = weight[:, 1:].astype(jnp.float32)
-        head = model.lm_head_kernel().astype(hidden_BxTxD.dtype)
-        logps = token_logprobs_from_hidden(
-            hidden_BxTxD[:, :-1], head, labels_BxT1, chunk_size=self.chunk_size,
-            soft_cap=model.config.final_logit_softcap,
-        )
+        logps = model.token_logprobs(hidden_BxTxD[:, :-1], labels_BxT1, chunk_size=self.chunk_size)
         nll_sum = -jnp.sum(logps * weight_BxT1)
         tokens = jnp.sum(weight_BxT1)
         mean_nll = nll_sum / jnp.maximum(tokens, 1.0)

@@ -20,7 +20,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.generation.sampling import Generation, _generate
-from jaxrlhf.losses import entropy_from_logits, token_logprobs, token_logprobs_from_hidden
+from jaxrlhf.losses import entropy_from_logits, token_logprobs
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.lora import adapters_off, trainable
 from jaxrlhf.parallel import host_array
@@ -57,10 +57,7 @@ def response_logprobs(
         return token_logprobs(logits, labels, temperature=temperature), entropy_from_logits(
             logits, temperature=temperature
         )
-    head = model.lm_head_kernel().astype(hidden.dtype)
-    return token_logprobs_from_hidden(
-        hidden, head, labels, temperature=temperature, soft_cap=model.config.final_logit_softcap
-    )
+    return model.token_logprobs(hidden, labels, temperature=temperature)
 
 
 def last_token_scores(reward_model: CausalLM, ids: Array, mask: Array, positions: Array) -> Array:

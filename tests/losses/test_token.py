@@ -283,6 +283,28 @@ def test_from_hidden_matches_direct_value_and_grads(hidden_inputs, chunk_size):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch_shards", [1, 2])
+def test_from_hidden_chunks_per_device(hidden_inputs, batch_shards):
+    """`batch_shards`: a chunk is `chunk_size` positions of each device's rows, not of the global
+    batch (B=2 rows, chunk_size 4: 2 positions per row per chunk on one device, 4 when the rows are
+    split over 2). Same values and gradients either way; the loop runs half as many chunks."""
+    hidden, lm_head, labels = hidden_inputs
+
+    def loss(h, W):
+        lp = token_logprobs_from_hidden(h, W, labels, chunk_size=4, batch_shards=batch_shards)
+        return jnp.sum(lp * jnp.arange(T)), lp
+
+    (_, got), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, lm_head)
+    np.testing.assert_allclose(got, _direct(hidden, lm_head, labels), atol=1e-5)
+    direct = lambda h, W: jnp.sum(_direct(h, W, labels) * jnp.arange(T))  # noqa: E731
+    ref = jax.grad(direct, argnums=(0, 1))(hidden, lm_head)
+    for a, b in zip(grads, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda h, W: loss(h, W)[1])(hidden, lm_head)
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert scan.params["length"] == {1: 3, 2: 2}[batch_shards]  # T=6 in chunks of 2 or 4 positions
+
+
 def test_from_hidden_check_grads(hidden_inputs):
     hidden, lm_head, labels = hidden_inputs
     check_grads(
