@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -102,21 +103,28 @@ def compile_plan(spec: PlanSpec, target: Target) -> dict[str, Any]:
         row["attention_note"] = "cudnn needs the cuDNN library to compile: planned with xla attention"
     row["lower_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    with _no_compilation_cache():
-        compiled = lowered.compile()
+    compiled = None
+    try:
+        with _no_compilation_cache():
+            compiled = lowered.compile()
+    except Exception as e:  # XLA:TPU refuses a program that cannot fit its HBM: that is a verdict
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        row.update(out_of_memory(str(e), parts))
     row["compile_s"] = time.perf_counter() - start
-    ma = compiled.memory_analysis()
-    row.update({
-        "argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
-        "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes,
-        "code": ma.generated_code_size_in_bytes, "host_temp": ma.host_temp_size_in_bytes,
-    })  # fmt: skip
+    if compiled is not None:
+        ma = compiled.memory_analysis()
+        row.update({
+            "argument": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
+            "temp": ma.temp_size_in_bytes, "alias": ma.alias_size_in_bytes,
+            "code": ma.generated_code_size_in_bytes, "host_temp": ma.host_temp_size_in_bytes,
+        })  # fmt: skip
     row["peak"] = row["argument"] + row["output"] + row["temp"] - row["alias"]
     row["resident"] = parts.pop("resident", 0.0)
     row["total"] = row["peak"] + row["resident"]  # RL engines: what else stays on the device
     row["inputs"] = parts
     row["hbm"] = target.chip.hbm_gb * GB
-    row["fits"] = row["total"] <= row["hbm"]
+    row["fits"] = row["total"] <= row["hbm"] and compiled is not None
     dims = Dims.of(cfg)
     dense = cfg.lora is None and not cfg.num_experts
     row["estimate"] = None if not dense or spec.step in ("reward", "grpo", "grpo_generate") else estimate(
@@ -129,8 +137,22 @@ def compile_plan(spec: PlanSpec, target: Target) -> dict[str, Any]:
         # the router (D x E), written as an MLP width so that the dense formulas apply
         active = cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.num_experts / 3
         dims = dataclasses.replace(dims, F=active)
-    row.update(cost_row(spec, target, compiled, dims, cfg.lora is None, parts["params"]))
+    if compiled is not None:
+        row.update(cost_row(spec, target, compiled, dims, cfg.lora is None, parts["params"]))
     return row
+
+
+def out_of_memory(message: str, parts: dict[str, float]) -> dict[str, Any]:
+    """The row of a step the TPU compiler refused for its HBM ("Ran out of memory on HBM, the total
+    memory required for HLO temporaries (297.47G) exceeds available HBM (15.75G)"): the inputs'
+    bytes from their shardings, the temporaries the compiler asked for (G: GiB), no cost."""
+    needed = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM", message)
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    temp = float(needed.group(1)) * scale[needed.group(2)] if needed else float("nan")
+    args = sum(v for k, v in parts.items() if k not in ("state_unsharded", "resident"))
+    first = next((line for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message)
+    return {"argument": args, "output": 0.0, "temp": temp, "alias": 0.0, "code": 0, "host_temp": 0,
+            "oom": first.strip()[:300]}  # fmt: skip
 
 
 def cost_row(

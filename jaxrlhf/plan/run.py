@@ -155,6 +155,10 @@ def _gb(x: float | None) -> str:
 def format_row(r: dict[str, Any]) -> str:
     """One step's verdict, memory by part and the compiler's estimates, for the terminal."""
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    if r.get("oom"):  # the TPU compiler refused it: its temporaries alone exceed the chip's HBM
+        return (f"  {r['step']}: DOES NOT FIT -- the TPU compiler needs {_gb(r['temp'])} GB of "
+                f"temporaries beside {_gb(r['argument'])} GB of arguments per device (mesh {r['mesh']}, "
+                f"remat {r['remat']}, micro-batches {r['accum']})")  # fmt: skip
     lines = [
         f"  {r['step']}: {verdict} -- {_gb(r['total'])} GB per device of {r['hbm'] / GB:g} GB "
         f"(mesh {r['mesh']}, remat {r['remat']}, micro-batches {r['accum']}, "

@@ -55,7 +55,10 @@ def test_dpo_step_compiles_with_splash_scan_and_fsdp_x_tensor(dpo_row: dict[str,
     assert row["alias"] >= 0.99 * (inputs["params"] + inputs["opt_state"])  # the state is donated
     est = row["estimate"]
     assert row["argument"] == pytest.approx(est["args"], rel=0.10)
-    assert 0.5 <= row["total"] / est["total"] <= 2.0, (row["total"], est["total"])
+    # the arithmetic (docs/scaling.md) bounds the peak: at least the inputs and one chunk of float32
+    # logits are live at once; at most everything it counts (XLA:TPU fuses more of one layer's
+    # working set away than the formula assumes: 14.4 against 30.1 MB here)
+    assert est["args"] + est["logits"] / 2 <= row["total"] <= est["total"], (row["total"], est)
     assert row["fits"] and row["hbm"] == 16e9
 
 
@@ -112,7 +115,7 @@ def run_config(tmp_path: Any) -> str:
     (model / "config.json").write_text(json.dumps(TINY))  # shapes only: no weights, no tokenizer
     config = {
         "kind": "dpo",
-        "model": {"path": str(model), "remat": "full"},
+        "model": {"path": str(model), "remat": "full", "dtype": "bfloat16"},
         "data": {"train_files": "unused.jsonl", "max_length": 128, "max_prompt_length": 64},
         "train": {"batch_size": 8},
         "mesh": {"data": 1, "fsdp": -1, "tensor": 2},
@@ -189,3 +192,27 @@ def test_plan_for_gpus_without_a_gpu(run_config: str, tmp_path: Any) -> None:
     passed = inputs["params"] + inputs["opt_state"] + inputs["batch"] + inputs["reference"]
     assert row["argument"] == pytest.approx(passed, rel=0.02)
     assert row["flops"] > 0 and "step_s" not in row and row["collective_bytes"]
+
+
+def test_plan_that_does_not_fit(run_config: str, tmp_path: Any, capsys: Any) -> None:
+    """XLA:TPU refuses to compile a program whose temporaries exceed the chip's HBM
+    (RESOURCE_EXHAUSTED): that is the verdict, with the bytes it asked for, and exit code 1."""
+    out = tmp_path / "oom.json"
+    overrides = ["train.batch_size=1024", "data.max_length=4096", "model.remat=none"]
+    args = ["plan", "--config", run_config, "--topology", "v5e:2x2", "--no-search", "--json", str(out)]
+    code = cli.main([*args, *overrides])
+    printed = capsys.readouterr().out
+    assert code == 1, printed
+    assert "DOES NOT FIT -- the TPU compiler needs" in printed
+    assert "verdict: does not fit on v5e:2x2" in printed
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "RESOURCE_EXHAUSTED" in row["oom"] and not row["fits"]
+    assert row["temp"] > 16e9 and row["total"] > row["hbm"] and "step_s" not in row
+
+
+def test_out_of_memory_message() -> None:
+    message = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
+               "memory required for HLO temporaries (297.47G) exceeds available HBM (15.75G).\n")  # fmt: skip
+    parts = {"params": 1.0, "opt_state": 2.0, "batch": 3.0, "state_unsharded": 9.0}
+    row = planner.out_of_memory(message, parts)
+    assert row["temp"] == 297.47 * 2**30 and row["argument"] == 6.0 and row["oom"].startswith("jax.errors")
