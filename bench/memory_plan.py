@@ -47,6 +47,12 @@ import os
 import sys
 from typing import Any
 
+from jaxrlhf.plan import planner
+from jaxrlhf.plan.arithmetic import Dims, saved_per_token  # noqa: F401  (tests read them here)
+from jaxrlhf.plan.models import LLAMA31_8B, hf_config
+from jaxrlhf.plan.steps import PlanSpec
+from jaxrlhf.plan.target import Target, cpu_target, set_host_devices, tpu_target
+
 GB = 1e9  # decimal gigabytes, as HBM capacities are quoted
 BUDGETS = {"v5p": 95.0, "v5e": 16.0, "v6e": 32.0, "h100": 80.0, "h200": 141.0}  # --platform cpu budgets
 REMATS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
@@ -54,14 +60,11 @@ STEPS = ("sft", "reward", "dpo", "dpo_same_step", "ppo", "score", "generate", "g
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """`fsdp=16,tensor=4` -> {"data": 1, "fsdp": 16, "tensor": 4}."""
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
-    for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        if name.strip() not in sizes or not value.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"bad mesh {text!r}: expected e.g. fsdp=16,tensor=4")
-        sizes[name.strip()] = int(value)
-    return sizes
+    """`fsdp=16,tensor=4` -> {"data": 1, "fsdp": 16, "tensor": 4} (`planner.parse_mesh`, for argparse)."""
+    try:
+        return planner.parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,19 +121,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":
-    _args = parse_args()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if _args.platform == "cpu":
-        from jaxrlhf.plan.target import set_host_devices
-
-        set_host_devices(_args.devices)
-
-from jaxrlhf.plan import planner  # noqa: E402
-from jaxrlhf.plan.arithmetic import Dims, saved_per_token  # noqa: E402,F401  (tests read them here)
-from jaxrlhf.plan.models import LLAMA31_8B, hf_config  # noqa: E402
-from jaxrlhf.plan.steps import PlanSpec  # noqa: E402
-from jaxrlhf.plan.target import Target, cpu_target, tpu_target  # noqa: E402
 
 
 def model_dict(args: argparse.Namespace) -> dict[str, Any]:
@@ -179,7 +169,7 @@ def fmt_row(r: dict[str, Any]) -> str:
         f"{r['batch']}x{r['seq']}/{r['accum']} |"
         f"{g(r['argument'])} |{g(e['args'])} |{g(r['temp'])} |{g(r['output'])} |{g(r['alias'])} |"
         f"{g(r['peak'])} |{g(r['total'])} |{g(total_est)} | {r['compile_s']:.0f}s | "
-        f"{r['budget']} {verdict} |{speed}"
+        f"{r.get('budget', r['chip'])} {verdict} |{speed}"
     )
 
 
@@ -193,15 +183,11 @@ def header(tpu: bool) -> str:
     return f"{cols}\n{rule}"
 
 
-def compile_row(spec: PlanSpec, target: Target, budget: tuple[str, float]) -> dict[str, Any]:
-    row = planner.compile_plan(spec, target)
-    row["budget"], row["hbm"] = budget[0], budget[1] * GB
-    row["fits"] = row["total"] <= row["hbm"]
-    return row
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.platform == "cpu":  # before jax starts its backends (jax.devices() below)
+        set_host_devices(args.devices)
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     hf = model_dict(args)
     import jax
@@ -225,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                     num_generations=args.num_generations,
                 )  # fmt: skip
                 try:
-                    row = compile_row(spec, target, budget)
+                    row = planner.compile_plan(spec, target, hbm_gb=budget[1])
+                    row["budget"] = budget[0]
                 except Exception as e:  # e.g. a remat policy this backend cannot compile
                     say(f"| {args.model} | {step} | {planner.mesh_name(mesh)} | {remat} | failed: "
                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]} |")  # fmt: skip
@@ -235,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 say(fmt_row(row))
                 if not row["fits"] and not args.no_search:
-                    found = search(spec, target, budget, say)
+                    found = planner.search(spec, target, log=say, hbm_gb=budget[1])
                     row["fits_with"] = None if found is None else {
                         k: found[k] for k in ("remat", "accum", "mesh", "frozen_dtype", "peak", "total")
                     }  # fmt: skip
@@ -262,21 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"argv": sys.argv, "notes": notes, "rows": rows}, f, indent=1, default=str)
     return 0
-
-
-def search(spec: PlanSpec, target: Target, budget: tuple[str, float], log: Any) -> dict[str, Any] | None:
-    """The first of `planner.candidates(spec)` that fits the budget."""
-    for candidate in planner.candidates(spec, target)[:6]:
-        try:
-            row = compile_row(candidate, target, budget)
-        except Exception as e:  # report it and try the next setting
-            log(f"  {planner.describe(candidate)}: failed ({type(e).__name__})")
-            continue
-        row["searched"] = True
-        log(fmt_row(row))
-        if row["fits"]:
-            return row
-    return None
 
 
 if __name__ == "__main__":

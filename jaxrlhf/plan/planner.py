@@ -75,8 +75,9 @@ def _no_compilation_cache() -> Iterator[None]:
         jax.config.update("jax_enable_compilation_cache", enabled)
 
 
-def compile_plan(spec: PlanSpec, target: Target) -> dict[str, Any]:
-    """Lower and compile `spec` for `target`: memory, the compiler's cost, the arithmetic beside them."""
+def compile_plan(spec: PlanSpec, target: Target, *, hbm_gb: float | None = None) -> dict[str, Any]:
+    """Lower and compile `spec` for `target`: memory, the compiler's cost, the arithmetic beside them.
+    `hbm_gb`: the memory budget per device for the verdict (default: the target chip's HBM)."""
     check(spec, target)
     m = spec.mesh
     mesh = make_mesh(m["data"], m["fsdp"], m["tensor"], devices=target.devices)
@@ -123,7 +124,7 @@ def compile_plan(spec: PlanSpec, target: Target) -> dict[str, Any]:
     row["resident"] = parts.pop("resident", 0.0)
     row["total"] = row["peak"] + row["resident"]  # RL engines: what else stays on the device
     row["inputs"] = parts
-    row["hbm"] = target.chip.hbm_gb * GB
+    row["hbm"] = (target.chip.hbm_gb if hbm_gb is None else hbm_gb) * GB
     row["fits"] = row["total"] <= row["hbm"] and compiled is not None
     dims = Dims.of(cfg)
     dense = cfg.lora is None and not cfg.num_experts
@@ -247,11 +248,13 @@ def _valid(spec: PlanSpec, target: Target) -> bool:
     return True
 
 
-def search(spec: PlanSpec, target: Target, *, limit: int = 6, log: Any = None) -> dict[str, Any] | None:
-    """The first of `candidates(spec)` that fits the chip's HBM (at most `limit` compiles)."""
+def search(
+    spec: PlanSpec, target: Target, *, limit: int = 6, log: Any = None, hbm_gb: float | None = None
+) -> dict[str, Any] | None:
+    """The first of `candidates(spec)` that fits the chip's HBM, or `hbm_gb` (at most `limit` compiles)."""
     for candidate in candidates(spec, target)[:limit]:
         try:
-            row = compile_plan(candidate, target)
+            row = compile_plan(candidate, target, hbm_gb=hbm_gb)
         except Exception as e:  # report it and try the next setting
             if log:
                 log(f"  {describe(candidate)}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
