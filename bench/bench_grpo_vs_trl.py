@@ -169,9 +169,9 @@ def run_jax(args) -> None:
     from jaxrlhf.data import left_pad
     from jaxrlhf.models import from_pretrained, load_tokenizer
     from jaxrlhf.parallel import make_mesh
+    from jaxrlhf.train.algorithms.grpo import load_reward_funcs, reward_table
     from jaxrlhf.train.config import GRPOConfig
     from jaxrlhf.train.grpo import GRPOEngine
-    from jaxrlhf.train.grpo_trainer import load_reward_funcs, reward_table
     from jaxrlhf.train.online import load_prompt_rows
     from jaxrlhf.train.step import make_optimizer, make_schedule
 

@@ -1,6 +1,6 @@
 """Command line: `jaxrlhf train KIND --config FILE [key=value ...]`, `demo`, `eval`, `chat`, `plan`.
 
-`train` runs a trainer (KIND: sft, reward, dpo, ppo, grpo or rloo) from a YAML config (see
+`train` runs a method (KIND: sft, reward, dpo, kto, ppo, grpo, rloo or online_dpo) from a YAML config (see
 docs/configuration.md) with dotted `key=value`
 overrides; `demo` is the main job (DPO on the embedded demo model with held-out task accuracy,
 preference metrics and sample replies before and after); `eval` measures task accuracy (greedy
@@ -136,8 +136,7 @@ def run_demo(config: str, overrides: Sequence[str]) -> int:
     """The main job: DPO on the embedded demo model with the shipped data; held-out task accuracy
     (greedy replies judged by each family's checker) and preference metrics, before and after."""
     from jaxrlhf.evaluation import format_samples, format_task_report
-    from jaxrlhf.train.algorithms import train
-    from jaxrlhf.train.config import load_config
+    from jaxrlhf.train import load_config, train
 
     cfg = load_config(config, overrides, kind="dpo")
     start = time.perf_counter()
@@ -165,8 +164,7 @@ def _preference_metrics(metrics: dict[str, float] | None) -> dict[str, float] | 
 
 
 def run_train(kind: str, config: str | None, overrides: Sequence[str]) -> int:
-    from jaxrlhf.train.algorithms import train
-    from jaxrlhf.train.config import load_config
+    from jaxrlhf.train import load_config, train
 
     result = train(load_config(config, overrides, kind=kind))
     if result.eval_before or result.eval_after:
@@ -183,7 +181,7 @@ def run_plan(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         set_host_devices(args.devices or 8)
     from jaxrlhf.plan.run import model_config_json, plan_run, specs_from_config, write_json
     from jaxrlhf.plan.target import resolve
-    from jaxrlhf.train.config import load_config
+    from jaxrlhf.train import load_config
 
     cfg = load_config(args.config, overrides, kind=args.kind)
     target = resolve(args.platform, args.topology, args.devices)  # errors before anything heavy
@@ -213,10 +211,14 @@ def format_eval(before: dict[str, float] | None, after: dict[str, float] | None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from jaxrlhf.train.algorithms import ALGORITHMS  # the kinds come from the registry
+
+    kinds = tuple(ALGORITHMS)
     parser = argparse.ArgumentParser(prog="jaxrlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a model from a YAML config")
-    tr.add_argument("kind", choices=("sft", "reward", "dpo", "ppo", "grpo", "rloo"))  # config.KINDS
+    tr.add_argument("kind", choices=kinds, metavar="KIND",
+                    help="; ".join(f"{k}: {a.help}" for k, a in ALGORITHMS.items()))  # fmt: skip
     tr.add_argument("--config", help="YAML config (configs/*.yaml)")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.learning_rate=1e-5")
     demo = sub.add_parser("demo", help="the main job: DPO on the embedded demo model, before/after")
@@ -237,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat.add_argument("--max-new-tokens", type=int, default=64)
     pl = sub.add_parser("plan", help="compile a run for a TPU slice (no TPU needed): fits? step time? MFU?")
     pl.add_argument("--config", help="the run's YAML config (as for `jaxrlhf train`)")
-    pl.add_argument("--kind", choices=("sft", "reward", "dpo", "ppo", "grpo", "rloo"),
+    pl.add_argument("--kind", choices=kinds,
                     help="what the run trains (default: the config's kind)")  # fmt: skip
     pl.add_argument("--topology", help="TPU slice GENERATION:AxB[xC], e.g. v5p:4x4x4 (64 chips), v5e:16x16; "
                     "GPUs: h100:8, h200:2x8 (hosts x GPUs)")  # fmt: skip

@@ -13,6 +13,7 @@ from jaxrlhf.losses.grpo import (
     group_advantages,
     grpo_loss,
 )
+from jaxrlhf.losses.kto import KTO_LOSS_TYPES, KTO_REDUCTIONS, kto_loss
 from jaxrlhf.losses.ppo import (
     KL_KINDS,
     gae,
@@ -55,6 +56,10 @@ __all__ = [
     "simpo_loss",
     "orpo_loss",
     "reward_loss",
+    # kto.py
+    "KTO_LOSS_TYPES",
+    "KTO_REDUCTIONS",
+    "kto_loss",
     # ppo.py
     "KL_KINDS",
     "kl_penalty",

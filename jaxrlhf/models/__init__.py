@@ -19,10 +19,12 @@ from jaxrlhf.models.decoder import CausalLM, default_positions, make_attention_m
 from jaxrlhf.models.hf_io import CheckpointError
 from jaxrlhf.models.lora import LORA_TARGETS, LoRAParam, LoRASpec, adapters_off
 from jaxrlhf.models.moe import (
-    collect_router_aux,
+    RouterStats,
+    add_router_aux,
     load_balancing_loss,
     load_balancing_loss_from_logits,
     route,
+    router_aux_loss,
 )
 from jaxrlhf.models.peft_io import load_adapter, merged_params, read_adapter_config, save_adapter
 from jaxrlhf.models.pretrained import (
@@ -44,11 +46,12 @@ __all__ = [
     "LoRAParam",
     "LoRASpec",
     "ModelConfig",
+    "RouterStats",
     "UnsupportedModelError",
     "adapters_off",
+    "add_router_aux",
     "attend",
     "check_checkpoint",
-    "collect_router_aux",
     "default_positions",
     "dot_product_attention",
     "from_hf_config",
@@ -64,6 +67,7 @@ __all__ = [
     "resolve_backend",
     "resolve_checkpoint",
     "route",
+    "router_aux_loss",
     "save_adapter",
     "save_pretrained",
     "splash_attention",

@@ -39,11 +39,15 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxrlhf.models.config import ATTENTION_BACKENDS
 from jaxrlhf.parallel.partition import batch_axes
 
 Array = jax.Array
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+# The values of `ModelConfig.attention` (re-exported by jaxrlhf.models.config, which imports this
+# module, never the other way round): auto = splash on TPU, cudnn on GPU where the dtype allows, xla
+# otherwise.
+ATTENTION_BACKENDS = ("auto", "xla", "splash", "cudnn")
 
 
 def resolve_backend(

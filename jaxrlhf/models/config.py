@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+
+from jaxrlhf.models.attention import ATTENTION_BACKENDS, resolve_backend
 
 SUPPORTED_MODEL_TYPES = (
     "llama", "mistral", "qwen2", "qwen3", "gpt2", "gemma", "gemma2", "gemma3_text", "gemma3", "mixtral",
@@ -25,10 +28,8 @@ MOE_TYPES = ("mixtral", "qwen3_moe")
 # none = everything (no remat); full = only the layer's input; dots_saveable = matmul outputs;
 # dots_with_no_batch_dims_saveable = matmuls against weights (not attention's QK^T / PV);
 # offload_dots = those same matmul outputs, moved to pinned host memory between passes.
-# Attention implementations (jaxrlhf.models.attention): auto = splash on TPU, cudnn on GPU where
-# the dtype allows, xla otherwise.
-ATTENTION_BACKENDS = ("auto", "xla", "splash", "cudnn")
-
+# (ATTENTION_BACKENDS, the attention implementations, is defined and resolved in
+# jaxrlhf.models.attention and importable from here.)
 REMAT_POLICIES = ("auto", "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload_dots")
 
 # How MoE layers run their experts (jaxrlhf.models.moe): auto = ragged on TPU/GPU, dense on CPU.
@@ -152,8 +153,6 @@ class ModelConfig:
     def effective_attention(self) -> str:
         """`attention` resolved for jax's default backend ("auto": splash on TPU, cudnn on GPU for
         bfloat16/float16 compute, xla otherwise)."""
-        from jaxrlhf.models.attention import resolve_backend
-
         return resolve_backend(self.attention, self.dtype, self.head_dim, soft_cap=self.attn_logit_softcap)
 
     @property
@@ -162,8 +161,6 @@ class ModelConfig:
         where `ragged_dot` is lowered to a masked product over every group (see docs/models.md)."""
         if self.moe_dispatch != "auto":
             return self.moe_dispatch
-        import jax
-
         return "dense" if jax.default_backend() == "cpu" else "ragged"
 
     def for_platform(self, platform: str) -> ModelConfig:
@@ -171,8 +168,6 @@ class ModelConfig:
         "cpu") instead of jax's default backend. A CPU process compiling for a TPU topology (e.g.
         `jaxrlhf.plan`) builds its model from `cfg.for_platform("tpu")`, or "auto" would pick the
         CPU paths (XLA attention, dense experts)."""
-        from jaxrlhf.models.attention import resolve_backend
-
         attention = resolve_backend(
             self.attention, self.dtype, self.head_dim, platform, soft_cap=self.attn_logit_softcap
         )

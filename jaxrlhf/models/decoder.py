@@ -10,6 +10,12 @@ G = N / K queries per key head, H head dim, F MLP width, V vocab.
 
 Numerics follow transformers: norms and softmax in float32, RoPE tables in float32, everything else in
 the compute dtype `config.dtype`; parameters are stored in `config.param_dtype`.
+
+The blocks this module shares with the MoE (`Linear`, `Norm`, `MLP`, `ACTIVATIONS`, RoPE, `soft_cap`)
+live in `jaxrlhf.models.layers` and are importable from here too. What varies per forward pass is
+passed as a value: the LoRA dropout key (`hidden_states(dropout_key=...)`, or bound to a copy of the
+model with `CausalLM.with_lora_dropout`) goes down the layers to each adapter, and an MoE model's
+router statistics come out as `moe.RouterStats` under `nnx.capture`.
 """
 
 from __future__ import annotations
@@ -19,140 +25,37 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxrlhf.losses.token import token_logprobs_from_hidden
 from jaxrlhf.models import attention as attention_backends
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.lora import LORA_TARGETS, LoRASpec, dropout_input, init_adapters, layer_dropout
-from jaxrlhf.models.moe import MoE, record
-from jaxrlhf.models.quant import QuantizedParam, dequantize, quantize
+from jaxrlhf.models.layers import ACTIVATIONS as ACTIVATIONS  # re-exported: the blocks lived here
+from jaxrlhf.models.layers import (
+    MLP,
+    Linear,
+    Norm,
+    apply_rope,
+    normal_param,
+    projection,
+    rope_inv_freq,
+    rope_tables,
+    soft_cap,
+)
+from jaxrlhf.models.moe import MoE, sow_router_stats
 
 Array = jax.Array
-
-
-def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, std: float = 0.02) -> nnx.Param:
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype=jnp.float32).astype(dtype))
-
-
-class Linear(nnx.Module):
-    """`y = x @ kernel + bias`, kernel stored `[in, out]` (the transpose of torch's layout); with a
-    `LoRASpec`, plus the low-rank update `(x @ lora_a) @ lora_b * alpha / r`. With `quant` ("int8" /
-    "nf4") the kernel is stored as codes and scales (`qkernel`, `qscale`) and dequantized per call."""
-
-    def __init__(
-        self, d_in: int, d_out: int, *, bias: bool, cfg: ModelConfig, rngs: nnx.Rngs,
-        lora: LoRASpec | None = None, quant: str = "none", site: int = 0,
-    ):
-        self.quant = quant
-        if quant == "none":
-            self.kernel = _init(rngs, (d_in, d_out), cfg.param_dtype)
-        else:  # placeholders of the right shapes and dtypes; from_pretrained fills them
-            codes, scales = jax.eval_shape(lambda: quantize(jnp.zeros((d_in, d_out)), quant))
-            self.qkernel = QuantizedParam(jnp.zeros(codes.shape, codes.dtype))
-            self.qscale = QuantizedParam(jnp.zeros(scales.shape, scales.dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype)) if bias else None
-        self.dtype = cfg.dtype
-        no_adapters: tuple[Any, Any] = (None, None)
-        adapters = no_adapters if lora is None else init_adapters(rngs, d_in, d_out, lora, cfg.param_dtype)
-        self.lora_a, self.lora_b = adapters
-        self.lora_scale = lora.scale if lora is not None else 0.0
-        self.lora_dropout = lora.dropout if lora is not None else 0.0
-        self.lora_site = site  # which projection: folds the dropout key (own masks per projection)
-
-    def weight(self) -> Array:
-        """The kernel `[in, out]` in the compute dtype (dequantized when stored quantized)."""
-        if self.quant == "none":
-            return self.kernel[...].astype(self.dtype)
-        return dequantize(self.qkernel[...], self.qscale[...], self.quant, self.dtype)
-
-    def __call__(self, x: Array) -> Array:
-        x = x.astype(self.dtype)
-        y = jnp.dot(x, self.weight())
-        if self.lora_a is not None:
-            x_in = dropout_input(x, self.lora_dropout, self.lora_site)  # active in train steps only
-            x_a = jnp.dot(x_in, self.lora_a[...].astype(self.dtype))  # [..., r]: the cheap side first
-            scale = jnp.asarray(self.lora_scale, self.dtype)
-            y = y + jnp.dot(x_a, self.lora_b[...].astype(self.dtype)) * scale
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
-
-
-def _projection(cfg: ModelConfig, rngs: nnx.Rngs, name: str, d_in: int, d_out: int, bias: bool) -> Linear:
-    """One of the seven decoder projections (PEFT's `name`): adapters where LoRA targets it, and
-    stored quantized under `cfg.quantize`."""
-    lora = cfg.lora if cfg.lora is not None and name in cfg.lora.targets else None
-    site = LORA_TARGETS.index(name)
-    return Linear(d_in, d_out, bias=bias, cfg=cfg, rngs=rngs, lora=lora, quant=cfg.quantize, site=site)
-
-
-class Norm(nnx.Module):
-    """RMSNorm (llama family), Gemma's RMSNorm (`x_hat * (1 + w)`, multiplied in float32 before the
-    cast) or LayerNorm with bias (gpt2), computed in float32."""
-
-    def __init__(self, dim: int, *, kind: str, eps: float, cfg: ModelConfig):
-        self.offset = cfg.norm_offset if kind == "rms" else 0.0
-        self.scale = nnx.Param(jnp.full((dim,), 1.0 - self.offset, cfg.param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype)) if kind == "layernorm" else None
-        self.kind, self.eps, self.dtype = kind, eps, cfg.dtype
-
-    def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
-        if self.kind == "layernorm":
-            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(var + self.eps)
-        if self.offset:  # Gemma: (x_hat * (1 + w)) in float32, then the cast
-            return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
-        if self.kind == "rms":  # transformers casts back before the weight multiply
-            return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> np.ndarray:
-    """Inverse frequencies `[H/2]` (float32), with linear or Llama 3 scaling applied; `local`: those
-    of Gemma 3's sliding-window layers (their own base, no scaling)."""
-    dim = cfg.head_dim
-    theta = cfg.local_rope_theta if local else cfg.rope_theta
-    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    inv_freq = inv_freq.astype(np.float32)
-    scaling = {} if local else cfg.rope_scaling_dict
-    kind = scaling.get("rope_type", "default")
-    if kind == "linear":
-        inv_freq = inv_freq / np.float32(scaling["factor"])
-    elif kind == "llama3":  # arXiv:2407.21783, as implemented by transformers
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_ctx = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
-        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
-    return inv_freq
-
-
-def apply_rope(x_BxTxNxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
-    """Rotary embedding in the "rotate half" layout used by Hugging Face checkpoints."""
-    half = x_BxTxNxH.shape[-1] // 2
-    x1, x2 = x_BxTxNxH[..., :half], x_BxTxNxH[..., half:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
-    return x_BxTxNxH * cos.astype(x_BxTxNxH.dtype) + rotated * sin.astype(x_BxTxNxH.dtype)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = _projection(cfg, rngs, "q_proj", d, n * h, cfg.qkv_bias)
-        self.k_proj = _projection(cfg, rngs, "k_proj", d, k * h, cfg.qkv_bias)
-        self.v_proj = _projection(cfg, rngs, "v_proj", d, k * h, cfg.qkv_bias)
-        self.o_proj = _projection(cfg, rngs, "o_proj", n * h, d, cfg.o_bias)
+        self.q_proj = projection(cfg, rngs, "q_proj", d, n * h, cfg.qkv_bias)
+        self.k_proj = projection(cfg, rngs, "k_proj", d, k * h, cfg.qkv_bias)
+        self.v_proj = projection(cfg, rngs, "v_proj", d, k * h, cfg.qkv_bias)
+        self.o_proj = projection(cfg, rngs, "o_proj", n * h, d, cfg.o_bias)
         if cfg.qk_norm:  # (Gemma 3's are Gemma norms: the offset comes with cfg)
             self.q_norm = Norm(h, kind="rms", eps=cfg.norm_eps, cfg=cfg)
             self.k_norm = Norm(h, kind="rms", eps=cfg.norm_eps, cfg=cfg)
@@ -165,30 +68,37 @@ class Attention(nnx.Module):
         self.backend = cfg.effective_attention  # resolved once: "xla", "splash" or "cudnn"
         self.mesh: Any = None  # set by CausalLM.set_mesh: the splash kernel runs under shard_map
 
-    def project(self, x_BxTxD: Array, cos: Array | None, sin: Array | None) -> tuple[Array, Array, Array]:
+    def project(
+        self, x_BxTxD: Array, cos: Array | None, sin: Array | None, dropout_key: Any = None
+    ) -> tuple[Array, Array, Array]:
         """Queries `[B, T, N, H]`, keys and values `[B, T, K, H]`, normed and rotated."""
         b, t, _ = x_BxTxD.shape
-        q = self.q_proj(x_BxTxD).reshape(b, t, self.n, self.h)
-        k = self.k_proj(x_BxTxD).reshape(b, t, self.k, self.h)
-        v = self.v_proj(x_BxTxD).reshape(b, t, self.k, self.h)
+        q = self.q_proj(x_BxTxD, dropout_key).reshape(b, t, self.n, self.h)
+        k = self.k_proj(x_BxTxD, dropout_key).reshape(b, t, self.k, self.h)
+        v = self.v_proj(x_BxTxD, dropout_key).reshape(b, t, self.k, self.h)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def attend(self, q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:
+    def attend(
+        self, q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array, dropout_key: Any = None
+    ) -> Array:
         b, t = q_BxTxNxH.shape[:2]
         backend = self.backend if t > 1 else "xla"  # one-token decode steps stay on XLA
         out = attention_backends.attend(
             q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, backend=backend, scale=self.scale,
             soft_cap=self.soft_cap, mesh=self.mesh,
         )
-        return self.o_proj(out.reshape(b, t, self.n * self.h))
+        return self.o_proj(out.reshape(b, t, self.n * self.h), dropout_key)
 
-    def __call__(self, x_BxTxD: Array, mask_BxTxS: Array, cos: Array | None, sin: Array | None) -> Array:
-        q, k, v = self.project(x_BxTxD, cos, sin)
-        return self.attend(q, k, v, mask_BxTxS)
+    def __call__(
+        self, x_BxTxD: Array, mask_BxTxS: Array, cos: Array | None, sin: Array | None, dropout_key: Any = None
+    ) -> Array:
+        """`dropout_key`: the layer's LoRA dropout key (None: no dropout)."""
+        q, k, v = self.project(x_BxTxD, cos, sin, dropout_key)
+        return self.attend(q, k, v, mask_BxTxS, dropout_key)
 
     def cached(
         self, x_BxTxD: Array, mask_BxTxS: Array, cos: Any, sin: Any, cache: tuple[Array, Array], index: Array
@@ -213,30 +123,6 @@ class Attention(nnx.Module):
         return out, (k_all, v_all)
 
 
-ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
-
-
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _projection(cfg, rngs, "gate_proj", d, f, cfg.mlp_bias) if cfg.gated_mlp else None
-        self.up_proj = _projection(cfg, rngs, "up_proj", d, f, cfg.mlp_bias)
-        self.down_proj = _projection(cfg, rngs, "down_proj", f, d, cfg.mlp_bias)
-        self.act = cfg.activation
-
-    def __call__(self, x_BxTxD: Array) -> Array:
-        act = ACTIVATIONS[self.act]
-        if self.gate_proj is not None:
-            return self.down_proj(act(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
-        return self.down_proj(act(self.up_proj(x_BxTxD)))
-
-
 def remat_policy(name: str) -> Any:
     """The `jax.checkpoint` policy of `ModelConfig.remat` (None: save nothing but the layer input)."""
     cp = jax.checkpoint_policies
@@ -253,13 +139,13 @@ def _checkpointed(policy: Any) -> Any:
     """`DecoderLayer.__call__` under `jax.checkpoint(policy=...)`: the layer's parameters go in as a
     pure state (merged inside), so it works wherever the model was merged, jit included."""
 
-    def call(layer: DecoderLayer, x: Array, mask: Array, cos: Any, sin: Any) -> Any:
+    def call(layer: DecoderLayer, x: Array, mask: Array, cos: Any, sin: Any, key: Any) -> Any:
         graphdef, state = nnx.split(layer)
 
-        def pure(state: Any, x: Array, mask: Array, cos: Any, sin: Any) -> Any:
-            return nnx.merge(graphdef, state)(x, mask, cos, sin)
+        def pure(state: Any, x: Array, mask: Array, cos: Any, sin: Any, key: Any) -> Any:
+            return nnx.merge(graphdef, state)(x, mask, cos, sin, key)
 
-        return jax.checkpoint(pure, policy=policy)(state, x, mask, cos, sin)
+        return jax.checkpoint(pure, policy=policy)(state, x, mask, cos, sin, key)
 
     return call
 
@@ -284,7 +170,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
         self.moe = moe
 
-    def _feed_forward(self, x: Array, attn: Array, mask: Array | None) -> tuple[Array, RouterSums]:
+    def _feed_forward(
+        self, x: Array, attn: Array, mask: Array | None, dropout_key: Any = None
+    ) -> tuple[Array, RouterSums]:
         """The residual adds around attention's output `attn` and the MLP; the MoE's router sums
         (over the tokens whose mask diagonal is set: the real ones) when `mask` is given."""
         if self.pre_feedforward_layernorm is not None:
@@ -298,15 +186,18 @@ class DecoderLayer(nnx.Module):
             valid = jnp.ones(h.shape[:2], bool) if mask is None else jnp.diagonal(mask, axis1=1, axis2=2)
             h, sums = self.mlp(h, valid)
         else:
-            h = self.mlp(h)
+            h = self.mlp(h, dropout_key)
         if self.post_feedforward_layernorm is not None:
             h = self.post_feedforward_layernorm(h)
         return x + h, sums
 
     def __call__(
-        self, x: Array, mask: Array, cos: Array | None, sin: Array | None
+        self, x: Array, mask: Array, cos: Array | None, sin: Array | None, dropout_key: Any = None
     ) -> tuple[Array, RouterSums]:
-        return self._feed_forward(x, self.self_attn(self.input_layernorm(x), mask, cos, sin), mask)
+        """The layer's output and its MoE router sums (None for a dense MLP); `dropout_key`: the
+        layer's LoRA dropout key (None: no dropout)."""
+        attn = self.self_attn(self.input_layernorm(x), mask, cos, sin, dropout_key)
+        return self._feed_forward(x, attn, mask, dropout_key)
 
     def cached(
         self, x: Array, mask: Array, cos: Any, sin: Any, cache: Any, index: Array
@@ -349,15 +240,17 @@ def _pick_rope(rope: Rope, windowed: Any) -> tuple[Array | None, Array | None]:
     return jnp.where(windowed, local[0], glob[0]), jnp.where(windowed, local[1], glob[1])
 
 
+def _layer_key(key: Any, layer: Any) -> Any:
+    """The LoRA dropout key of decoder layer `layer` (an int, or a traced index inside a scan): `key`
+    folded with it, so every layer draws its own masks (the same scanned and unrolled); None when
+    dropout is off."""
+    return None if key is None else jax.random.fold_in(key, layer)
+
+
 def _add_sums(a: RouterSums, b: RouterSums) -> RouterSums:
     if a is None or b is None:
         return b if a is None else a
     return a[0] + b[0], a[1] + b[1]
-
-
-def soft_cap(x: Array, cap: float | None) -> Array:
-    """`cap * tanh(x / cap)` (Gemma 2's logit soft-capping); `x` unchanged when `cap` is None."""
-    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def make_attention_mask(
@@ -400,6 +293,9 @@ class CausalLM(nnx.Module):
         # Set by from_pretrained(mesh=...): the [B, T, D] activations between layers are pinned to
         # the batch sharding, so the partitioner gathers (FSDP) weights rather than activations.
         self.activation_sharding: Any = None
+        # The LoRA dropout key of this model's forward passes: None, or a key `with_lora_dropout`
+        # bound to a copy (a train step's, for code such as an objective that calls the model itself).
+        self.dropout_key: Any = None
         embed_init = jax.nn.initializers.normal(0.02)
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
@@ -434,7 +330,17 @@ class CausalLM(nnx.Module):
         self.score = Linear(cfg.hidden_size, 1, bias=False, cfg=cfg, rngs=rngs) if head == "score" else None
         if self.score is not None:  # TRL's reward-model init: N(0, 1/sqrt(D+1))
             std = 1.0 / math.sqrt(cfg.hidden_size + 1)
-            self.score.kernel = _init(rngs, (cfg.hidden_size, 1), cfg.param_dtype, std=std)
+            self.score.kernel = normal_param(rngs, (cfg.hidden_size, 1), cfg.param_dtype, std=std)
+
+    def with_lora_dropout(self, key: Any) -> CausalLM:
+        """This model with LoRA dropout drawn from `key` in every forward pass that is not handed its
+        own `dropout_key`: a copy sharing the parameters (this model is unchanged). A train step binds
+        its (step, micro-batch) key so that the objective's plain `model.hidden_states(...)` calls
+        drop; `key=None` gives the model back without dropout. The bound key is part of the copy's
+        state (`nnx.data`): split it with `...` as the last filter, or split the unbound model."""
+        if key is None:
+            return nnx.with_attributes(self, only=CausalLM, dropout_key=None)
+        return nnx.with_attributes(self, only=CausalLM, dropout_key=nnx.data(key))
 
     def set_mesh(self, mesh: Any) -> None:
         """The device mesh the model is sharded over: attention kernels that XLA cannot partition
@@ -467,19 +373,25 @@ class CausalLM(nnx.Module):
         if self.embed_positions is not None:
             return x + self.embed_positions(positions), None
 
-        def tables(inv_freq: np.ndarray) -> tuple[Array, Array]:
-            freqs_BxTxH2 = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-            emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
-            return jnp.cos(emb), jnp.sin(emb)
-
-        local = tables(rope_inv_freq(cfg, local=True)) if cfg.local_rope_theta is not None else None
-        return x, (tables(rope_inv_freq(cfg)), local)
+        local = None
+        if cfg.local_rope_theta is not None:
+            local = rope_tables(positions, rope_inv_freq(cfg, local=True))
+        return x, (rope_tables(positions, rope_inv_freq(cfg)), local)
 
     def hidden_states(
-        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
+        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None, *,
+        dropout_key: Any = None,
     ) -> Array:
-        """Final-norm hidden states `[B, T, D]` (compute dtype)."""
+        """Final-norm hidden states `[B, T, D]` (compute dtype).
+
+        `dropout_key`: the PRNG key of LoRA dropout in this pass (train steps only), folded with the
+        layer number for each layer and with the projection in each adapter; default: the key bound
+        by `with_lora_dropout`, and without one no dropout (sampling, scoring, evaluation).
+
+        An MoE model's router statistics of the pass (`moe.RouterStats`) are sown on the model under
+        `nnx.capture(fn, RouterStats)`, which returns them; a plain call records nothing."""
         cfg = self.config
+        key = self.dropout_key if dropout_key is None else dropout_key
         b, t = input_ids.shape
         if positions is None:
             positions = default_positions(attention_mask, b, t)
@@ -489,7 +401,7 @@ class CausalLM(nnx.Module):
         if cfg.sliding_window is not None:
             window_mask = make_attention_mask(attention_mask, positions, window=cfg.sliding_window)
         if cfg.scan_layers:
-            x, sums = self._scanned(x, full_mask, window_mask, rope)
+            x, sums = self._scanned(x, full_mask, window_mask, rope, key)
         else:
             layer_fn = DecoderLayer.__call__
             if cfg.effective_remat != "none":
@@ -498,16 +410,15 @@ class CausalLM(nnx.Module):
             for i, layer in enumerate(self.layers):
                 windowed = cfg.layer_uses_window(i)
                 mask = window_mask if windowed else full_mask
-                with layer_dropout(i):
-                    x, layer_sums = layer_fn(layer, x, mask, *_pick_rope(rope, windowed))
+                x, layer_sums = layer_fn(layer, x, mask, *_pick_rope(rope, windowed), _layer_key(key, i))
                 x = self._constrain(x)
                 sums = _add_sums(sums, layer_sums)
                 if i + 1 == cfg.frozen_layers:  # frozen below: their backward pass is never computed
                     x = jax.lax.stop_gradient(x)
-        if sums is not None:  # MoE: hand the router statistics to a collect_router_aux context
+        if sums is not None:  # MoE: the router statistics, as a value an nnx.capture collects
             moe_layers = sum(cfg.layer_is_moe(i) for i in range(cfg.num_layers))
             tokens = jnp.sum(jnp.diagonal(full_mask, axis1=1, axis2=2).astype(jnp.float32))
-            record(self, *sums, moe_layers * tokens)
+            sow_router_stats(self, *sums, moe_layers * tokens)
         return self.norm(x)
 
     def _window_flags(self) -> Array | None:
@@ -527,7 +438,7 @@ class CausalLM(nnx.Module):
         return (self.config.sliding_window is not None) if flag is None else flag
 
     def _scanned(
-        self, x: Array, full_mask: Array, window_mask: Array | None, rope: Rope
+        self, x: Array, full_mask: Array, window_mask: Array | None, rope: Rope, key: Any
     ) -> tuple[Array, RouterSums]:
         """All decoder layers as one `lax.scan` over the stacked parameters: traced and compiled once
         whatever the depth; the remat policy applies inside the scanned body (per layer). Returns
@@ -540,8 +451,7 @@ class CausalLM(nnx.Module):
             layer_state, flag, i = xs
             layer = nnx.merge(graphdef, layer_state)
             mask = self._layer_mask(flag, full_mask, window_mask)
-            with layer_dropout(i):
-                x, sums = layer(x, mask, *_pick_rope(rope, self._windowed(flag)))
+            x, sums = layer(x, mask, *_pick_rope(rope, self._windowed(flag)), _layer_key(key, i))
             return self._constrain(x), sums
 
         if cfg.effective_remat != "none":
@@ -651,8 +561,6 @@ class CausalLM(nnx.Module):
         """Log-probs `[B, T]` (float32) of `labels` from hidden states, through the LM head in chunks
         of `chunk_size` positions per device (`losses.token_logprobs_from_hidden`): the `[B, T, V]`
         logits are never whole."""
-        from jaxrlhf.losses.token import token_logprobs_from_hidden
-
         head_DxV = self.lm_head_kernel().astype(hidden_BxTxD.dtype)
         shards = self.batch_shards(hidden_BxTxD.shape[0])
         if shards > 1:
@@ -680,6 +588,9 @@ class CausalLM(nnx.Module):
                         self.config.final_logit_softcap)  # fmt: skip
 
     def __call__(
-        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
+        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None, *,
+        dropout_key: Any = None,
     ) -> Array:
-        return self.apply_head(self.hidden_states(input_ids, attention_mask, positions))
+        """Logits `[B, T, V]` or scores `[B, T]`; `dropout_key` as in `hidden_states`."""
+        hidden = self.hidden_states(input_ids, attention_mask, positions, dropout_key=dropout_key)
+        return self.apply_head(hidden)

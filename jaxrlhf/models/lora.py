@@ -11,15 +11,19 @@ call of the model and creating parameters where it meets a matmul; inside our `l
 stacked layers that creation fails (`IndexError` in the scan), and scanned layers are the default on
 accelerators. Owning the two matrices also makes the PEFT names, the stacked layout and "the base
 with adapters switched off" (the DPO / PPO reference) direct.
+
+LoRA dropout (`LoRASpec.dropout`) draws its masks from a PRNG key passed as a value: the forward pass
+takes `dropout_key` (`CausalLM.__call__` / `hidden_states`; None, the default, is no dropout) and
+hands each layer the key folded with the layer number, each adapter folds in its projection
+(`dropout_input`). A train step whose objective calls the model itself binds the key to a copy of the
+model instead: `model.with_lora_dropout(key)`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -82,45 +86,16 @@ def init_adapters(
     return LoRAParam(a.astype(dtype)), LoRAParam(jnp.zeros((spec.rank, d_out), dtype))
 
 
-# The PRNG key of LoRA dropout while a train step traces the model (None: no dropout, as in
-# sampling, scoring and evaluation). A context rather than a call argument, so the model's forward
-# signature stays the same for every caller; read at trace time, so it works under jit and scan.
-_DROPOUT_KEY: contextvars.ContextVar[Any] = contextvars.ContextVar("jaxrlhf_lora_dropout", default=None)
-
-
-@contextlib.contextmanager
-def lora_dropout(key: Any) -> Iterator[None]:
-    """Within this block (around a forward inside a train step) adapters with `dropout > 0` drop
-    their inputs, with masks drawn from `key` folded with the layer and the projection."""
-    token = _DROPOUT_KEY.set(key)
-    try:
-        yield
-    finally:
-        _DROPOUT_KEY.reset(token)
-
-
-def dropout_key() -> Any:
-    """The active LoRA dropout key, or None."""
-    return _DROPOUT_KEY.get()
-
-
-@contextlib.contextmanager
-def layer_dropout(layer: Any) -> Iterator[None]:
-    """The dropout key of decoder layer `layer` (an int, or a traced index inside a scan): the
-    active key folded with it, so every layer draws its own masks; nothing when dropout is off."""
-    key = dropout_key()
-    if key is None:
-        yield
-        return
-    with lora_dropout(jax.random.fold_in(key, layer)):
-        yield
-
-
-def dropout_input(x: Any, rate: float, site: int) -> Any:
+def dropout_input(x: Any, rate: float, key: Any, site: int) -> Any:
     """PEFT's `lora_dropout` on an adapter's input: `x * keep / (1 - rate)`, `keep ~ Bernoulli(1 - rate)`
-    drawn from the active key folded with `site` (the projection's index in `LORA_TARGETS`);
-    `x` unchanged outside `lora_dropout` or when `rate` is 0."""
-    key = dropout_key()
+    drawn from `key` (the decoder layer's dropout key) folded with `site` (the projection's index in
+    `LORA_TARGETS`, so each projection draws its own mask); `x` unchanged when `key` is None (no
+    dropout: sampling, scoring, evaluation) or `rate` is 0.
+
+    The key is a value handed down the forward pass (`CausalLM.hidden_states(dropout_key=...)`, or
+    the key a train step binds with `CausalLM.with_lora_dropout`), folded with the layer number by
+    the decoder, so the masks are a function of (key, layer, projection) and equal scanned and
+    unrolled."""
     if key is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - rate, x.shape)

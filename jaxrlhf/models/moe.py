@@ -24,21 +24,28 @@ Load balancing (Switch Transformer, arXiv:2101.03961, eqs. 4-6, as transformers'
     f_e = (# top-k assignments to expert e) / (L N),  P_e = (sum of p_e) / (L N),
     aux = E * sum_e f_e P_e     (= k when routing is uniform).
 
-Each layer returns its per-expert sums; `CausalLM.hidden_states` adds them up over layers and hands
-them to any `collect_router_aux(model)` context open around the forward pass, which is how every
-trainer adds `router_aux_loss_coef * aux` to its loss.
+Each layer returns its per-expert sums; `CausalLM.hidden_states` adds them up over layers and sows
+them, with the row count, as a `RouterStats` value (an `nnx.Intermediate`) of the model -- only under
+`nnx.capture(fn, RouterStats)`, which returns them beside `fn`'s result; a plain forward pass stores
+nothing. The trainers capture the policy's passes inside the traced loss and add
+`router_aux_loss_coef * aux` with `add_router_aux`:
+
+    (loss, metrics), aux = nnx.capture(objective, RouterStats)(model, batch, ref_model)
+    loss = add_router_aux(model, loss, aux, metrics)
+
+Only the model `fn` is called with (its first argument) is captured: a reference model's passes
+inside `fn` are not counted.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxrlhf.models.layers import ACTIVATIONS, Linear
 
 Array = jax.Array
 
@@ -103,8 +110,6 @@ class MoE(nnx.Module):
     `router_sums` over the tokens `valid_BxT` marks."""
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
-        from jaxrlhf.models.decoder import Linear  # the decoder imports this module
-
         self.router = Linear(cfg.hidden_size, cfg.num_experts, bias=False, cfg=cfg, rngs=rngs)
         self.experts = Experts(cfg, rngs=rngs)
         self.k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
@@ -125,8 +130,6 @@ class MoE(nnx.Module):
         return tuple(p.kernel[...].astype(self.dtype) for p in (e.gate_proj, e.up_proj, e.down_proj))
 
     def _ragged(self, x_NxD: Array, weights_Nxk: Array, experts_Nxk: Array) -> Array:
-        from jaxrlhf.models.decoder import ACTIVATIONS
-
         (n, d), k = x_NxD.shape, self.k
         gate_ExDxF, up_ExDxF, down_ExFxD = self._kernels()
         # Sort the N k assignments by expert: each expert's rows are contiguous for ragged_dot.
@@ -142,8 +145,6 @@ class MoE(nnx.Module):
         return jnp.einsum("nkd,nk->nd", y_NxkxD.astype(jnp.float32), weights_Nxk)
 
     def _dense(self, x_NxD: Array, weights_Nxk: Array, experts_Nxk: Array) -> Array:
-        from jaxrlhf.models.decoder import ACTIVATIONS
-
         gate_ExDxF, up_ExDxF, down_ExFxD = self._kernels()
         n, e = x_NxD.shape[0], gate_ExDxF.shape[0]
         gates_NxE = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], experts_Nxk].set(weights_Nxk)
@@ -153,60 +154,52 @@ class MoE(nnx.Module):
         return jnp.einsum("ned,ne->nd", y_NxExD.astype(jnp.float32), gates_NxE)
 
 
-@dataclasses.dataclass
-class RouterAux:
-    """What `collect_router_aux` gathered for one model: per-expert sums and the row count."""
-
-    model: Any
-    counts_E: Array | None = None
-    probs_E: Array | None = None
-    rows: Array | None = None
-
-    def add(self, counts_E: Array, probs_E: Array, rows: Array) -> None:
-        if self.counts_E is None:
-            self.counts_E, self.probs_E, self.rows = counts_E, probs_E, rows
-        else:
-            self.counts_E, self.probs_E = self.counts_E + counts_E, self.probs_E + probs_E
-            self.rows = self.rows + rows
-
-    def loss(self) -> Array:
-        """The load-balancing loss of every forward pass of `model` in the context (0 if none)."""
-        if self.counts_E is None:
-            return jnp.float32(0.0)
-        return load_balancing_loss(self.counts_E, self.probs_E, self.rows)
+class RouterStats(nnx.Intermediate):
+    """The router statistics of one forward pass of an MoE model: `(counts_E, probs_E, rows)`, the
+    per-expert sums of `router_sums` over its MoE layers and the rows they cover (MoE layers x real
+    tokens). Sown by `CausalLM.hidden_states` under `nnx.capture(fn, RouterStats)`, one tuple per pass
+    (`Module.sow`'s default: a tuple of the values)."""
 
 
-_ACTIVE: list[RouterAux] = []
+def capturing(module: nnx.Module) -> bool:
+    """Is `module` inside an `nnx.capture` (which marks each module it collects from with
+    `__captures__`)? Outside one, `Module.sow` would store the value on the module itself (deprecated
+    in flax 0.12, and a leaked tracer when the module outlives the trace), so the model sows only here."""
+    return hasattr(module, "__captures__")
 
 
-@contextlib.contextmanager
-def collect_router_aux(model: Any) -> Iterator[RouterAux]:
-    """Gather the router statistics of `model`'s forward passes inside the block (other models, such
-    as a reference, are not counted). Use inside the traced loss function."""
-    aux = RouterAux(model)
-    _ACTIVE.append(aux)
-    try:
-        yield aux
-    finally:
-        _ACTIVE.remove(aux)
+def sow_router_stats(model: nnx.Module, counts_E: Array, probs_E: Array, rows: Array) -> None:
+    """Record one forward pass's router statistics as `model`'s `RouterStats` when it is captured."""
+    if capturing(model):
+        model.sow(RouterStats, "router_stats", (counts_E, probs_E, rows))
 
 
-def record(model: Any, counts_E: Array, probs_E: Array, rows: Array) -> None:
-    for aux in _ACTIVE:
-        if aux.model is model:
-            aux.add(counts_E, probs_E, rows)
+def router_aux_loss(captured: nnx.State | None) -> Array:
+    """The load-balancing loss of every forward pass `nnx.capture(..., RouterStats)` recorded: the
+    per-expert sums and row counts added over the passes, then `load_balancing_loss` (0 if none)."""
+    passes = []
+    if captured is not None:
+        for _, variable in nnx.to_flat_state(nnx.state(captured, RouterStats)):
+            passes.extend(variable.get_value())
+    if not passes:
+        return jnp.float32(0.0)
+    counts_E, probs_E, rows = passes[0]
+    for c, p, r in passes[1:]:
+        counts_E, probs_E, rows = counts_E + c, probs_E + p, rows + r
+    return load_balancing_loss(counts_E, probs_E, rows)
 
 
 def add_router_aux(
-    model: Any, loss: Array, aux: RouterAux, metrics: dict[str, Array], *, weight: Any = 1.0
+    model: Any, loss: Array, aux: nnx.State | None, metrics: dict[str, Array], *, weight: Any = 1.0
 ) -> Array:
-    """`loss + router_aux_loss_coef * aux * weight` for an MoE model, with the metric
-    `router_aux_loss`; `loss` unchanged for a dense one. `weight`: what `loss` is later divided by
-    (a summed loss's token count), so the coefficient applies to the mean."""
+    """`loss + router_aux_loss_coef * router_aux_loss(aux) * weight` for an MoE model, with the metric
+    `router_aux_loss`; `loss` unchanged for a dense one. `aux`: the `RouterStats` state that
+    `nnx.capture(fn, RouterStats)` returned for `model`'s passes. `weight`: what `loss` is later
+    divided by (a summed loss's token count), so the coefficient applies to the mean."""
     cfg = model.config
     if not cfg.num_experts:
         return loss
-    value = aux.loss()
+    value = router_aux_loss(aux)
     metrics["router_aux_loss"] = jax.lax.stop_gradient(value)
     if not cfg.router_aux_loss_coef:
         return loss

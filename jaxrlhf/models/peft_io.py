@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxrlhf.models.hf_io import CheckpointError
 from jaxrlhf.models.lora import LoRASpec, is_adapter
+from jaxrlhf.models.quant import dequantize
 from jaxrlhf.parallel.partition import host_array
 
 Path = tuple[Any, ...]
@@ -36,8 +37,6 @@ def merged_params(model: Any) -> list[tuple[Path, jax.Array]]:
     """The model's parameters with every adapter folded into its kernel, `W + A B alpha / r` (one
     targeted kernel at a time; a quantized kernel is dequantized first), and the adapter matrices
     dropped: a plain base-layout state that `save_pretrained` writes as a Hugging Face model."""
-    from jaxrlhf.models.quant import dequantize
-
     cfg = model.config
     spec: LoRASpec | None = cfg.lora
     flat = _flat(model)

@@ -24,6 +24,7 @@ from jaxrlhf.models.config import (
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.hf_io import CheckpointError, SafetensorsReader, load_params, write_safetensors
 from jaxrlhf.models.lora import LoRASpec, is_adapter
+from jaxrlhf.models.peft_io import merged_params
 from jaxrlhf.models.quant import QUANTIZATIONS, quantize
 from jaxrlhf.parallel.partition import (
     DEFAULT_RULES,
@@ -336,8 +337,6 @@ def save_pretrained(
     A model with LoRA adapters is saved merged (`W + A B alpha / r`); `save_adapter` writes the
     adapters alone in PEFT's format."""
     if model.config.lora is not None:  # the adapters folded into the kernels: a plain HF model
-        from jaxrlhf.models.peft_io import merged_params
-
         flat = merged_params(model)
     else:
         _, state = nnx.split(model, nnx.Param)

@@ -18,18 +18,10 @@ from typing import Any
 
 from jaxrlhf.plan.steps import PlanSpec
 from jaxrlhf.plan.target import GB, PlanError, Target
+from jaxrlhf.train.algorithms import algorithm_for
+
 
 # the steps a run of each kind compiles
-KIND_STEPS = {
-    "sft": ("sft",),
-    "reward": ("reward",),
-    "dpo": ("dpo_same_step",),
-    "ppo": ("ppo", "score", "generate"),
-    "grpo": ("grpo", "grpo_generate"),
-    "rloo": ("grpo", "grpo_generate"),
-}
-
-
 def model_config_json(path: str) -> dict[str, Any]:
     """`config.json` of `model.path`: a known name (`llama-3.1-8b`, ...), a local model directory or
     file, "demo", or a hub id already in the local Hugging Face cache (nothing is downloaded)."""
@@ -89,18 +81,19 @@ def specs_from_config(cfg: Any, target: Target, hf: dict[str, Any]) -> list[Plan
         param_dtype=m.param_dtype,
     )  # fmt: skip
     specs = []
-    for step in KIND_STEPS[cfg.kind]:
+    algorithm = algorithm_for(cfg)  # the method says which steps its run compiles
+    if not algorithm.plan_steps():
+        raise PlanError(f"kind {algorithm.name} is not planned yet")
+    for step in algorithm.plan_steps():
         spec = dataclasses.replace(base, step=step)
-        if step in ("dpo_same_step", "reward"):  # one packed row per pair: prompt, chosen, rejected
+        if step in ("dpo_same_step", "dpo", "reward"):  # one packed row per pair: prompt, chosen, rejected
             spec.seq, spec.target_len = d.max_length + completion, 2 * completion
-            if step == "dpo_same_step" and (cfg.dpo.reference == "precompute" or cfg.dpo.reference_free):
-                spec.step = "dpo"
         elif step in ("ppo", "score", "generate"):
             p = cfg.ppo
             spec.prompt_len, spec.seq = d.max_prompt_length, d.max_prompt_length + p.response_length
             spec.accum, spec.epochs = (p.num_mini_batches, p.num_ppo_epochs) if step == "ppo" else (1, None)
         elif step in ("grpo", "grpo_generate"):
-            g = cfg.grpo
+            g = algorithm.group_config()
             spec.prompt_len, spec.seq = d.max_prompt_length, d.max_prompt_length + g.max_completion_length
             spec.num_generations, spec.grpo_beta = g.num_generations, g.beta
             spec.accum, spec.epochs = (g.num_mini_batches, g.num_iterations) if step == "grpo" else (1, None)

@@ -36,7 +36,8 @@ from jaxrlhf.plan.shapes import (
     nbytes,
     sft_batch,
 )
-from jaxrlhf.train.config import GRPOConfig, PPOConfig
+from jaxrlhf.train.algorithms.grpo import GRPOConfig
+from jaxrlhf.train.algorithms.ppo import PPOConfig
 from jaxrlhf.train.objectives import DPOObjective, RewardObjective, SFTObjective
 from jaxrlhf.train.step import TrainState, make_optimizer, make_schedule, make_train_step, state_shardings
 

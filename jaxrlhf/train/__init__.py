@@ -1,48 +1,63 @@
-"""Training engine: configs, `train(cfg)` (dispatching on `cfg.kind` through
-`algorithms.TRAINERS`), the SFT / reward / DPO loop, PPO (`PPOEngine`, `train_ppo`), GRPO / RLOO
-(`GRPOEngine`, `train_grpo`), metrics logging and checkpointing."""
+"""Training: configs, the methods (`algorithms`: one module each, `ALGORITHMS` by kind), the one
+runner `train(cfg)` (`run.py`), the online engines (`PPOEngine`, `GRPOEngine`), metrics logging and
+checkpointing."""
 
-from jaxrlhf.train.algorithms import TRAINERS, train
+from jaxrlhf.train.algorithms import (
+    ALGORITHMS,
+    KINDS,
+    Algorithm,
+    Context,
+    DPOConfig,
+    ExperimentConfig,
+    GRPOConfig,
+    KTOConfig,
+    Learner,
+    OnlineDPOConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    algorithm_for,
+    config_from_dict,
+    config_markdown,
+    load_config,
+)
 from jaxrlhf.train.checkpoint import Checkpointer, PreemptionGuard
 from jaxrlhf.train.common import TrainResult
 from jaxrlhf.train.config import (
     ConfigError,
     DataConfig,
-    DPOConfig,
-    ExperimentConfig,
-    GRPOConfig,
+    LoRAConfig,
     MeshConfig,
     ModelConfig,
     OptimConfig,
-    PPOConfig,
-    RewardConfig,
-    SFTConfig,
+    Section,
     TaskEvalConfig,
     TrainConfig,
-    config_from_dict,
-    config_markdown,
     config_to_dict,
-    load_config,
 )
 from jaxrlhf.train.grpo import GRPOEngine
-from jaxrlhf.train.grpo_trainer import train_grpo
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
-from jaxrlhf.train.online import load_prompt_rows, load_prompts, run_online
+from jaxrlhf.train.online import load_prompt_rows, load_prompts
 from jaxrlhf.train.ppo import PPOEngine
-from jaxrlhf.train.ppo_trainer import train_ppo
-from jaxrlhf.train.trainer import train_offline
+from jaxrlhf.train.run import run as train
 
 __all__ = [
-    # trainers
+    # the methods and the runner
+    "ALGORITHMS",
+    "Algorithm",
+    "Context",
     "GRPOEngine",
+    "Learner",
     "PPOEngine",
-    "TRAINERS",
     "TrainResult",
+    "algorithm_for",
     "train",
-    "train_grpo",
-    "train_offline",
-    "train_ppo",
-    # config.py
+    # config: the common sections (config.py), the methods' (algorithms/), the whole run
+    "KINDS",
+    "KTOConfig",
+    "LoRAConfig",
+    "OnlineDPOConfig",
+    "Section",
     "ConfigError",
     "DataConfig",
     "DPOConfig",
@@ -60,10 +75,9 @@ __all__ = [
     "config_markdown",
     "config_to_dict",
     "load_config",
-    # online.py (what the PPO and GRPO trainers share)
+    # online.py (what the online methods share)
     "load_prompt_rows",
     "load_prompts",
-    "run_online",
     # metrics.py
     "MetricsLogger",
     "device_peak_flops",

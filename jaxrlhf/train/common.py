@@ -1,16 +1,17 @@
-"""What every trainer shares: start-up (distributed, mesh and rules, model and tokenizer
-directories), the optimizer of the config, global batches, task evaluation, LoRA set-up checks and
-the export. The trainers (`trainer.py` for sft / reward / dpo, `ppo_trainer.py`,
-`grpo_trainer.py`) import from here, never from each other's loops; `algorithms.py` dispatches.
+"""What every method shares, as functions of the config: start-up (distributed, mesh and rules,
+model and tokenizer directories), the optimizer, global batches, task evaluation, LoRA set-up
+checks and the export. The runner (`run.py`) and the methods' `Context` (`algorithms/base.py`)
+call them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -28,10 +29,12 @@ from jaxrlhf.models import check_checkpoint, resolve_checkpoint, save_pretrained
 from jaxrlhf.models.demo import demo_model_path
 from jaxrlhf.models.peft_io import read_adapter_config, save_adapter
 from jaxrlhf.parallel import DEFAULT_RULES, make_mesh
-from jaxrlhf.train.config import ConfigError, ExperimentConfig
+from jaxrlhf.train.config import ConfigError
 from jaxrlhf.train.pipeline import resolve_data_files
 from jaxrlhf.train.step import batch_sharding, frozen_params, make_optimizer
 
+if TYPE_CHECKING:
+    from jaxrlhf.train.algorithms import ExperimentConfig
 
 @dataclasses.dataclass
 class TrainResult:
@@ -43,6 +46,19 @@ class TrainResult:
     preempted: bool = False
     task_before: TaskEvalResult | None = None  # task accuracy (eval data with checkers), before training
     task_after: TaskEvalResult | None = None
+
+
+def import_function(spec: str, key: str) -> Callable[..., Any]:
+    """The function `module:function` that config key `key` names; a typo is a `ConfigError`."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"{key}: expected 'module:function', got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import module {module!r} ({e})") from e
+    except AttributeError:
+        raise ConfigError(f"{key}: module {module!r} has no function {name!r}") from None
 
 
 def maybe_initialize_distributed(cfg: ExperimentConfig) -> None:

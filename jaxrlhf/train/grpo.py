@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +27,12 @@ from jax.sharding import Mesh
 from jaxrlhf.generation.sampling import Generation
 from jaxrlhf.losses import group_advantages, grpo_loss, masked_mean
 from jaxrlhf.models.decoder import CausalLM, default_positions
-from jaxrlhf.models.lora import lora_dropout
-from jaxrlhf.models.moe import add_router_aux, collect_router_aux
-from jaxrlhf.train.config import GRPOConfig
+from jaxrlhf.models.moe import RouterStats, add_router_aux
 from jaxrlhf.train.objectives import packed_mask
 from jaxrlhf.train.rollout import RolloutEngine, last_token_scores, response_logprobs
+
+if TYPE_CHECKING:  # the method module owns its section (and imports this engine)
+    from jaxrlhf.train.algorithms.grpo import GRPOConfig
 
 Array = jax.Array
 # reward_fn(query_response_BxL, response_mask_BxN) -> rewards [B, R] (NaN: "does not apply")
@@ -111,7 +112,12 @@ def group_logprobs(model: CausalLM, prompt_ids: Array, prompt_mask: Array, token
 
 
 class GRPOEngine(RolloutEngine):
-    """Compiled GRPO (`estimator="grpo"`) or RLOO (`"rloo"`) on a mesh."""
+    """Compiled GRPO (`estimator="grpo"`) or RLOO (`"rloo"`) on a mesh. Subclasses change the loss
+    (`_loss`), the temperature of the trained log-probs (`logprob_temperature`; default: the
+    sampling temperature, as TRL's GRPO) and the missing-EOS penalty on the rewards."""
+
+    logprob_temperature: float | None = None
+    missing_eos_penalty: float | None = None
 
     def __init__(
         self,
@@ -160,15 +166,17 @@ class GRPOEngine(RolloutEngine):
         rewards_BxR = jnp.concatenate(columns, axis=1).astype(jnp.float32)
         # TRL: a None (NaN) reward does not apply and is left out of the weighted sum
         rewards_B = jnp.nansum(rewards_BxR * jnp.asarray(self.weights), axis=1)
-        advantages = group_advantages(rewards_B, g, scale=cfg.scale_rewards, estimator=self.estimator)
         has_eos = jnp.any(jnp.isin(tokens, self.eos) & (completion_mask != 0), axis=2)  # [P, G]
+        if self.missing_eos_penalty is not None:  # TRL's OnlineDPO: subtracted before ranking
+            rewards_B = rewards_B - self.missing_eos_penalty * (1.0 - has_eos.reshape(-1).astype(jnp.float32))
+        advantages = group_advantages(rewards_B, g, scale=cfg.scale_rewards, estimator=self.estimator)
         loss_mask = completion_mask
         if cfg.mask_truncated_completions:  # DAPO: a cut-off completion says nothing about its reward
             loss_mask = loss_mask * has_eos[..., None].astype(loss_mask.dtype)
 
         def logprobs(model: CausalLM) -> Array:
-            return group_logprobs(model, prompt_ids, prompt_mask, tokens, completion_mask, cfg.temperature,
-                                  pack=cfg.pack_groups)  # fmt: skip
+            return group_logprobs(model, prompt_ids, prompt_mask, tokens, completion_mask,
+                                  self.train_temperature, pack=cfg.pack_groups)  # fmt: skip
 
         if cfg.rescore_policy:
             old = logprobs(self._policy(params, frozen))
@@ -210,19 +218,12 @@ class GRPOEngine(RolloutEngine):
         def loss_fn(params, batch: GroupRollout, key: Array):
             policy = self._policy(params, frozen)
             # LoRA dropout (when set): in updates only; MoE router statistics of the policy's pass
-            with lora_dropout(key), collect_router_aux(policy) as aux:
-                logps = group_logprobs(
-                    policy, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.completion_mask,
-                    cfg.temperature, pack=cfg.pack_groups,
-                )  # fmt: skip
-            flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])  # noqa: E731
-            loss, metrics = grpo_loss(
-                flat(logps), flat(batch.old_logprobs), flat(batch.advantages), flat(batch.loss_mask),
-                ref_logps=flat(batch.ref_logprobs), loss_type=cfg.loss_type, epsilon=cfg.epsilon,
-                epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                importance_sampling_level=cfg.importance_sampling_level,
-                max_completion_length=cfg.max_completion_length,
+            policy = policy.with_lora_dropout(key)
+            logps, aux = nnx.capture(group_logprobs, RouterStats)(
+                policy, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.completion_mask,
+                self.train_temperature, pack=cfg.pack_groups,
             )  # fmt: skip
+            loss, metrics = self._loss(logps, batch)
             metrics = {**metrics, "loss": loss}
             return add_router_aux(policy, loss, aux, metrics), metrics
 
@@ -237,6 +238,23 @@ class GRPOEngine(RolloutEngine):
         state, metrics = jax.lax.scan(epoch, state, jnp.stack(epoch_keys))
         metrics = jax.tree.map(jnp.mean, metrics)
         return state.replace(step=state.step + 1, rng=jax.random.key_data(rng)), metrics
+
+    @property
+    def train_temperature(self) -> float:
+        """The temperature of the trained (and reference) log-probs."""
+        return self.cfg.temperature if self.logprob_temperature is None else self.logprob_temperature
+
+    def _loss(self, logps: Array, batch: GroupRollout) -> tuple[Array, dict[str, Array]]:
+        """The clipped surrogate of `grpo_loss` on the rollout's minibatch (`logps` [P, G, N])."""
+        cfg = self.cfg
+        flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])  # noqa: E731
+        return grpo_loss(
+            flat(logps), flat(batch.old_logprobs), flat(batch.advantages), flat(batch.loss_mask),
+            ref_logps=flat(batch.ref_logprobs), loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+            importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=cfg.max_completion_length,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- one iteration
     def step(

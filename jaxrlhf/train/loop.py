@@ -9,13 +9,21 @@ the step) or is counted and trained past (`"skip"`: `nonfinite_skipped` in the m
 The trainer keeps its own state; `run_loop` sees it through two callables: `train_step()` advances
 it by one step and returns that step's metrics, `snapshot()` returns `(state, extra)` to checkpoint
 (`extra`: JSON-able host state such as the data iterator position).
+
+Metrics may be JAX arrays still being computed: they are fetched together every `log_every` steps
+(and at the first and last step), so the host does not wait for each step before dispatching the
+next. Only `nonfinite` is read every step when `on_nonfinite="stop"` (the run must stop at that step).
+`window(steps, seconds)` adds metrics measured over the steps since the last log (throughput).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
+
+import jax
 
 from jaxrlhf.train.checkpoint import Checkpointer, NonFiniteError, PreemptionGuard
 from jaxrlhf.train.metrics import MetricsLogger
@@ -41,35 +49,57 @@ def run_loop(
     say: Callable[[str], None],
     after_step: Callable[[int, bool], None] | None = None,
     on_nonfinite: str = "stop",
+    window: Callable[[int, float], dict[str, float]] | None = None,
 ) -> LoopResult:
     """Steps `step + 1 .. total_steps`. `after_step(step, saved)` runs after each step's bookkeeping
     (evaluation, test hooks). A final checkpoint is written unless the run was preempted, in which case
     the checkpoint of the step it stopped at is already on disk."""
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     preempted = False
     skipped = 0
+    fetched = 0  # history[:fetched] holds Python floats
+    window_start, window_steps = time.perf_counter(), 0
+
+    def fetch() -> None:  # one transfer for every step since the last fetch; skipped steps counted
+        nonlocal fetched, skipped
+        pending = jax.device_get(history[fetched:])
+        for i, entry in enumerate(pending):
+            entry = {k: float(v) for k, v in entry.items()}
+            if entry.pop("nonfinite", 0.0) > 0:
+                skipped += 1
+                say(f"step {int(entry['step'])}: non-finite loss or gradient norm, update skipped "
+                    f"({skipped} so far)")  # fmt: skip
+            if on_nonfinite == "skip":
+                entry["nonfinite_skipped"] = float(skipped)
+            history[fetched + i] = entry
+        fetched = len(history)
+
     with PreemptionGuard() as guard:
         while step < total_steps:
-            metrics = train_step()
+            metrics = dict(train_step())
             step += 1
-            if metrics.pop("nonfinite", 0.0) > 0:
-                if on_nonfinite == "stop":
-                    checkpointer.save(step, *snapshot(), force=True)
-                    checkpointer.wait()
-                    raise NonFiniteError(
-                        f"step {step}: the loss ({metrics.get('loss', float('nan')):.4g}) or gradient norm "
-                        f"({metrics.get('grad_norm', float('nan')):.4g}) is not finite; stopped "
-                        f"(train.on_nonfinite=stop). Its update was not applied: checkpoint {step} in "
-                        f"{checkpointer.directory} holds the parameters after step {step - 1}; "
-                        "train.on_nonfinite=skip trains past such steps"
-                    )
-                skipped += 1
-                say(f"step {step}: non-finite loss or gradient norm, update skipped ({skipped} so far)")
+            window_steps += 1
+            nonfinite = metrics.pop("nonfinite", 0.0)
+            if on_nonfinite == "stop" and float(nonfinite) > 0:
+                checkpointer.save(step, *snapshot(), force=True)
+                checkpointer.wait()
+                loss, norm = (float(metrics.get(k, float("nan"))) for k in ("loss", "grad_norm"))
+                raise NonFiniteError(
+                    f"step {step}: the loss ({loss:.4g}) or gradient norm "
+                    f"({norm:.4g}) is not finite; stopped "
+                    f"(train.on_nonfinite=stop). Its update was not applied: checkpoint {step} in "
+                    f"{checkpointer.directory} holds the parameters after step {step - 1}; "
+                    "train.on_nonfinite=skip trains past such steps"
+                )
             if on_nonfinite == "skip":
-                metrics["nonfinite_skipped"] = float(skipped)
+                metrics["nonfinite"] = nonfinite  # counted when fetched
             history.append({"step": step, **metrics})
             if step % log_every == 0 or step == 1 or step == total_steps:
-                logger.log(step, metrics)
+                fetch()
+                if window is not None:
+                    history[-1].update(window(window_steps, time.perf_counter() - window_start))
+                    window_start, window_steps = time.perf_counter(), 0
+                logger.log(step, {k: v for k, v in history[-1].items() if k != "step"})
             else:
                 logger.progress(step)
             if guard.should_stop(step):  # all processes agree on the step
@@ -83,6 +113,7 @@ def run_loop(
                 checkpointer.save(step, *snapshot())
             if after_step is not None:
                 after_step(step, saved)
+    fetch()
     if not preempted:
         checkpointer.save(step, *snapshot(), force=True)
     return LoopResult(step, history, preempted)

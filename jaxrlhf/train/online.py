@@ -1,14 +1,10 @@
-"""What the online-RL trainers share (PPO in `ppo_trainer.py`, GRPO / RLOO in `grpo_trainer.py`): the
-prompts of the data files (with the rows' other columns, which reward functions receive), and
-`run_online` -- the run around an engine's step:
-resume, held-out and task evaluation (before, every `train.eval_every` steps, after), the step loop
-with checkpoints and preemption, the export and `summary.json`.
+"""What the online methods share (PPO, GRPO / RLOO, online DPO): the prompts of the data files (with
+the rows' other columns, which reward functions receive), prompt batches, decoded rollouts, and
+`EngineLearner` -- an engine as the runner (`train/run.py`) drives it.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +12,7 @@ import jax
 import numpy as np
 
 from jaxrlhf.data import BatchIterator, DataError, bucket_length, left_pad, load_rows
-from jaxrlhf.evaluation import TaskPrompt, format_task_report
-from jaxrlhf.train.checkpoint import Checkpointer
-from jaxrlhf.train.common import TrainResult, check_base, export_model, fresh_start, run_task_eval, to_global
-from jaxrlhf.train.config import ExperimentConfig, config_to_dict
-from jaxrlhf.train.loop import run_loop
-from jaxrlhf.train.metrics import MetricsLogger
+from jaxrlhf.train.algorithms.base import Context, Learner
 
 Print = Callable[[str], None]
 
@@ -96,100 +87,37 @@ def prompt_batches(
     )  # fmt: skip
 
 
-def run_online(
-    cfg: ExperimentConfig,
-    engine: Any,
-    batches: BatchIterator,
-    train_step: Callable[[dict[str, jax.Array]], dict[str, float]],
-    *,
-    tokenizer: Any,
-    tasks: list[TaskPrompt],
-    mesh: Any,
-    total_steps: int,
-    fingerprint: str | None,
-    say: Print,
-    show_samples: Callable[[int, Print], None],
-    held_out: Callable[[], dict[str, float] | None] = lambda: None,
-    save_extra: Callable[[], dict[str, Any]] = dict,
-    restore_extra: Callable[[dict[str, Any]], None] = lambda extra: None,
-) -> TrainResult:
-    """Train `engine` (a `RolloutEngine`: `state`, `policy_model()`) for `total_steps` steps of
-    `train_step(global_batch) -> metrics` on `batches`, resuming from `<output_dir>/checkpoints`
-    when `train.resume`. `held_out()` gives held-out metrics and `tasks` task accuracy, both logged
-    under the split `eval` before training, every `train.eval_every` steps and after. `save_extra` /
-    `restore_extra`: host state that exact resume needs besides the engine state and data position.
-    `show_samples(step, print)` prints a few rollouts after the first and the last step."""
-    t = cfg.train
-    os.makedirs(t.output_dir, exist_ok=True)
-    fresh_start(t.output_dir, t.resume)
-    checkpointer = Checkpointer(os.path.join(t.output_dir, "checkpoints"), keep=t.keep_checkpoints)
+class EngineLearner(Learner):
+    """An online engine (a `RolloutEngine`: `state`, `policy_model()`, `last_rollout`) as the
+    runner drives it: `step` runs one engine iteration on a global prompt batch."""
 
-    def snapshot() -> tuple[Any, dict[str, Any]]:  # the engine state, and what exact resume needs
-        extra = {"data": batches.state(), "config": config_to_dict(cfg), "base_fingerprint": fingerprint}
-        return engine.state, {**extra, **save_extra()}
+    def __init__(self, ctx: Context, engine: Any, batches: BatchIterator, total_steps: int):
+        self.ctx, self.engine, self.batches, self.total_steps = ctx, engine, batches, total_steps
 
-    step = 0
-    if t.resume and checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), engine.state
-        )
-        step, engine.state, extra = checkpointer.restore(abstract_state=abstract)
-        check_base(extra, fingerprint, checkpointer.directory, cfg)
-        batches.restore(extra["data"])
-        restore_extra(extra)
-        say(f"resumed from step {step}")
-    logger = MetricsLogger(t.output_dir, total_steps=total_steps, tensorboard=t.tensorboard, start_step=step)
-    iterator = iter(batches)
-    results: dict[str, Any] = {}  # task accuracy by stage name
+    @property
+    def state(self) -> Any:
+        return self.engine.state
 
-    def evaluate(name: str, at: int) -> dict[str, float] | None:  # held-out metrics, task accuracy
-        metrics = held_out()
-        if tasks:
-            results[name] = run_task_eval(engine.policy_model(), tokenizer, tasks, cfg, mesh, name)
-            metrics = {**(metrics or {}), **results[name].summary()}
-            if name == "before":
-                logger.print(format_task_report(results["before"], None))
-            elif name == "after":
-                logger.print(format_task_report(results.get("before"), results["after"]))
-        if metrics:
-            logger.log(at, metrics, split="eval")
-        return metrics
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.engine.state = value
 
-    eval_before = evaluate("before", step) if step == 0 else None
+    def policy_model(self) -> Any:
+        return self.engine.policy_model()
 
-    def global_step() -> dict[str, float]:
-        return train_step(to_global(next(iterator), mesh, micro=None))  # this host's rows -> global
+    def show_samples(self, step: int, say: Print) -> None:
+        """A few prompts and completions of the last rollout, with their rewards."""
+        rows, rewards, mask = self.last_samples()
+        prompts, completions = decode_rollout(rows, mask, self.ctx.tokenizer)
+        say(f"step {step} samples ({self.reward_name} | prompt end | completion):")
+        for i in self.shown_rows(len(completions)):
+            say(f"  {rewards[i]:+.2f} | ...{prompts[i].strip()[-60:]!r} | {completions[i]!r}")
 
-    def after_step(step: int, saved: bool) -> None:
-        if t.eval_every and step % t.eval_every == 0 and step < total_steps:
-            evaluate(f"step{step}", step)
-        if step in (1, total_steps):  # what the rewards mean, at the start and the end
-            show_samples(step, logger.print)
+    reward_name = "reward"
 
-    try:
-        loop = run_loop(
-            global_step, snapshot, checkpointer, logger, step=step, total_steps=total_steps,
-            log_every=t.log_every, save_every=t.save_every, say=logger.print, after_step=after_step,
-            on_nonfinite=t.on_nonfinite,
-        )  # fmt: skip
-    except BaseException:
-        logger.close()
-        raise
-    finally:
-        checkpointer.close()
-    step, history, preempted = loop.step, loop.history, loop.preempted
-    eval_after = None if preempted else evaluate("after", step)
-    export_dir = None
-    if t.export and not preempted:
-        export_dir = export_model(engine.policy_model(), cfg, tokenizer, logger.print)
-    summary = {
-        "steps": step, "preempted": preempted, "export_dir": export_dir,
-        "first": history[0] if history else None, "last": history[-1] if history else None,
-        "eval_before": eval_before, "eval_after": eval_after,
-    }  # fmt: skip
-    if jax.process_index() == 0:
-        with open(os.path.join(t.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    logger.close()
-    return TrainResult(step, history, eval_before, eval_after, export_dir, preempted,
-                       results.get("before"), results.get("after"))  # fmt: skip
+    def last_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, rewards, completion mask) of the last rollout, on every process (a collective)."""
+        raise NotImplementedError
+
+    def shown_rows(self, n: int) -> range:
+        return range(min(3, n))

@@ -1,8 +1,9 @@
 """From config to tokenized train/eval examples: resolve files, parse, split, tokenize, log counts.
 
-Preference kinds (DPO, reward) produce `TokenizedPair`s for the packed layout; SFT produces
-`TokenizedPair`s too, with the completion as `chosen` and no `rejected` (collated as sequences).
-Every dropped or skipped row is counted and reported; nothing is dropped silently.
+Every method's examples are `TokenizedPair`s for the packed layout: preference pairs (DPO, reward),
+SFT's completion as `chosen` (`algorithms/sft.py`), KTO's completion and its mismatched KL
+completion (`algorithms/kto.py`); the method gives the row parser. Every dropped or skipped row is
+counted and reported; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -58,82 +59,39 @@ class PreparedData:
     report: dict[str, int]
 
 
-def _parse_sft(
+Parser = Callable[..., tuple[list[PreferenceExample], dict[str, int]]]
+
+
+def parse_preference_rows(
     rows: Any, tokenizer: Any, *, skip_invalid: bool, drop_degenerate: bool, source: str
 ) -> tuple[list[PreferenceExample], dict[str, int]]:
-    """SFT rows: `prompt`/`completion` strings, a `messages` conversation (the last assistant message
-    is the completion), or a conversational preference row (its `chosen` answer is the completion).
-    Returned as PreferenceExample with `rejected` empty, and counts of skipped rows and of rows with
-    an empty completion (dropped with `drop_degenerate`)."""
-    out: list[PreferenceExample] = []
-    counts = {"skipped": 0, "empty_completion": 0, "dropped_degenerate": 0}
-    for i in range(len(rows)):
-        row = rows[i]
-        where = rows.locate(i) if hasattr(rows, "locate") else (source, i + 1, "row")
-        try:
-            if isinstance(row.get("prompt"), list) and isinstance(row.get("chosen"), list):
-                row = {"messages": row["prompt"] + row["chosen"]}  # a conversational preference row
-            if "messages" in row and row["messages"] is not None:
-                msgs = row["messages"]
-                if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
-                    raise DataError(
-                        "expected a list of messages ending with an assistant turn", field="messages"
-                    )
-                prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-                full = tokenizer.apply_chat_template(msgs, tokenize=False)
-                if not full.startswith(prompt):
-                    raise DataError(
-                        "the chat template does not render the prompt as a prefix", field="messages"
-                    )
-                completion = full[len(prompt) :]
-                if tokenizer.eos_token and completion.rstrip().endswith(tokenizer.eos_token):
-                    completion = completion.rstrip()
-                empty = not str(msgs[-1].get("content") or "").strip()
-            else:
-                for field in ("prompt", "completion"):
-                    if field not in row:
-                        raise DataError(f"missing column {field!r} (or give 'messages')", field=field)
-                    if not isinstance(row[field], str):
-                        raise DataError(f"expected a string, got {type(row[field]).__name__}", field=field)
-                prompt, completion = row["prompt"], row["completion"]
-                empty = not completion.strip()
-        except DataError as e:
-            e = e.located(*where) if hasattr(e, "located") else e
-            if not skip_invalid:
-                raise e from None
-            counts["skipped"] += 1
-            continue
-        counts["empty_completion"] += empty
-        if empty and drop_degenerate:
-            counts["dropped_degenerate"] += 1
-            continue
-        out.append(PreferenceExample(prompt, completion, "", None))
-    return out, counts
+    """Preference rows (explicit or implicit prompt, text or conversations) -> examples, and the
+    counts of skipped and degenerate rows (`parse_preferences`)."""
+    parsed, stats = parse_preferences(
+        rows, tokenizer, skip_invalid=skip_invalid, drop_degenerate=drop_degenerate, source=source
+    )
+    counts = {"skipped": stats.skipped, "empty_completion": stats.empty_completion,
+              "chosen_equals_rejected": stats.identical,
+              "dropped_degenerate": stats.dropped_degenerate}  # fmt: skip
+    return parsed, counts
 
 
 def prepare_data(
-    cfg: DataConfig, tokenizer: Any, *, kind: str, log: Callable[[str], None] = print
+    cfg: DataConfig, tokenizer: Any, *, parse: Parser = parse_preference_rows,
+    log: Callable[[str], None] = print,
+    pair_up: Callable[[list[PreferenceExample]], list[PreferenceExample]] | None = None,
 ) -> PreparedData:
-    """Load, parse, split and tokenize the train (and eval) data of `cfg` for `kind`."""
+    """Load, parse (`parse(rows, tokenizer, skip_invalid=, drop_degenerate=, source=)`: a method's
+    row format), split and tokenize the train (and eval) data of `cfg`. `pair_up`: a method's
+    rewrite of each split's examples before tokenization (KTO's mismatched completions)."""
     report: dict[str, int] = {}
 
     def load(files: list[str], split: str) -> list[PreferenceExample]:
         examples: list[PreferenceExample] = []
         for file in files:
             rows = load_rows(file)
-            if kind == "sft":
-                parsed, counts = _parse_sft(
-                    rows, tokenizer, skip_invalid=cfg.skip_invalid, drop_degenerate=cfg.drop_degenerate,
-                    source=file,
-                )  # fmt: skip
-            else:
-                parsed, stats = parse_preferences(
-                    rows, tokenizer, skip_invalid=cfg.skip_invalid, drop_degenerate=cfg.drop_degenerate,
-                    source=file,
-                )  # fmt: skip
-                counts = {"skipped": stats.skipped, "empty_completion": stats.empty_completion,
-                          "chosen_equals_rejected": stats.identical,
-                          "dropped_degenerate": stats.dropped_degenerate}  # fmt: skip
+            parsed, counts = parse(rows, tokenizer, skip_invalid=cfg.skip_invalid,
+                                   drop_degenerate=cfg.drop_degenerate, source=file)  # fmt: skip
             for name, n in counts.items():
                 key = f"{split}/rows_{'skipped_invalid' if name == 'skipped' else name}"
                 report[key] = report.get(key, 0) + n
@@ -157,6 +115,8 @@ def prepare_data(
     def tokenize(examples: list[PreferenceExample], split: str) -> list[TokenizedPair]:
         if not examples:
             return []
+        if pair_up is not None:
+            examples = pair_up(examples)
         pairs, stats = tokenize_pairs(
             examples, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
             truncation_mode=cfg.truncation_mode,
@@ -167,14 +127,7 @@ def prepare_data(
         report[f"{split}/examples"] = len(pairs)
         return pairs
 
-    if kind == "sft":  # tokenize_pairs needs a rejected completion: give a placeholder, then drop it
-        train = [dataclasses.replace(e, rejected=e.chosen) for e in train]
-        eval_ = [dataclasses.replace(e, rejected=e.chosen) for e in eval_]
     data = PreparedData(tokenize(train, "train"), tokenize(eval_, "eval"), report)
-    if kind == "sft":
-        empty = np.zeros((0,), np.int32)
-        data.train = [dataclasses.replace(p, rejected_ids=empty) for p in data.train]
-        data.eval = [dataclasses.replace(p, rejected_ids=empty) for p in data.eval]
     log("data: " + ", ".join(f"{k}={v}" for k, v in sorted(report.items()) if v or k.endswith("examples")))
     if not data.train:
         raise DataError("no training examples left after parsing and truncation", field="train_files")

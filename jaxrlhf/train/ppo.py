@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +39,8 @@ from jaxrlhf.losses import (
     ppo_value_loss,
 )
 from jaxrlhf.models.decoder import CausalLM, default_positions
-from jaxrlhf.models.lora import lora_dropout
-from jaxrlhf.models.moe import add_router_aux, collect_router_aux
+from jaxrlhf.models.moe import RouterStats, add_router_aux
 from jaxrlhf.parallel import host_array
-from jaxrlhf.train.config import PPOConfig
 from jaxrlhf.train.rollout import (
     RolloutEngine,
     RolloutState,
@@ -51,6 +49,9 @@ from jaxrlhf.train.rollout import (
     share_arrays,
     split_trainable,
 )
+
+if TYPE_CHECKING:  # the method module owns its section (and imports this engine)
+    from jaxrlhf.train.algorithms.ppo import PPOConfig
 
 Array = jax.Array
 PPOState = RolloutState  # {"policy", "critic"} parameters and their optimizer state
@@ -202,12 +203,12 @@ class PPOEngine(RolloutEngine):
             policy, critic = self._policy(params, frozen), self._critic(params, frozen)
             # detail: the sampling temperature divides the training logits too
             # LoRA dropout (when set): updates only; MoE router statistics of the policy's pass
-            with lora_dropout(jax.random.fold_in(key, 0)), collect_router_aux(policy) as aux:
-                logprobs = response_logprobs(
-                    policy, batch.ids, batch.mask, batch.positions, prompt_len, cfg.temperature
-                )
-            with lora_dropout(jax.random.fold_in(key, 1)):
-                values = response_values(critic, batch.ids, batch.mask, batch.positions, prompt_len)
+            policy = policy.with_lora_dropout(jax.random.fold_in(key, 0))
+            logprobs, aux = nnx.capture(response_logprobs, RouterStats)(
+                policy, batch.ids, batch.mask, batch.positions, prompt_len, cfg.temperature
+            )
+            critic = critic.with_lora_dropout(jax.random.fold_in(key, 1))
+            values = response_values(critic, batch.ids, batch.mask, batch.positions, prompt_len)
             pg, pg_m = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask,
                                        clip_eps=cfg.cliprange)  # fmt: skip
             vf, vf_m = ppo_value_loss(

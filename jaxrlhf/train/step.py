@@ -18,8 +18,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.models.decoder import CausalLM
-from jaxrlhf.models.lora import adapters_off, lora_dropout
-from jaxrlhf.models.moe import add_router_aux, collect_router_aux
+from jaxrlhf.models.lora import adapters_off
+from jaxrlhf.models.moe import RouterStats, add_router_aux
 from jaxrlhf.parallel.partition import batch_axes, is_stacked
 from jaxrlhf.train.objectives import Objective
 
@@ -298,8 +298,8 @@ def make_train_step(
 
             def f(params):
                 model = model_of(params)
-                with lora_dropout(jax.random.fold_in(step_key, index)), collect_router_aux(model) as aux:
-                    num, den, metrics = objective(model, micro_batch, ref_model)
+                model = model.with_lora_dropout(jax.random.fold_in(step_key, index))
+                (num, den, metrics), aux = nnx.capture(objective, RouterStats)(model, micro_batch, ref_model)
                 metrics = dict(metrics)
                 num = add_router_aux(model, num, aux, metrics, weight=den)  # MoE load balancing
                 return num, (den, metrics)

@@ -10,8 +10,7 @@ import pytest
 
 from jaxrlhf.evaluation import SCHEMA, evaluate_tasks, load_task_prompts
 from jaxrlhf.models import from_pretrained, load_tokenizer
-from jaxrlhf.train import load_config
-from jaxrlhf.train.algorithms import train
+from jaxrlhf.train import load_config, train
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "dpo_demo")
 

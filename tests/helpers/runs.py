@@ -9,8 +9,7 @@ import sys
 
 import numpy as np
 
-from jaxrlhf.train import load_config
-from jaxrlhf.train.algorithms import train
+from jaxrlhf.train import load_config, train
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 
@@ -63,13 +62,13 @@ def train_losses(kind, tiny_dir, files, out, **extra):
     return np.array([m["loss"] for m in result.train_metrics]), result
 
 
-def crash_and_resume(tiny_dir, data_files, tmp_path, extra):
-    """A 4-step DPO run straight, and one killed right after its step-2 checkpoint and resumed:
+def crash_and_resume(tiny_dir, data_files, tmp_path, extra, kind="dpo"):
+    """A 4-step run of `kind` straight, and one killed right after its step-2 checkpoint and resumed:
     their per-step losses `(straight, resumed)` and the resumed run's output directory."""
     extra = {**extra, "train.max_steps": 4, "train.save_every": 2}
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
-    assert run_cli(["dpo", *overrides(tiny_dir, data_files, straight, **extra)]).returncode == 0
-    args = ["dpo", *overrides(tiny_dir, data_files, crashed, **extra)]
+    assert run_cli([kind, *overrides(tiny_dir, data_files, straight, **extra)]).returncode == 0
+    args = [kind, *overrides(tiny_dir, data_files, crashed, **extra)]
     assert run_cli(args, env={"JAXRLHF_CRASH_AFTER_STEP": "2"}).returncode == 17
     proc = run_cli(args)
     assert proc.returncode == 0 and "resumed from step 2" in proc.stdout + proc.stderr, proc.stderr[-3000:]

@@ -7,8 +7,9 @@
   (the merged weights, computed independently in numpy);
 * gradients taken over the trainable split reach only the adapters (and a score head);
 * a scanned model's adapters are stacked `[L, ...]` and give the unrolled model's logits;
-* LoRA dropout: inverted-dropout masks of the stated rate, only inside `lora_dropout`, per layer
-  and per projection, the same masks scanned and unrolled.
+* LoRA dropout: inverted-dropout masks of the stated rate, only with a dropout key (passed to the
+  forward pass, or bound with `with_lora_dropout`), per layer and per projection, the same masks
+  scanned and unrolled.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from jaxrlhf.models.lora import (
     LoRASpec,
     adapters_off,
     dropout_input,
-    lora_dropout,
     trainable,
 )
 
@@ -124,10 +124,11 @@ def test_gradients_reach_only_the_trainable_split(path, head):
 
 def test_dropout_input_is_inverted_dropout_of_the_stated_rate():
     x = jnp.asarray(np.random.default_rng(0).uniform(1.0, 2.0, size=(40, 500)), jnp.float32)
-    assert dropout_input(x, 0.3, site=0) is x  # no active key: no dropout (sampling, evaluation)
-    with lora_dropout(jax.random.key(1)):
-        assert dropout_input(x, 0.0, site=0) is x
-        y, y_other_site = np.asarray(dropout_input(x, 0.3, site=0)), np.asarray(dropout_input(x, 0.3, site=1))
+    assert dropout_input(x, 0.3, None, site=0) is x  # no key: no dropout (sampling, evaluation)
+    key = jax.random.key(1)
+    assert dropout_input(x, 0.0, key, site=0) is x
+    y = np.asarray(dropout_input(x, 0.3, key, site=0))
+    y_other_site = np.asarray(dropout_input(x, 0.3, key, site=1))
     kept = y != 0
     np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / 0.7, rtol=1e-6)
     n, p = y.size, 0.3  # dropped fraction within 5 binomial standard deviations of the rate
@@ -143,14 +144,13 @@ def test_linear_dropout_acts_on_the_adapter_path_only(path):
     w, a, b = (np.asarray(v[...]) for v in (q.kernel, q.lora_a, q.lora_b))
     bias = 0.0 if q.bias is None else np.asarray(q.bias[...])
     key = jax.random.key(3)
-    with lora_dropout(key):
-        got = np.asarray(q(x))
-        dropped = np.asarray(dropout_input(x, 0.5, site=LORA_TARGETS.index("q_proj")))
+    got = np.asarray(q(x, key))
+    dropped = np.asarray(dropout_input(x, 0.5, key, site=LORA_TARGETS.index("q_proj")))
     assert (dropped == 0).any() and not np.allclose(dropped, np.asarray(x))
     want = np.asarray(x) @ w + (dropped @ a) @ b * spec.scale + bias
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     no_dropout = np.asarray(x) @ w + (np.asarray(x) @ a) @ b * spec.scale + bias
-    np.testing.assert_allclose(np.asarray(q(x)), no_dropout, rtol=1e-5, atol=1e-5)  # outside: none
+    np.testing.assert_allclose(np.asarray(q(x)), no_dropout, rtol=1e-5, atol=1e-5)  # no key: none
 
 
 def test_model_dropout_masks_per_layer_and_equal_scanned_and_unrolled(path):
@@ -164,20 +164,42 @@ def test_model_dropout_masks_per_layer_and_equal_scanned_and_unrolled(path):
             getattr(getattr(getattr(scanned.layers, block), lin), name).set_value(jnp.stack(layers))
     real = mask.astype(bool)
     plain = np.asarray(unrolled(ids, mask, pos))
-    with lora_dropout(jax.random.key(4)):
-        a, b = np.asarray(unrolled(ids, mask, pos)), np.asarray(scanned(ids, mask, pos))
-    with lora_dropout(jax.random.key(5)):
-        c = np.asarray(unrolled(ids, mask, pos))
+    key = jax.random.key(4)
+    a = np.asarray(unrolled(ids, mask, pos, dropout_key=key))
+    b = np.asarray(scanned(ids, mask, pos, dropout_key=key))
+    c = np.asarray(unrolled(ids, mask, pos, dropout_key=jax.random.key(5)))
     np.testing.assert_allclose(b[real], a[real], atol=1e-5)  # same masks: the layer folds the key
     assert np.abs(a - plain)[real].max() > 1e-4 and np.abs(c - a)[real].max() > 1e-4
-    np.testing.assert_array_equal(np.asarray(unrolled(ids, mask, pos)), plain)  # off again outside
+    np.testing.assert_array_equal(np.asarray(unrolled(ids, mask, pos)), plain)  # no key: no dropout
+    # a key bound to a copy of the model: the same masks, and the model itself is left as it was
+    bound = unrolled.with_lora_dropout(key)
+    np.testing.assert_array_equal(np.asarray(bound(ids, mask, pos)), a)
+    passed = unrolled.hidden_states(ids, mask, pos, dropout_key=key)
+    np.testing.assert_array_equal(np.asarray(bound.hidden_states(ids, mask, pos)), np.asarray(passed))
+    assert unrolled.dropout_key is None
+    np.testing.assert_array_equal(np.asarray(unrolled(ids, mask, pos)), plain)
+    np.testing.assert_array_equal(np.asarray(bound.with_lora_dropout(None)(ids, mask, pos)), plain)
     # every layer draws its own masks: layer 0's and layer 1's differ on the same input
     x = jnp.ones((2, 3, unrolled.config.hidden_size), jnp.float32)
-    from jaxrlhf.models.lora import layer_dropout
-
-    with lora_dropout(jax.random.key(6)):
-        with layer_dropout(0):
-            m0 = np.asarray(dropout_input(x, 0.25, site=0))
-        with layer_dropout(1):
-            m1 = np.asarray(dropout_input(x, 0.25, site=0))
+    m0 = np.asarray(dropout_input(x, 0.25, jax.random.fold_in(key, 0), site=0))
+    m1 = np.asarray(dropout_input(x, 0.25, jax.random.fold_in(key, 1), site=0))
     assert ((m0 == 0) != (m1 == 0)).any()
+
+
+def test_bound_dropout_key_under_jit(path):
+    """The train steps' pattern: a model merged inside the traced function, a key bound to it, the
+    forward called without one: equal to passing the key, and a function of the key only."""
+    spec = LoRASpec.build(rank=4, alpha=8.0, target_modules=["q_proj", "down_proj"], dropout=0.5)
+    model = randomize_b(from_pretrained(path, lora=spec), seed=3)
+    graphdef, params = nnx.split(model, nnx.Param)
+    ids, mask, pos = padded_batch("left", seed=2)
+
+    @jax.jit
+    def run(params, key):
+        m = nnx.merge(graphdef, params)
+        return m.with_lora_dropout(key)(ids, mask, pos), m(ids, mask, pos, dropout_key=key), m(ids, mask, pos)
+
+    bound, passed, plain = (np.asarray(a) for a in run(params, jax.random.key(7)))
+    np.testing.assert_array_equal(bound, passed)
+    assert np.abs(bound - plain).max() > 1e-4
+    np.testing.assert_array_equal(np.asarray(run(params, jax.random.key(7))[0]), bound)

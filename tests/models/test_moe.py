@@ -3,18 +3,21 @@ load-balancing loss, checkpoints with dense and sparse layers, and sharding over
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers as tf
+from flax import nnx
 from helpers.tiny_hf import hf_logits, make_hf_model, padded_batch, run_with_cpu_devices
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from jaxrlhf.models import from_pretrained, save_pretrained
 from jaxrlhf.models.config import UnsupportedModelError
-from jaxrlhf.models.moe import collect_router_aux, load_balancing_loss_from_logits, route
+from jaxrlhf.models.moe import RouterStats, load_balancing_loss_from_logits, route, router_aux_loss
 
 KINDS = ("mixtral", "qwen3_moe")
 
@@ -60,8 +63,6 @@ def test_routing_and_expert_outputs_equal_transformers(pair):
 def test_ragged_and_dense_dispatch_agree(pair):
     """The two expert dispatches (grouped `ragged_dot` over sorted tokens; every expert on every
     token) give the same logits and gradients; only their cost differs (docs/models.md)."""
-    from flax import nnx
-
     kind, _, path, _ = pair
     ids, mask, pos = (jnp.asarray(a) for a in padded_batch("left", seed=2))
     out = {}
@@ -98,26 +99,23 @@ def test_load_balancing_loss_function_equals_transformers():
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_model_aux_loss_equals_transformers(pair, side):
-    """The loss our forward pass hands `collect_router_aux` equals transformers' `aux_loss` on the
-    same padded batch (padding excluded by the attention mask); it has a gradient on the routers."""
+    """The loss of the router statistics our forward pass sows (`nnx.capture(..., RouterStats)`)
+    equals transformers' `aux_loss` on the same padded batch (padding excluded by the attention
+    mask); it has a gradient on the routers."""
     kind, hf, _, ours = pair
     ids, mask, pos = padded_batch(side, seed=6)
     with torch.no_grad():
         out = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
                  position_ids=torch.tensor(pos, dtype=torch.long), output_router_logits=True)  # fmt: skip
-    with collect_router_aux(ours) as aux:
-        ours(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos))
-    np.testing.assert_allclose(float(aux.loss()), float(out.aux_loss), rtol=1e-5, err_msg=kind)
-
-    from flax import nnx
+    _, aux = nnx.capture(ours, RouterStats)(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos))
+    np.testing.assert_allclose(float(router_aux_loss(aux)), float(out.aux_loss), rtol=1e-5, err_msg=kind)
 
     graphdef, params = nnx.split(ours, nnx.Param)
 
     def loss(p):
         model = nnx.merge(graphdef, p)
-        with collect_router_aux(model) as a:
-            model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos))
-        return a.loss()
+        _, a = nnx.capture(model, RouterStats)(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos))
+        return router_aux_loss(a)
 
     grads = jax.jit(jax.grad(loss))(params)
     router = np.asarray(grads["layers"][0]["mlp"]["router"]["kernel"].get_value())
@@ -128,9 +126,72 @@ def test_other_models_are_not_collected(pair):
     _, _, path, ours = pair
     other = from_pretrained(path)
     ids, mask, pos = padded_batch("right", seed=6)
-    with collect_router_aux(ours) as aux:
-        other(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos))
-    assert float(aux.loss()) == 0.0
+    _, aux = nnx.capture(lambda model: other(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos)),
+                         RouterStats)(ours)  # fmt: skip
+    assert float(router_aux_loss(aux)) == 0.0
+
+
+def _numpy_router_aux(passes, k: int) -> float:
+    """The load-balancing loss in plain numpy (float64) from transformers' router logits: per pass
+    the per-layer router logits `[B T, E]` and the attention mask `[B, T]`; softmax, top-k, then
+    `E * sum_e f_e P_e` over every layer and real token of every pass."""
+    counts, probs, rows = 0.0, 0.0, 0
+    for layer_logits, mask in passes:
+        valid = np.asarray(mask).reshape(-1).astype(bool)
+        for logits in layer_logits:
+            z = np.asarray(logits, np.float64)
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            top = np.argsort(-p, axis=1, kind="stable")[:, :k]
+            c = np.zeros(p.shape[1])
+            np.add.at(c, top[valid].ravel(), 1.0)
+            counts, probs, rows = counts + c, probs + p[valid].sum(axis=0), rows + int(valid.sum())
+    return float(len(counts) * np.sum((counts / rows) * (probs / rows)))
+
+
+def test_captured_router_aux_equals_numpy(pair):
+    """Two forward passes of the model (left- and right-padded batches) and one of another model
+    inside one `nnx.capture`: the loss of the captured `RouterStats` equals a numpy recomputation
+    over both passes of the model (not the other's), from transformers' router logits."""
+    kind, hf, path, ours = pair
+    other = from_pretrained(path)
+    batches = [padded_batch("left", seed=8), padded_batch("right", seed=9, lengths=(12, 5, 9))]
+    passes = []
+    for ids, mask, pos in batches:
+        with torch.no_grad():
+            out = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(pos, dtype=torch.long), output_router_logits=True)  # fmt: skip
+        passes.append(([x.float().numpy() for x in out.router_logits], mask))
+
+    def forward(model):
+        for ids, mask, pos in batches:
+            model(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos))
+            other(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos))
+
+    _, aux = nnx.capture(forward, RouterStats)(ours)
+    stats = [v.get_value() for _, v in nnx.to_flat_state(aux)]
+    assert len(stats) == 1 and len(stats[0]) == 2  # one value per forward pass of `ours`
+    want = _numpy_router_aux(passes, ours.config.num_experts_per_tok)
+    np.testing.assert_allclose(float(router_aux_loss(aux)), want, rtol=1e-5, err_msg=kind)
+    layers = sum(ours.config.layer_is_moe(i) for i in range(ours.config.num_layers))
+    rows = sum(float(r) for _, _, r in stats[0])
+    assert rows == layers * sum(int(m.sum()) for _, m, _ in batches)
+
+
+def test_plain_forward_records_nothing(pair):
+    """Outside `nnx.capture` the forward pass stores no router statistics on the model (no state
+    added, no deprecated `sow`), so it splits as before; `router_aux_loss` of nothing is 0."""
+    _, _, path, _ = pair
+    model = from_pretrained(path)
+    ids, mask, pos = (jnp.asarray(a) for a in padded_batch("right", seed=6))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(ids, mask, pos)
+        model.hidden_states(ids, mask, pos)
+    assert not [w for w in caught if "sow" in str(w.message)]
+    assert not nnx.to_flat_state(nnx.state(model, nnx.Intermediate))
+    nnx.split(model, nnx.Param)  # nothing left over for an exhaustive split
+    assert float(router_aux_loss(None)) == 0.0
 
 
 def test_dense_and_sparse_layers_load_and_save(tmp_path):
@@ -164,7 +225,7 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from helpers.tiny_hf import padded_batch
 from jaxrlhf.models import from_pretrained
-from jaxrlhf.models.moe import collect_router_aux
+from jaxrlhf.models.moe import RouterStats, router_aux_loss
 from jaxrlhf.parallel import make_mesh
 
 rows = padded_batch("left", seed=1, lengths=(11, 7, 3, 9))
@@ -174,9 +235,9 @@ def run(model):
     graphdef, params = nnx.split(model, nnx.Param)
     def loss(p):
         m = nnx.merge(graphdef, p)
-        with collect_router_aux(m) as aux:
-            logits = m(ids, mask, pos)
-        return jnp.mean(jax.nn.log_softmax(logits)[..., 5]) + 0.1 * aux.loss(), (logits, aux.loss())
+        logits, stats = nnx.capture(m, RouterStats)(ids, mask, pos)
+        aux = router_aux_loss(stats)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 5]) + 0.1 * aux, (logits, aux)
     (l, (logits, aux)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return np.asarray(logits), float(aux), {{k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(g)}}
 

@@ -108,6 +108,34 @@ def test_candidates_and_overrides() -> None:
                                         "mesh.tensor=8"]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("kind", "overrides", "steps"),
+    [
+        ("dpo", [], ["dpo_same_step"]),
+        ("dpo", ["dpo.reference=precompute"], ["dpo"]),
+        ("kto", [], ["dpo_same_step"]),  # KTO's rows are DPO's packed rows: prompt, completion, KL one
+        ("kto", ["kto.precompute_ref_log_probs=true"], ["dpo"]),
+        ("rloo", ["grpo.reward_funcs=[a:b]", "grpo.num_generations=4"], ["grpo", "grpo_generate"]),
+        ("online_dpo", ["online_dpo.reward_funcs=[a:b]"], ["grpo", "grpo_generate"]),
+    ],
+)
+def test_each_method_says_which_steps_its_run_compiles(
+    kind: str, overrides: list[str], steps: list[str]
+) -> None:
+    """`jaxrlhf plan` asks the method (no compile here): the steps and, for the group methods, G."""
+    from jaxrlhf.plan.run import specs_from_config
+    from jaxrlhf.train import load_config
+
+    target = dataclasses.make_dataclass("T", [("count", int)])(8)
+    cfg = load_config(None, ["data.max_length=128", "data.max_prompt_length=64", *overrides], kind=kind)
+    specs = specs_from_config(cfg, target, TINY)
+    assert [s.step for s in specs] == steps
+    if kind == "online_dpo":
+        assert specs[0].num_generations == 2 and specs[0].seq == 64 + cfg.online_dpo.max_new_tokens
+    if kind == "rloo":
+        assert specs[0].num_generations == 4
+
+
 @pytest.fixture
 def run_config(tmp_path: Any) -> str:
     model = tmp_path / "model"

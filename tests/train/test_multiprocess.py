@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from helpers.procs import cpu_env
 from helpers.runs import overrides, ppo_cli_args
 
@@ -19,10 +20,9 @@ WORKER = textwrap.dedent(
     import sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from jaxrlhf.train import load_config
-    from jaxrlhf.train.algorithms import train
+    from jaxrlhf.train import load_config, train
     overrides = sys.argv[1:]
-    result = train(load_config(None, overrides, kind="dpo"))
+    result = train(load_config(None, overrides, kind="{kind}"))
     assert jax.process_count() == int({n}), jax.process_count()
     print("LOSSES", [round(m["loss"], 7) for m in result.train_metrics])
     """
@@ -54,10 +54,11 @@ def _mesh_args(n: int, i: int, port: int) -> list[str]:
     return [f"mesh.coordinator_address=127.0.0.1:{port}", f"mesh.num_processes={n}", f"mesh.process_id={i}"]
 
 
-def _run(n: int, overrides: list[str], devices_per_process: int) -> list[str]:
+def _run(n: int, overrides: list[str], devices_per_process: int, kind: str = "dpo") -> list[str]:
     port = _free_port()
+    worker = WORKER.format(n=n, kind=kind)
     return _launch(
-        [[sys.executable, "-c", WORKER.format(n=n), *overrides, *_mesh_args(n, i, port)] for i in range(n)],
+        [[sys.executable, "-c", worker, *overrides, *_mesh_args(n, i, port)] for i in range(n)],
         cpu_env(devices_per_process),
     )
 
@@ -66,7 +67,9 @@ def _tagged(out: str, tag: str):
     return json.loads(next(line for line in out.splitlines() if line.startswith(tag))[len(tag) :])
 
 
-def test_two_processes_match_one(tiny_dir, data_files, tmp_path):
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_two_processes_match_one(tiny_dir, data_files, tmp_path, kind):
+    """DPO, and KTO on the same pairs unpaired (its KL estimate over the global micro-batch)."""
     common = {
         "train.max_steps": 3,
         "train.save_every": 0,
@@ -75,8 +78,8 @@ def test_two_processes_match_one(tiny_dir, data_files, tmp_path):
         "dpo.reference": "same_step",
         "mesh.fsdp": 2,
     }
-    one = _run(1, overrides(tiny_dir, data_files, str(tmp_path / "one"), **common), devices_per_process=4)
-    two = _run(2, overrides(tiny_dir, data_files, str(tmp_path / "two"), **common), devices_per_process=2)
+    one = _run(1, overrides(tiny_dir, data_files, str(tmp_path / "one"), **common), 4, kind)
+    two = _run(2, overrides(tiny_dir, data_files, str(tmp_path / "two"), **common), 2, kind)
     ref = _tagged(one[0], "LOSSES")
     assert len(ref) == 3 and abs(ref[2] - ref[0]) > 1e-3  # the losses move: not trivially ln 2
     for out in two:  # every process reports the same global losses as the single process
@@ -95,7 +98,7 @@ ENGINES_WORKER = textwrap.dedent(
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid)
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.parallel import make_mesh
-    from jaxrlhf.train.config import GRPOConfig, PPOConfig
+    from jaxrlhf.train import GRPOConfig, PPOConfig
     from jaxrlhf.train.grpo import GRPOEngine
     from jaxrlhf.train.ppo import PPOEngine
     from jaxrlhf.train.step import batch_sharding, make_optimizer, make_schedule
@@ -160,16 +163,27 @@ ENGINES_WORKER = textwrap.dedent(
     keys = ["reward", "loss", "kl", "clip_ratio/region_mean", "rewards/len/mean"]
     print("GRPO", json.dumps([[m[k] for k in keys] for m in history]))
     print("GRPO_CALLS", json.dumps(grpo_calls))
+
+    # online DPO: GRPO's rollout with two completions per prompt, one DPO update
+    from jaxrlhf.train.algorithms.online_dpo import OnlineDPOConfig, OnlineDPOEngine
+
+    optimizer = make_optimizer(make_schedule(1e-3, 100, kind="constant"))
+    engine = OnlineDPOEngine(from_pretrained(path, mesh=mesh), OnlineDPOConfig(max_new_tokens=6), optimizer,
+                             mesh, eos_token_ids=[1], pad_token_id=0, num_reward_funcs=2)
+    ids, mask = local_half(*prompts(4))
+    history = [engine.step(ids, mask, rewards, ["low", "len"]) for _ in range(3)]
+    keys = ["objective/scores", "loss", "objective/kl", "rewards/margins"]
+    print("ODPO", json.dumps([[m[k] for k in keys] for m in history]))
     """
 )
 
 
 def test_ppo_and_grpo_engines_on_two_processes_match_one(tmp_path):
-    """PPO and GRPO on two processes (one CPU device each, each holding half of the prompts) reproduce
-    one process with two devices: the rollout is gathered (GRPO: the G completions per prompt sampled
-    over the global batch), the rewards scored once on process 0 and broadcast, and the update runs
-    over the global batch. PPO's `evaluate` on a numpy batch (the same on every process) agrees too.
-    One interpreter per process runs both engines."""
+    """PPO, GRPO and online DPO on two processes (one CPU device each, each holding half of the
+    prompts) reproduce one process with two devices: the rollout is gathered (GRPO: the G
+    completions per prompt sampled over the global batch), the rewards scored once on process 0 and
+    broadcast, and the update runs over the global batch. PPO's `evaluate` on a numpy batch (the
+    same on every process) agrees too. One interpreter per process runs the three engines."""
     from helpers.tiny_hf import make_hf_model
 
     path = str(tmp_path / "tiny")
@@ -181,18 +195,20 @@ def test_ppo_and_grpo_engines_on_two_processes_match_one(tmp_path):
                        cpu_env(devices))  # fmt: skip
 
     one, two = run(1, 2)[0], run(2, 1)
-    ppo, grpo = np.asarray(_tagged(one, "PPO")), np.asarray(_tagged(one, "GRPO"))
+    ppo, grpo, odpo = (np.asarray(_tagged(one, tag)) for tag in ("PPO", "GRPO", "ODPO"))
     # the policies move away from the reference
     assert np.all(np.isfinite(ppo)) and abs(ppo[2, 1]) > 0
     assert np.all(np.isfinite(grpo)) and abs(grpo[2, 2]) > 0
     for out in two:
         np.testing.assert_allclose(np.asarray(_tagged(out, "PPO")), ppo, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.asarray(_tagged(out, "GRPO")), grpo, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(_tagged(out, "ODPO")), odpo, rtol=1e-4, atol=1e-6)
         for k, v in _tagged(out, "EVAL").items():  # evaluation from the same numpy batch on every process
             np.testing.assert_allclose(v, _tagged(one, "EVAL")[k], rtol=1e-4, atol=1e-6, err_msg=k)
     # each reward function ran once per call (PPO: an evaluation, then 3 steps), on process 0, on all rows
     assert _tagged(two[0], "PPO_CALLS") == [8, 8, 8, 8] and _tagged(two[1], "PPO_CALLS") == []
     assert _tagged(two[0], "GRPO_CALLS") == [16, 16, 16] and _tagged(two[1], "GRPO_CALLS") == []
+    assert np.all(np.isfinite(odpo)) and abs(odpo[2, 2]) > 0  # online DPO moved the policy too
 
 
 def test_ppo_cli_on_two_processes(tmp_path):

@@ -37,20 +37,18 @@ def train_file(tmp_path_factory):
 def poison(monkeypatch, tmp_path):
     """Training batch number POISONED_STEP gets NaN reference log-probs (evaluation and reference
     batches -- collated without reference log-probs -- are untouched)."""
-    import jaxrlhf.train.trainer as trainer
+    import jaxrlhf.train.algorithms.dpo as dpo
 
     monkeypatch.setenv("JAXRLHF_CACHE_DIR", str(tmp_path / "cache"))  # the reference log-prob cache
-    real = trainer._collate_fn
+    real = dpo.with_reference
     poisoned: list[int] = []
 
-    def collate_fn(cfg, pad_id, ref):
-        collate = real(cfg, pad_id, ref)
-        if ref is None:
-            return collate
+    def with_reference(collate, ref):
+        inner = real(collate, ref)
         calls = itertools.count(1)
 
         def wrapped(items, **kw):
-            batch = collate(items, **kw)
+            batch = inner(items, **kw)
             if next(calls) == POISONED_STEP:
                 batch["ref_chosen"] = np.full_like(batch["ref_chosen"], np.nan)
                 poisoned.append(POISONED_STEP)
@@ -58,7 +56,7 @@ def poison(monkeypatch, tmp_path):
 
         return wrapped
 
-    monkeypatch.setattr(trainer, "_collate_fn", collate_fn)
+    monkeypatch.setattr(dpo, "with_reference", with_reference)
     return poisoned
 
 
@@ -128,8 +126,7 @@ def test_stop_names_the_step_and_saves_the_state_before_it(mini_dir, train_file,
 
 
 def test_skip_leaves_the_state_unchanged_and_trains_on(mini_dir, train_file, tmp_path, poison):
-    from jaxrlhf.train import load_config
-    from jaxrlhf.train.algorithms import train
+    from jaxrlhf.train import load_config, train
 
     out = str(tmp_path / "run")
     result = train(load_config(None, _overrides(mini_dir, train_file, out, **{"train.on_nonfinite": "skip"}),

@@ -15,8 +15,7 @@ import pytest
 import transformers as tf
 from helpers.runs import logged_losses, overrides, run_cli
 
-from jaxrlhf.train import load_config
-from jaxrlhf.train.algorithms import train
+from jaxrlhf.train import load_config, train
 
 
 def test_resume_after_crash_is_exact(tiny_dir, data_files, tmp_path):
