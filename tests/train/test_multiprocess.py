@@ -11,7 +11,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 from helpers.procs import cpu_env
 from helpers.runs import overrides, ppo_cli_args
 
@@ -22,9 +21,11 @@ WORKER = textwrap.dedent(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from jaxrlhf.train import load_config, train
     overrides = sys.argv[1:]
-    result = train(load_config(None, overrides, kind="{kind}"))
-    assert jax.process_count() == int({n}), jax.process_count()
-    print("LOSSES", [round(m["loss"], 7) for m in result.train_metrics])
+    for kind in ("dpo", "kto"):  # one interpreter (and one jax.distributed start) for both methods
+        out = [o + "/" + kind if o.startswith("train.output_dir=") else o for o in overrides]
+        result = train(load_config(None, out, kind=kind))
+        assert jax.process_count() == int({n}), jax.process_count()
+        print("LOSSES_" + kind, [round(m["loss"], 7) for m in result.train_metrics])
     """
 )
 
@@ -54,9 +55,9 @@ def _mesh_args(n: int, i: int, port: int) -> list[str]:
     return [f"mesh.coordinator_address=127.0.0.1:{port}", f"mesh.num_processes={n}", f"mesh.process_id={i}"]
 
 
-def _run(n: int, overrides: list[str], devices_per_process: int, kind: str = "dpo") -> list[str]:
+def _run(n: int, overrides: list[str], devices_per_process: int) -> list[str]:
     port = _free_port()
-    worker = WORKER.format(n=n, kind=kind)
+    worker = WORKER.format(n=n)
     return _launch(
         [[sys.executable, "-c", worker, *overrides, *_mesh_args(n, i, port)] for i in range(n)],
         cpu_env(devices_per_process),
@@ -67,9 +68,9 @@ def _tagged(out: str, tag: str):
     return json.loads(next(line for line in out.splitlines() if line.startswith(tag))[len(tag) :])
 
 
-@pytest.mark.parametrize("kind", ["dpo", "kto"])
-def test_two_processes_match_one(tiny_dir, data_files, tmp_path, kind):
-    """DPO, and KTO on the same pairs unpaired (its KL estimate over the global micro-batch)."""
+def test_two_processes_match_one(tiny_dir, data_files, tmp_path):
+    """DPO, and KTO on the same pairs unpaired (its KL estimate over the global micro-batch), each
+    process feeding only its share of every global batch."""
     common = {
         "train.max_steps": 3,
         "train.save_every": 0,
@@ -78,13 +79,14 @@ def test_two_processes_match_one(tiny_dir, data_files, tmp_path, kind):
         "dpo.reference": "same_step",
         "mesh.fsdp": 2,
     }
-    one = _run(1, overrides(tiny_dir, data_files, str(tmp_path / "one"), **common), 4, kind)
-    two = _run(2, overrides(tiny_dir, data_files, str(tmp_path / "two"), **common), 2, kind)
-    ref = _tagged(one[0], "LOSSES")
-    assert len(ref) == 3 and abs(ref[2] - ref[0]) > 1e-3  # the losses move: not trivially ln 2
-    for out in two:  # every process reports the same global losses as the single process
-        got = _tagged(out, "LOSSES")
-        assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= 1e-5, (got, ref)
+    one = _run(1, overrides(tiny_dir, data_files, str(tmp_path / "one"), **common), 4)
+    two = _run(2, overrides(tiny_dir, data_files, str(tmp_path / "two"), **common), 2)
+    for kind in ("dpo", "kto"):
+        ref = _tagged(one[0], f"LOSSES_{kind}")
+        assert len(ref) == 3 and abs(ref[2] - ref[0]) > 1e-3, kind  # the losses move: not trivially ln 2
+        for out in two:  # every process reports the same global losses as the single process
+            got = _tagged(out, f"LOSSES_{kind}")
+            assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= 1e-5, (kind, got, ref)
 
 
 ENGINES_WORKER = textwrap.dedent(
