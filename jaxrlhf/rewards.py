@@ -12,17 +12,20 @@ conversational data); its last message's content is judged.
 
 A config names a function by import path, e.g. `jaxrlhf.rewards:accuracy_reward`. The shipped GRPO
 demo data (`asset:grpo_demo/train.jsonl`) has `family` and `answer` columns for both functions.
+`vader_sentiment` is the ground truth of the controlled-sentiment task (docs/sentiment.md): a lexicon
+and rules, no weights, independent of every model of ours.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from jaxrlhf.evaluation.checkers import CHECKERS, check
 
-__all__ = ["FORMAT_MAX_WORDS", "accuracy_reward", "format_reward"]
+__all__ = ["FORMAT_MAX_WORDS", "accuracy_reward", "format_reward", "vader_sentiment"]
 
 FORMAT_MAX_WORDS = 12
 # A numeral ("14", "-3", "1,000", "2.5") at the very end of the reply, optionally followed by "." or "!".
@@ -63,3 +66,23 @@ def format_reward(
         ok = len(reply.split()) <= FORMAT_MAX_WORDS and _ENDS_WITH_NUMBER.search(reply) is not None
         out.append(1.0 if ok else 0.0)
     return out
+
+
+@functools.cache
+def _vader() -> Any:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def vader_sentiment(
+    prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None,
+    **_: Any,
+) -> list[float]:  # fmt: skip
+    """VADER's compound sentiment of each completion, in [-1, 1] (Hutto & Gilbert 2014, ICWSM; the
+    `vaderSentiment` package): lexicon valences with rules for negation, intensifiers, "but",
+    capitals and punctuation, summed and squashed, `x / sqrt(x^2 + 15)`. The prompt is not read, so
+    a policy gains only by what it writes. Also usable as `ppo.reward_fn` (it takes `(prompts,
+    completions)` first)."""
+    analyzer = _vader()
+    return [float(analyzer.polarity_scores(_text(c))["compound"]) for c in completions]

@@ -50,6 +50,7 @@ pytest_plugins = ["helpers.fixtures"]
 SLOW: dict[str, str] = {
     # end-to-end runs: CLI subprocesses, several processes, notebooks, benchmark scripts
     "test_notebooks.py": "five Jupyter kernels, each running a notebook",
+    "bench/test_sentiment_frontier.py": "the sentiment data script twice, the sweep (5 CLI runs), tiny model",
     "train/test_multiprocess.py": "two jax.distributed processes (gloo) against one",
     "train/test_ppo_trainer.py": "PPO trainer runs, CLI included",
     "train/test_mesh_invariance.py": "trains on several 8-device meshes in a subprocess",
@@ -108,7 +109,8 @@ def pytest_configure(config):
 
 # Files whose tests share an expensive module fixture: `make test` (--dist loadgroup) keeps each on one
 # worker; every other test goes to whichever worker is free.
-TOGETHER = ("test_cli_errors.py", "bench/test_memory_plan.py", "models/test_demo_model.py")
+TOGETHER = ("test_cli_errors.py", "bench/test_memory_plan.py", "models/test_demo_model.py",
+            "bench/test_sentiment_frontier.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks

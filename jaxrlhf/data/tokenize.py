@@ -5,7 +5,8 @@ Token ids:
 * prompt: ``tokenizer(prompt, add_special_tokens=False)``, then, if ``add_bos`` and the
   tokenizer has a BOS token, BOS is put in front unless the ids already start with it. No EOS.
 * each completion: ``tokenizer(completion, add_special_tokens=False)`` + EOS, unless the ids
-  already end with EOS (a chat-rendered completion does).
+  already end with EOS (a chat-rendered completion does) or ``append_eos=False`` (completions that
+  are continuations cut at a length, as sampled rollouts are).
 * pre-tokenized examples (lists of ids) skip the tokenizer but get the same BOS/EOS rules.
 
 A pair whose prompt has no tokens at all (no BOS, and text the tokenizer normalises away)
@@ -82,12 +83,13 @@ def tokenize_pairs(
     max_prompt_length: int | None = None,
     truncation_mode: TruncationMode = "keep_end",
     add_bos: bool = True,
+    append_eos: bool = True,
     chunk_size: int = 1024,
 ) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize and truncate ``examples`` as the module docstring says."""
     _check_limits(max_length, max_prompt_length, truncation_mode)
     eos = tokenizer.eos_token_id
-    if eos is None:
+    if eos is None and append_eos:
         raise ValueError("the tokenizer has no EOS token to end completions with")
     bos = tokenizer.bos_token_id if add_bos else None
     stats = TokenizeStats()
@@ -105,8 +107,8 @@ def tokenize_pairs(
                 prompt = [bos, *prompt]
             pair = _fit(
                 prompt,
-                _with_eos(chosen, eos),
-                _with_eos(rejected, eos),
+                _with_eos(chosen, eos) if append_eos else chosen,
+                _with_eos(rejected, eos) if append_eos else rejected,
                 max_length,
                 max_prompt_length,
                 truncation_mode,

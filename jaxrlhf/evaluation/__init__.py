@@ -1,6 +1,15 @@
-"""Task accuracy: answer checkers for the shipped task families, and greedy held-out evaluation."""
+"""Held-out evaluation: task accuracy (answer checkers for the shipped task families, greedy replies)
+and the reward-KL point of a policy (sampled continuations scored by reward functions, sequence KL to
+the reference)."""
 
 from jaxrlhf.evaluation.checkers import CHECKERS, check, count_items, list_items, numbers_in, task_reward
+from jaxrlhf.evaluation.reward_kl import (
+    RewardKLResult,
+    evaluate_reward_kl,
+    format_reward_kl,
+    response_kl,
+    response_logprobs,
+)
 from jaxrlhf.evaluation.tasks import (
     SCHEMA,
     TaskEvalResult,
@@ -16,12 +25,15 @@ from jaxrlhf.evaluation.tasks import (
 
 __all__ = [
     "CHECKERS",
+    "RewardKLResult",
     "SCHEMA",
     "TaskEvalResult",
     "TaskPrompt",
     "check",
     "count_items",
+    "evaluate_reward_kl",
     "evaluate_tasks",
+    "format_reward_kl",
     "format_samples",
     "format_task_report",
     "generate_greedy",
@@ -29,6 +41,8 @@ __all__ = [
     "list_items",
     "load_task_prompts",
     "numbers_in",
+    "response_kl",
+    "response_logprobs",
     "task_reward",
     "write_task_eval",
 ]

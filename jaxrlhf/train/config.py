@@ -2,7 +2,7 @@
 
 A config file is a YAML mapping with the top-level ``kind`` and one section per `Section` model:
 the common ones below (``model``, ``data``, ``optim``, ``mesh``, ``train``, ``task_eval``,
-``lora``) and one per training method, which its module in `jaxrlhf.train.algorithms` owns
+``reward_eval``, ``lora``) and one per training method, which its module in `jaxrlhf.train.algorithms` owns
 (``dpo``, ``reward``, ``sft``, ``ppo``, ``grpo``, ``kto``, ``online_dpo``), e.g. ``kind: dpo``
 and ``optim: {learning_rate: 5.0e-7}``; overrides are dotted ``key=value`` strings applied on top
 of it (``dpo.loss_type=ipo data.buckets=[256,512]``). Precedence: defaults < YAML file <
@@ -53,8 +53,8 @@ from jaxrlhf.models.config import ATTENTION_BACKENDS, MOE_DISPATCHES, REMAT_POLI
 
 __all__ = [
     "AXES", "ConfigError", "DataConfig", "ExperimentBase", "LoRAConfig", "MeshConfig", "ModelConfig",
-    "OptimConfig", "Section", "TaskEvalConfig", "TrainConfig", "config_from_dict", "config_markdown",
-    "config_to_dict", "experiment_class", "fail", "load_config",
+    "OptimConfig", "RewardEvalConfig", "Section", "TaskEvalConfig", "TrainConfig", "config_from_dict",
+    "config_markdown", "config_to_dict", "experiment_class", "fail", "load_config",
 ]  # fmt: skip
 
 AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")  # mesh axes, as in jaxrlhf.parallel
@@ -223,6 +223,11 @@ class DataConfig(Section):
     192, 256, 384, 512, then multiples of 256."""
     seed: int = 0
     """Seed of the shuffling and of the held-out evaluation split."""
+    add_bos: bool = True
+    """Put the tokenizer's BOS token in front of each prompt that does not start with it (offline methods)."""
+    append_eos: bool = True
+    """End each completion with EOS (TRL's rule). False for completions that are continuations cut at a
+    length, as sampled rollouts are: a reward model then learns to score text where PPO's rollouts end."""
 
     @model_validator(mode="after")
     def _cross_check(self) -> Self:
@@ -395,6 +400,44 @@ class TaskEvalConfig(Section):
     """Replies shown per family: the first N rows of each family."""
 
 
+class RewardEvalConfig(Section):
+    """The held-out reward and KL of the policy before training, every `train.eval_every` steps and after
+    it: `samples_per_prompt` continuations of each held-out prompt (the `prompt` column of `prompt_files`,
+    each distinct prompt once) sampled at `temperature`, scored by `reward_funcs`, and their summed log-ratio
+    to `reference` (jaxrlhf.evaluation.reward_kl; docs/sentiment.md). Every method but reward models; off
+    while `reward_funcs` is empty."""
+
+    reward_funcs: list[str] = Field(default_factory=list)
+    """Reward functions (`module:function`, TRL's signature), e.g. `jaxrlhf.rewards:vader_sentiment`."""
+    reward_weights: list[float] | None = None
+    """Weights of `reward_funcs` in the reported reward (None: all 1)."""
+    prompt_files: str | list[str] | None = None
+    """The held-out prompts (their `prompt` column); None: `data.eval_files`."""
+    reference: str | None = None
+    """The model the KL is measured to; None: `model.path`."""
+    samples_per_prompt: int = Field(2, gt=0)
+    """Continuations sampled per held-out prompt."""
+    max_new_tokens: int = Field(24, gt=0)
+    """Continuation length limit."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; both models' log-probs use it too (KL between the sampled distributions)."""
+    num_prompts: int | None = Field(None, gt=0)
+    """Use the first N distinct held-out prompts (None: all)."""
+    batch_size: int = Field(64, gt=0)
+    """Sequences per generation batch."""
+    seed: int = 0
+    """Sampling seed: the same at every evaluation, so evaluations differ by the policy only."""
+    num_shown: int = Field(3, ge=0)
+    """Continuations printed before and after training: the first sample of the first N prompts."""
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Self:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"reward_eval.reward_weights has {len(self.reward_weights)} entries for "
+                              f"{len(self.reward_funcs)} reward_eval.reward_funcs")  # fmt: skip
+        return self
+
+
 class LoRAConfig(Section):
     """Low-rank adapters (PEFT's LoRA) instead of full fine-tuning; `rank: 0` turns them off."""
 
@@ -475,7 +518,9 @@ class ExperimentBase(Section):
 COMMON_HEAD: dict[str, type[Section]] = dict(
     model=ModelConfig, data=DataConfig, optim=OptimConfig, mesh=MeshConfig, train=TrainConfig
 )
-COMMON_TAIL: dict[str, type[Section]] = dict(task_eval=TaskEvalConfig, lora=LoRAConfig)
+COMMON_TAIL: dict[str, type[Section]] = dict(
+    task_eval=TaskEvalConfig, reward_eval=RewardEvalConfig, lora=LoRAConfig
+)
 
 
 def experiment_class(

@@ -119,7 +119,7 @@ def prepare_data(
             examples = pair_up(examples)
         pairs, stats = tokenize_pairs(
             examples, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-            truncation_mode=cfg.truncation_mode,
+            truncation_mode=cfg.truncation_mode, add_bos=cfg.add_bos, append_eos=cfg.append_eos,
         )  # fmt: skip
         for field in ("dropped_long_prompt", "dropped_no_room", "dropped_empty", "truncated_prompt",
                       "truncated_completion"):  # fmt: skip

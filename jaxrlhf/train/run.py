@@ -2,8 +2,9 @@
 
 Reads top to bottom: the method of `cfg.kind` (from the registry), distributed start-up and the
 mesh, the tokenizer, the method's learner (its data, models, optimizer and state), resume, the
-evaluation before training, the step loop (metrics, checkpoints, preemption, evaluation every
-`train.eval_every` steps), the evaluation after, the export and `summary.json`.
+evaluation before training (held-out metrics, task accuracy, the reward-KL point), the step loop
+(metrics, checkpoints, preemption, evaluation every `train.eval_every` steps), the evaluation after,
+the export and `summary.json`.
 
 The next global batch is prepared on a background thread (collate and transfer) while the device
 runs the current step, and metrics are fetched every `train.log_every` steps (`loop.run_loop`).
@@ -22,7 +23,7 @@ from typing import Any
 import jax
 
 from jaxrlhf.data import BatchIterator
-from jaxrlhf.evaluation import format_task_report
+from jaxrlhf.evaluation import format_reward_kl, format_task_report
 from jaxrlhf.models import load_tokenizer
 from jaxrlhf.models.lora import base_fingerprint
 from jaxrlhf.train.algorithms import ExperimentConfig, algorithm_for
@@ -45,6 +46,7 @@ from jaxrlhf.train.common import (
 from jaxrlhf.train.config import config_to_dict
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
+from jaxrlhf.train.reward_eval import RewardEvaluator
 
 # Test hook: simulate a crash (os._exit) right after the checkpoint of this step is written.
 CRASH_ENV = "JAXRLHF_CRASH_AFTER_STEP"
@@ -134,6 +136,8 @@ def run(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> T
     tokenizer = load_tokenizer(tokenizer_directory(cfg, model_dir))
     ctx = Context(cfg, mesh, rules, model_dir, tokenizer, say)
     tasks = task_prompts(cfg, tokenizer) if algorithm.measures_tasks else []
+    sampled = cfg.reward_eval.reward_funcs and algorithm.measures_tasks
+    reward_kl = RewardEvaluator(ctx) if sampled else None
     learner = algorithm.build(ctx)
     fingerprint = base_fingerprint(model_dir) if lora_spec(cfg) is not None else None
     checkpointer = Checkpointer(os.path.join(t.output_dir, "checkpoints"), keep=t.keep_checkpoints)
@@ -153,6 +157,14 @@ def run(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> T
 
     def evaluate(stage: str, at: int) -> dict[str, float] | None:  # held-out metrics, task accuracy
         metrics = learner.held_out(stage)
+        if reward_kl is not None:  # reward and KL of sampled continuations
+            metrics = {**(metrics or {}), **reward_kl(learner.policy_model(), stage).summary()}
+            done = reward_kl.results[stage]
+            if stage == "after":
+                say(format_reward_kl(reward_kl.results.get("before"), done))
+            else:
+                say(f"held-out {stage}: reward {done.reward:+.3f} ± {done.reward_sem:.3f}, "
+                    f"KL to reference {done.kl:.2f} ± {done.kl_sem:.2f} ({done.samples} samples)")
         if tasks:
             results[stage] = run_task_eval(learner.policy_model(), tokenizer, tasks, cfg, mesh, stage)
             metrics = {**(metrics or {}), **results[stage].summary()}

@@ -130,3 +130,39 @@ def test_bad_limits(limits, message):
 def test_tokenizer_without_eos():
     with pytest.raises(ValueError, match="no EOS"):
         tokenize_pairs([SHORT], SimpleNamespace(eos_token_id=None, bos_token_id=None))
+
+
+def test_append_eos_false_keeps_completions_as_sampled():
+    """`append_eos=False` (`data.append_eos`): continuations cut at a length stay without EOS, the
+    way a PPO rollout that did not stop is scored; an EOS already there is kept."""
+    stub = SimpleNamespace(eos_token_id=EOS, bos_token_id=BOS)
+    examples = [PreferenceExample([5, 6], [7, 8], [9]), PreferenceExample([5], [7, EOS], [9])]
+    pairs, _ = tokenize_pairs(examples, stub, add_bos=False, append_eos=False)
+    assert [_ids(p) for p in pairs] == [([5, 6], [7, 8], [9]), ([5], [7, EOS], [9])]
+    no_eos = SimpleNamespace(eos_token_id=None, bos_token_id=None)  # no EOS needed when none is added
+    (pair, _), _ = tokenize_pairs(examples, no_eos, append_eos=False)
+    assert _ids(pair) == ([5, 6], [7, 8], [9])
+    with pytest.raises(ValueError, match="no EOS token"):
+        tokenize_pairs(examples, no_eos)
+
+
+def test_data_options_reach_the_tokenizer(tokenizer, tmp_path):
+    """`data.add_bos` / `data.append_eos` in a config are what `prepare_data` tokenizes with."""
+    import copy
+    import json
+
+    from jaxrlhf.train.config import DataConfig
+    from jaxrlhf.train.pipeline import prepare_data
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "The film was", "chosen": " great", "rejected": " dull"}) + "\n")
+    encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    tokenizer = copy.deepcopy(tokenizer)  # the fixture is shared: give a copy a BOS to add or not
+    tokenizer.bos_token = "<|im_start|>"
+    for add_bos, append_eos in ((True, True), (False, False)):
+        cfg = DataConfig(train_files=str(path), max_length=32, max_prompt_length=16, add_bos=add_bos,
+                         append_eos=append_eos)  # fmt: skip
+        (pair,) = prepare_data(cfg, tokenizer, log=lambda _: None).train
+        bos = [tokenizer.bos_token_id] if add_bos else []
+        eos = [tokenizer.eos_token_id] if append_eos else []
+        assert _ids(pair) == (bos + encode("The film was"), encode(" great") + eos, encode(" dull") + eos)
