@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KL_COEFS = (0.02, 0.05, 0.1, 0.2)
+KL_COEFS = (0.05, 0.2, 0.5)
 BETAS = (0.05, 0.1, 0.5)
 
 
@@ -62,17 +62,21 @@ def plan(kl_coefs: Sequence[float], betas: Sequence[float], grpo: bool) -> list[
 
 
 def data_overrides(run: Run, data: str | None) -> list[str]:
-    """The asset files of `run`'s config, replaced by the same names in `data`."""
+    """The `asset:sentiment/...` files `run`'s config names, replaced by the same names in `data`."""
     if data is None:
         return []
-    files = {"reward": ("pairs_train", "pairs_test"), "dpo": ("pairs_train", "pairs_test"),
-             "sft": ("preferred_train", "prompts_test"), "ppo": ("prompts_train", "prompts_test"),
-             "grpo": ("prompts_train", "prompts_test")}[run.kind]  # fmt: skip
-    out = [f"data.train_files={os.path.join(data, files[0] + '.jsonl')}"]
-    if run.kind != "sft":
-        out.append(f"data.eval_files={os.path.join(data, files[1] + '.jsonl')}")
-    if run.kind != "reward":  # every policy is evaluated on the same prompts
-        out.append(f"reward_eval.prompt_files={os.path.join(data, 'prompts_test.jsonl')}")
+    import yaml
+
+    with open(os.path.join(ROOT, run.config)) as f:
+        cfg = yaml.safe_load(f)
+    out = []
+    for section, key in (("data", "train_files"), ("data", "eval_files"), ("reward_eval", "prompt_files")):
+        value = (cfg.get(section) or {}).get(key)
+        if value is None:
+            continue
+        names = [value] if isinstance(value, str) else value
+        local = [os.path.join(data, name.removeprefix("asset:sentiment/")) for name in names]
+        out.append(f"{section}.{key}={local[0] if isinstance(value, str) else json.dumps(local)}")
     return out
 
 

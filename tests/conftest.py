@@ -59,6 +59,7 @@ SLOW: dict[str, str] = {
     "train/test_lora_trainers.py": "LoRA trainer runs with resume",
     "train/test_lora_ppo.py": "LoRA PPO CLI runs with resume and exports",
     "train/test_grpo_trainer.py": "GRPO / RLOO CLI runs",
+    "train/test_trackers.py::test_tensorboard_wandb_and_trackio_read_back": "two GRPO CLI runs, W&B, Trackio",
     "train/test_kto_trainer.py::test_kto_resumes_exactly_after_a_crash": "four KTO CLI runs",
     "train/test_online_dpo.py::test_online_dpo_cli_trains_resumes_exactly_and_exports": "online DPO CLI runs",
     "train/test_model_families.py": "CLI DPO runs on Gemma 2 and Qwen3-MoE",

@@ -21,7 +21,14 @@ from jaxrlhf.data.collate import (
 )
 from jaxrlhf.data.iterator import BatchIterator, Collate
 from jaxrlhf.data.loading import DataError, Location, Rows, load_rows
-from jaxrlhf.data.preference import ParseStats, PreferenceExample, parse_preferences, parse_row
+from jaxrlhf.data.preference import (
+    STANDARD_ROLES,
+    ParseStats,
+    PreferenceExample,
+    check_roles,
+    parse_preferences,
+    parse_row,
+)
 from jaxrlhf.data.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
 
 __all__ = [
@@ -33,9 +40,11 @@ __all__ = [
     "ParseStats",
     "PreferenceExample",
     "Rows",
+    "STANDARD_ROLES",
     "TokenizeStats",
     "TokenizedPair",
     "bucket_length",
+    "check_roles",
     "collate_pairs",
     "collate_sequences",
     "left_pad",

@@ -201,11 +201,74 @@ def _load_dir(path: Path, name: str, split: str, data_files: Any) -> Rows:
 def _load_file(path: Path, name: str, split: str, fmt: str | None = None) -> datasets.Dataset:
     fmt = fmt or _format_of(path, name)
     options = CSV_OPTIONS if fmt == "csv" else {}
+    if fmt in ("json", "csv") and path.suffix.lower() in (".json", ".jsonl", ".csv", ".tsv"):
+        _check_text(path, name)
     try:
-        return datasets.load_dataset(fmt, data_files=str(path), split=split, **options)
+        with _quiet_datasets():  # its reader logs the failure itself; ours says where
+            return datasets.load_dataset(fmt, data_files=str(path), split=split, **options)
     except Exception as err:
         cause = err.__cause__ or err
+        if fmt == "json":
+            _locate_json_error(path, name)
         raise DataError(f"cannot read {fmt} file: {cause}", file=name) from err
+
+
+def _check_text(path: Path, name: str) -> None:
+    """An empty file, or one that is not UTF-8 text (a binary file under a text suffix), named so
+    before a reader says something vaguer."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip():
+        raise DataError("the file is empty: no rows", file=name)
+    if b"\0" in head:
+        at = head.index(bytes(1)) + 1
+        raise DataError(f"not a text file (a NUL byte at byte {at}): is it binary?", file=name)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(head) < 1 << 16 or e.start < len(head) - 4:  # not a character cut by the 64 KiB window
+            raise DataError(f"not UTF-8 text (byte {e.start + 1}): is it binary?", file=name) from None
+
+
+def _locate_json_error(path: Path, name: str) -> None:
+    """Re-read a JSON / JSON Lines file that the reader refused with Python's json, and raise the
+    first error with its line and column (the reader reports a byte offset or a block's row)."""
+    import json
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # one JSON document (an array of rows)
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            where = {"file": name, "row": e.lineno, "unit": "line"}
+            raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", **where) from None
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            where = {"file": name, "row": number, "unit": "line"}
+            raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", **where) from None
+        if not isinstance(value, dict):
+            raise DataError(f"expected a JSON object per line, got {type(value).__name__}", file=name,
+                            row=number, unit="line")  # fmt: skip
+
+
+class _quiet_datasets:
+    """Raise the `datasets` logger's level while a file is read: its JSON reader logs a failure at
+    ERROR level before raising it, which would print above our one-line message."""
+
+    def __enter__(self) -> None:
+        import logging
+
+        self._logger = logging.getLogger("datasets")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.setLevel(self._level)
 
 
 def _open_text(path: Path) -> Any:

@@ -33,9 +33,11 @@ and with ``drop_degenerate=True`` dropped (``ParseStats.dropped_degenerate``); n
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -307,9 +309,33 @@ def _completion_text(
     return text
 
 
+STANDARD_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def check_roles(messages: Sequence[Mapping[str, Any]], tokenizer: Any, name: str) -> None:
+    """Every message's role is a standard one (`STANDARD_ROLES`) or one the chat template names
+    (e.g. Llama 3.1's "ipython"): a template such as ChatML renders any role, so an unknown role
+    would otherwise be trained on silently."""
+    known = _template_roles(getattr(tokenizer, "chat_template", None) or "")
+    for number, message in enumerate(messages):
+        role = message.get("role")
+        if role not in STANDARD_ROLES and role not in known:
+            raise DataError(
+                f"message {number}: role {role!r} is not one the chat template knows "
+                f"({', '.join(STANDARD_ROLES)}, or a role the template names)", field=name,
+            )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def _template_roles(template: str) -> frozenset[str]:
+    """Quoted words of a chat template that it compares a role with (`role == 'ipython'`)."""
+    return frozenset(re.findall(r"""role['"]?\]?\s*(?:==|!=)\s*['"]([A-Za-z_]+)['"]""", template))
+
+
 def _apply_template(
     tokenizer: Any, messages: Sequence[Mapping[str, Any]], name: str, *, add_generation_prompt: bool
 ) -> str:
+    check_roles(messages, tokenizer, name)
     try:
         text = tokenizer.apply_chat_template(
             [dict(message) for message in messages],

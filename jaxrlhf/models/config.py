@@ -97,6 +97,10 @@ class ModelConfig:
     frozen_layers: int = 0  # the embeddings and layers 0..N-1 get no gradient (backward stops above them)
     attention: str = "auto"  # one of ATTENTION_BACKENDS
     lora: Any = None  # a jaxrlhf.models.lora.LoRASpec: low-rank adapters on the targeted linears
+    # How a score head's per-token scores become one score: "last" (the last real token, as
+    # transformers' *ForSequenceClassification) or "mean" (over the response tokens). Exported as
+    # config.json's "jaxrlhf_score_pooling" so the RL trainers read a reward model as it was trained.
+    score_pooling: str = "last"
     quantize: str = "none"  # the frozen projection kernels stored as "int8" / "nf4" (QLoRA)
 
     def __post_init__(self) -> None:
@@ -109,6 +113,8 @@ class ModelConfig:
                 "LoRA uses PEFT's llama-style module names (q_proj ... down_proj); gpt2's fused "
                 "c_attn / c_fc layers are not supported"
             )
+        if self.score_pooling not in ("last", "mean"):
+            raise ValueError(f"score_pooling must be last or mean, got {self.score_pooling!r}")
         if self.quantize not in ("none", "int8", "nf4"):
             raise ValueError(f"quantize must be none, int8 or nf4, got {self.quantize!r}")
         if self.quantize != "none" and self.lora is None:
@@ -231,6 +237,8 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     guessing.
     """
     model_type = hf.get("model_type")
+    if "jaxrlhf_score_pooling" in hf:
+        overrides = {"score_pooling": hf["jaxrlhf_score_pooling"], **overrides}
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"

@@ -253,8 +253,12 @@ def to_hf_config(model: CausalLM) -> dict[str, Any]:
         hf["architectures"] = [f"{arch}{text}ForSequenceClassification"]
         hf["num_labels"] = 1
         hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+        if cfg.score_pooling != "last":  # ours: transformers pools at the last token
+            hf["jaxrlhf_score_pooling"] = cfg.score_pooling
     else:
         hf["architectures"] = [f"{arch}LMHeadModel" if arch == "GPT2" else f"{arch}ForCausalLM"]
+    if model.head_type != "score" or cfg.score_pooling == "last":
+        hf.pop("jaxrlhf_score_pooling", None)
     hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     dtype_name = {jnp.dtype(v): k for k, v in _DTYPES.items()}[jnp.dtype(cfg.param_dtype)]
     hf["dtype"] = dtype_name

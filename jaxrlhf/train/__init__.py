@@ -1,6 +1,6 @@
 """Training: configs, the methods (`algorithms`: one module each, `ALGORITHMS` by kind), the one
 runner `train(cfg)` (`run.py`), the online engines (`PPOEngine`, `GRPOEngine`), metrics logging and
-checkpointing."""
+the experiment trackers, and checkpointing."""
 
 from jaxrlhf.train.algorithms import (
     ALGORITHMS,
@@ -40,6 +40,7 @@ from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
 from jaxrlhf.train.online import load_prompt_rows, load_prompts
 from jaxrlhf.train.ppo import PPOEngine
 from jaxrlhf.train.run import run as train
+from jaxrlhf.train.trackers import TRACKERS, TrackerError, make_trackers
 
 __all__ = [
     # the methods and the runner
@@ -82,6 +83,10 @@ __all__ = [
     "MetricsLogger",
     "device_peak_flops",
     "mfu",
+    # trackers.py (train.report_to)
+    "TRACKERS",
+    "TrackerError",
+    "make_trackers",
     # checkpoint.py
     "Checkpointer",
     "PreemptionGuard",

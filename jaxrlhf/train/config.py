@@ -59,6 +59,7 @@ __all__ = [
 
 AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")  # mesh axes, as in jaxrlhf.parallel
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+TRACKERS: tuple[str, ...] = ("tensorboard", "wandb", "trackio")  # train.report_to (jaxrlhf.train.trackers)
 class ConfigError(ValueError):
     """A config file or override is invalid: unknown key, wrong type, bad choice or bad value."""
 
@@ -367,13 +368,38 @@ class TrainConfig(Section):
     resume: bool = True
     """Continue from the latest checkpoint in `output_dir` when there is one."""
     tensorboard: bool = True
-    """Write TensorBoard event files to output_dir/tensorboard."""
+    """Write TensorBoard event files to output_dir/tensorboard (false: `tensorboard` is left out of
+    `report_to`)."""
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers (TRL's `report_to`): any of tensorboard, wandb, trackio; `none` or `[]` for
+    none. metrics.jsonl is always written. wandb and trackio are imported only when named (`pip install
+    'jaxrlhf[trackers]'`); `WANDB_MODE=offline` keeps a W&B run on disk (jaxrlhf.train.trackers)."""
+    project: str | None = None
+    """The W&B / Trackio project; None: $WANDB_PROJECT / $TRACKIO_PROJECT, else "jaxrlhf"."""
+    run_name: str | None = None
+    """The run's name in the trackers; None: the last part of `output_dir`."""
+    log_completions: bool = False
+    """Online methods (ppo, grpo, rloo, online_dpo): every `log_every` steps, a table of the rollout's
+    prompts, completions and rewards to output_dir/completions.jsonl and to every tracker (TRL's
+    `log_completions`)."""
+    num_completions_to_print: int | None = Field(None, gt=0)
+    """Rows of each completions table (the first N of the rollout); None: all of them."""
     export: bool = True
     """At the end, save the model in Hugging Face format (`save_pretrained`) to output_dir/export."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A step whose loss or gradient norm is NaN/inf: stop the run naming the step (the parameters of the step
     before are kept; no checkpoint of bad values is written), or skip that update (parameters and optimizer
     state unchanged; counted as `nonfinite_skipped`)."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v: Any) -> Any:
+        if v is None or v == "none" or v == ["none"]:
+            return []
+        names = [v] if isinstance(v, str) else v
+        if isinstance(names, list) and any(n not in TRACKERS for n in names):
+            raise fail(f"takes {', '.join(TRACKERS)} or none")
+        return names
 
     @model_validator(mode="after")
     def _cross_check(self) -> Self:

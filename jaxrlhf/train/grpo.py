@@ -29,7 +29,7 @@ from jaxrlhf.losses import group_advantages, grpo_loss, masked_mean
 from jaxrlhf.models.decoder import CausalLM, default_positions
 from jaxrlhf.models.moe import RouterStats, add_router_aux
 from jaxrlhf.train.objectives import packed_mask
-from jaxrlhf.train.rollout import RolloutEngine, last_token_scores, response_logprobs
+from jaxrlhf.train.rollout import RolloutEngine, response_logprobs, sequence_scores
 
 if TYPE_CHECKING:  # the method module owns its section (and imports this engine)
     from jaxrlhf.train.algorithms.grpo import GRPOConfig
@@ -162,7 +162,7 @@ class GRPOEngine(RolloutEngine):
         columns = [] if host_rewards is None else [host_rewards.reshape(p * g, -1)]
         if rm_params is not None:
             rm = nnx.merge(self.rm_def, rm_params)
-            columns.append(last_token_scores(rm, ids, mask, positions)[:, None])
+            columns.append(sequence_scores(rm, ids, mask, positions, prompt_ids.shape[1])[:, None])
         rewards_BxR = jnp.concatenate(columns, axis=1).astype(jnp.float32)
         # TRL: a None (NaN) reward does not apply and is left out of the weighted sum
         rewards_B = jnp.nansum(rewards_BxR * jnp.asarray(self.weights), axis=1)

@@ -5,9 +5,10 @@
     {"step": 100, "split": "train", "time": 1732521600.5, "loss": 0.61, "learning_rate": 1e-06}
 
 (``time`` is Unix wall-clock seconds; a non-finite value is written as ``null`` to keep the file strict
-JSON), the same scalars to TensorBoard as ``{split}/{name}`` (event files in
-``{output_dir}/tensorboard``), and moves the progress bar to ``step`` with a few key metrics in
-its postfix. Only process 0 writes anything (all processes may call it).
+JSON), the same scalars as ``{split}/{name}`` to the trackers of `report_to` (TensorBoard event files
+in ``{output_dir}/tensorboard`` by default; Weights & Biases, Trackio: `jaxrlhf.train.trackers`), and
+moves the progress bar to ``step`` with a few key metrics in its postfix. Only process 0 writes
+anything (all processes may call it).
 
 MFU (model FLOPs utilisation) uses the usual ``6 * N`` FLOPs per trained token (forward 2N + backward
 4N, attention ignored; Kaplan et al. 2020): ``mfu = 6 * N * tokens_per_second / peak_flops``.
@@ -51,6 +52,8 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from jaxrlhf.train.trackers import make_trackers
 
 __all__ = ["MetricsLogger", "device_peak_flops", "mfu", "PEAK_FLOPS"]
 
@@ -174,8 +177,9 @@ class MetricsLogger:
 
     `total_steps`: the last step, for the bar's ETA (None: no ETA). `start_step`: the step training
     starts (or resumes) from. `process_index`: this process (default ``jax.process_index()``).
-    `postfix_keys`: the metrics shown in the bar (default `DEFAULT_POSTFIX`).
-    Use as a context manager or call `close`.
+    `postfix_keys`: the metrics shown in the bar (default `DEFAULT_POSTFIX`). `report_to`: the
+    trackers (`jaxrlhf.train.trackers.TRACKERS`; None: TensorBoard when `tensorboard`), opened with
+    `project`, `run_name` and the run's `config`. Use as a context manager or call `close`.
     """
 
     def __init__(
@@ -188,6 +192,10 @@ class MetricsLogger:
         process_index: int | None = None,
         start_step: int = 0,
         postfix_keys: Sequence[str] = DEFAULT_POSTFIX,
+        report_to: Sequence[str] | None = None,
+        project: str | None = None,
+        run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
         if process_index is None:
             import jax
@@ -197,7 +205,7 @@ class MetricsLogger:
         self.enabled = process_index == 0
         self.postfix_keys = tuple(postfix_keys)
         self._file = None
-        self._writer = None
+        self._trackers: list[Any] = []
         self._bar = None
         self._last_step = start_step
         if not self.enabled:
@@ -205,13 +213,15 @@ class MetricsLogger:
         os.makedirs(self.output_dir, exist_ok=True)
         self.jsonl_path = os.path.join(self.output_dir, "metrics.jsonl")
         self._file = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:  # pragma: no cover - tensorboardX is a dependency
-                self.print("tensorboardX is not installed: no TensorBoard logging")
-            else:
-                self._writer = SummaryWriter(logdir=os.path.join(self.output_dir, "tensorboard"))
+        names = ["tensorboard"] if report_to is None else list(report_to)
+        if not tensorboard and "tensorboard" in names:
+            names.remove("tensorboard")
+        try:
+            self._trackers = make_trackers(names, self.output_dir, project=project, run_name=run_name,
+                                           config=config)  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
         if console:
             from tqdm.auto import tqdm
 
@@ -237,9 +247,8 @@ class MetricsLogger:
         assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._writer is not None:
-            for name, value in values.items():
-                self._writer.add_scalar(f"{split}/{name}", value, global_step=step)
+        for tracker in self._trackers:
+            tracker.log(step, {f"{split}/{name}": value for name, value in values.items()})
         if self._bar is not None:
             shown = {k: _format(values[k]) for k in self.postfix_keys if k in values}
             if split == "train":
@@ -249,6 +258,17 @@ class MetricsLogger:
             else:
                 body = " ".join(f"{k}={_format(v)}" for k, v in values.items())
                 self.print(f"step {step} {split}: {body}")
+
+    def log_table(self, step: int, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """A table (e.g. prompts, completions and rewards) at `step`: one JSON line per row in
+        ``{output_dir}/{name}.jsonl`` (with ``step``) and a table in every tracker."""
+        if not self.enabled:
+            return
+        with open(os.path.join(self.output_dir, f"{name}.jsonl"), "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({"step": int(step), **dict(zip(columns, row, strict=True))}) + "\n")
+        for tracker in self._trackers:
+            tracker.log_table(int(step), name, columns, rows)
 
     def progress(self, step: int) -> None:
         """Move the progress bar to `step` without logging anything."""
@@ -268,17 +288,17 @@ class MetricsLogger:
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
-        if self._writer is not None:
-            self._writer.flush()
+        for tracker in self._trackers:
+            tracker.flush()
 
     def close(self) -> None:
-        """Flush and close the file, the TensorBoard writer and the bar (idempotent)."""
+        """Flush and close the file, the trackers and the bar (idempotent)."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            tracker.close()
         if self._bar is not None:
             self._bar.close()
             self._bar = None

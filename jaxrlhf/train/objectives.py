@@ -131,14 +131,24 @@ class DPOObjective:
 
 
 def pair_scores(model: CausalLM, batch: Batch) -> tuple[Array, Array]:
-    """Reward-model scores of chosen and rejected `[B]`, read at each completion's last token."""
+    """Reward-model scores of chosen and rejected `[B]`, pooled as `model.config.score_pooling`
+    says: the score head at each completion's last token (`"last"`, a `*ForSequenceClassification`
+    model), or its mean over the completion's tokens (`"mean"`)."""
     scores_BxL = model.apply_head(packed_hidden(model, batch))
     seg = batch["segment_ids"]
+    if model.config.score_pooling == "mean":
+        return segment_mean(scores_BxL, seg == CHOSEN), segment_mean(scores_BxL, seg == REJECTED)
     idx = jnp.arange(seg.shape[1])
     last_c = jnp.max(jnp.where(seg == CHOSEN, idx, 0), axis=1)
     last_r = jnp.max(jnp.where(seg == REJECTED, idx, 0), axis=1)
     take = lambda i: jnp.take_along_axis(scores_BxL, i[:, None], axis=1)[:, 0]  # noqa: E731
     return take(last_c), take(last_r)
+
+
+def segment_mean(scores_BxL: Array, where_BxL: Array) -> Array:
+    """`[B]`: the mean of `scores_BxL` over the positions `where_BxL` marks (0 where it marks none)."""
+    w = where_BxL.astype(jnp.float32)
+    return jnp.sum(scores_BxL.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrlhf.data import BatchIterator, DataError, bucket_length, left_pad, load_rows
+from jaxrlhf.data import BatchIterator, DataError, bucket_length, check_roles, left_pad, load_rows
 from jaxrlhf.train.algorithms.base import Context, Learner
 
 Print = Callable[[str], None]
@@ -30,7 +30,10 @@ def load_prompt_rows(
             prompt = rows[i].get("prompt")
             if isinstance(prompt, list):
                 try:
+                    check_roles(prompt, tokenizer, "prompt")
                     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                except DataError as e:
+                    raise e.located(*rows.locate(i)) from None
                 except Exception as e:  # malformed messages
                     error = DataError(f"cannot render the conversation ({e})", field="prompt")
                     raise error.located(*rows.locate(i)) from e
@@ -112,6 +115,14 @@ class EngineLearner(Learner):
         say(f"step {step} samples ({self.reward_name} | prompt end | completion):")
         for i in self.shown_rows(len(completions)):
             say(f"  {rewards[i]:+.2f} | ...{prompts[i].strip()[-60:]!r} | {completions[i]!r}")
+
+    def completion_table(self, rows: int | None) -> tuple[list[str], list[list[Any]]]:
+        ids, rewards, mask = self.last_samples()
+        n = len(ids) if rows is None else min(rows, len(ids))
+        prompts, completions = decode_rollout(ids[:n], mask[:n], self.ctx.tokenizer)
+        return ["prompt", "completion", self.reward_name], [
+            [p, c, float(r)] for p, c, r in zip(prompts, completions, rewards[:n], strict=True)
+        ]
 
     reward_name = "reward"
 

@@ -44,8 +44,8 @@ from jaxrlhf.parallel import host_array
 from jaxrlhf.train.rollout import (
     RolloutEngine,
     RolloutState,
-    last_token_scores,
     response_logprobs,
+    sequence_scores,
     share_arrays,
     split_trainable,
 )
@@ -131,7 +131,7 @@ class PPOEngine(RolloutEngine):
         rule) and whether each response has an EOS `[B]`."""
         cfg = self.cfg
         if rm_params is not None:
-            scores = last_token_scores(nnx.merge(self.rm_def, rm_params), ids, mask, positions)
+            scores = sequence_scores(nnx.merge(self.rm_def, rm_params), ids, mask, positions, prompt_len)
         else:
             scores = host_scores
         response = ids[:, prompt_len:]

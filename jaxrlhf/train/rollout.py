@@ -60,9 +60,17 @@ def response_logprobs(
     return model.token_logprobs(hidden, labels, temperature=temperature)
 
 
-def last_token_scores(reward_model: CausalLM, ids: Array, mask: Array, positions: Array) -> Array:
-    """Reward-model scores `[B]` at each row's last real token (the EOS when there is one)."""
+def sequence_scores(
+    reward_model: CausalLM, ids: Array, mask: Array, positions: Array, prompt_len: int
+) -> Array:
+    """Reward-model scores `[B]` of `[prompt | response]` rows (the response from column
+    `prompt_len`), pooled as the reward model was trained (`config.score_pooling`): at each row's
+    last real token (the EOS when there is one), or the mean over the response's real tokens."""
     scores_BxL = reward_model(ids, mask, positions)
+    if reward_model.config.score_pooling == "mean":
+        response_BxL = (mask != 0) & (jnp.arange(ids.shape[1]) >= prompt_len)[None, :]
+        w = response_BxL.astype(jnp.float32)
+        return jnp.sum(scores_BxL.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
     last = jnp.max(jnp.where(mask != 0, jnp.arange(ids.shape[1]), 0), axis=1)
     return jnp.take_along_axis(scores_BxL, last[:, None], axis=1)[:, 0]
 

@@ -152,7 +152,10 @@ def run(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> T
         learner.restore_extra(extra)
         (log or functools.partial(print, flush=True))(f"resumed from step {step}")  # on every process
     total_steps = learner.total_steps
-    logger = MetricsLogger(t.output_dir, total_steps=total_steps, tensorboard=t.tensorboard, start_step=step)
+    logger = MetricsLogger(
+        t.output_dir, total_steps=total_steps, tensorboard=t.tensorboard, start_step=step,
+        report_to=t.report_to, project=t.project, run_name=t.run_name, config=config_to_dict(cfg),
+    )  # fmt: skip
     results: dict[str, Any] = {}  # task accuracy by stage name
 
     def evaluate(stage: str, at: int) -> dict[str, float] | None:  # held-out metrics, task accuracy
@@ -212,6 +215,10 @@ def run(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> T
             evaluate(f"step{step}", step)
         if step in (1, total_steps):  # what the rewards mean, at the start and the end
             learner.show_samples(step, say)
+        if t.log_completions and (step % t.log_every == 0 or step in (1, total_steps)):
+            table = learner.completion_table(t.num_completions_to_print)  # every process (a collective)
+            if table is not None:
+                logger.log_table(step, "completions", *table)
 
     try:
         loop = run_loop(

@@ -45,8 +45,8 @@ def test_data_script_is_deterministic_and_keeps_its_invariants(tiny_data):
 
     make = _module(MAKE_DATA)
     names = sorted(os.listdir(tiny_data / "a"))
-    assert names == ["pairs_test.jsonl", "pairs_train.jsonl", "preferred_train.jsonl", "prompts_test.jsonl",
-                     "prompts_train.jsonl"]  # fmt: skip
+    assert names == ["pairs_test.jsonl", "pairs_train.jsonl", "pairs_train_large.jsonl",
+                     "preferred_train.jsonl", "prompts_test.jsonl", "prompts_train.jsonl"]  # fmt: skip
     for name in names:  # byte-identical reruns
         assert (tiny_data / "a" / name).read_bytes() == (tiny_data / "b" / name).read_bytes(), name
     d = tiny_data / "a"
@@ -54,13 +54,17 @@ def test_data_script_is_deterministic_and_keeps_its_invariants(tiny_data):
     assert (len(train), len(test)) == (8, 4)
     assert not {r["title"] for r in train} & {r["title"] for r in test}  # held-out titles are unseen
     assert len({r["prompt"] for r in train}) == 8
-    for split in ("train", "test"):
+    for split, file in (("train", "pairs_train"), ("test", "pairs_test"), ("train", "pairs_train_large")):
         prompts = {r["prompt"] for r in _read(d / f"prompts_{split}.jsonl")}
-        for pair in _read(d / f"pairs_{split}.jsonl"):
+        for pair in _read(d / f"{file}.jsonl"):
             assert pair["prompt"] in prompts
             chosen, rejected = vader_sentiment(["", ""], [pair["chosen"], pair["rejected"]])
             assert (pair["score_chosen"], pair["score_rejected"]) == (round(chosen, 4), round(rejected, 4))
             assert chosen - rejected >= make.MIN_MARGIN - 1e-9
+    large = _read(d / "pairs_train_large.jsonl")
+    assert 0 < len(large) <= 8 * make.LARGE_SAMPLES // 2
+    for prompt in {p["prompt"] for p in large}:  # each sample in one pair at most
+        assert sum(p["prompt"] == prompt for p in large) <= make.LARGE_SAMPLES // 2
     preferred = _read(d / "preferred_train.jsonl")
     assert [r["prompt"] for r in preferred] == [r["prompt"] for r in train]
     for row in preferred:  # the best sample of its prompt: no pair of that prompt has a better one
@@ -75,6 +79,19 @@ def test_make_pairs_rule():
     got = {(p["chosen"], p["rejected"]) for p in pairs}
     # 0.5 vs 0.45 is closer than MIN_MARGIN; the blank sample never enters a pair
     assert got == {("good", "bad"), ("okay", "bad")}
+
+
+def test_matched_pairs_rule():
+    """Ranked by score, rank i against rank i + n/2: each sample in one pair at most, pairs closer
+    than MIN_MARGIN dropped, blank samples left out."""
+    make = _module(MAKE_DATA)
+    texts = ["a", "b", "c", "d", "e", " ", "f"]
+    scores = [0.9, 0.5, 0.45, -0.2, 0.0, 1.0, 0.42]
+    pairs = make.make_matched_pairs("p", texts, scores)
+    # ranked: a .9, b .5, c .45, f .42, e 0, d -.2 -> (a, f), (b, e), (c, d)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "f"), ("b", "e"), ("c", "d")]
+    close = make.make_matched_pairs("p", ["x", "y"], [0.30, 0.25])
+    assert close == []
 
 
 def test_sweep_end_to_end_on_a_tiny_model(tiny_data, mini_dir, tmp_path):

@@ -62,6 +62,13 @@ BAD_ROWS = {  # case: (good row on line 1, bad row on line 2, field, message aft
         "a completion must start with an assistant message, got role 'user'",
     ),
     "empty messages": (MESSAGES_GOOD, dict(MESSAGES_GOOD, rejected=[]), "rejected", "empty"),
+    "a role the template does not know": (  # ChatML renders any role: it would be trained on
+        MESSAGES_GOOD,
+        dict(MESSAGES_GOOD, prompt=[{"role": "wizard", "content": "Hi"}]),
+        "prompt",
+        "message 0: role 'wizard' is not one the chat template knows (system, developer, user, "
+        "assistant, tool, or a role the template names)",
+    ),
     "margin text": (GOOD, dict(GOOD, margin="lots"), "margin", "expected a number, got 'lots'"),
     "margin bool": (GOOD, dict(GOOD, margin=True), "margin", "expected a number, got bool"),
     "margin nan": (GOOD, dict(GOOD, margin="nan"), "margin", "expected a finite number, got 'nan'"),
@@ -175,12 +182,43 @@ def test_missing_file(tmp_path):
         load_rows("data/missing.parquet")
 
 
-def test_unreadable_file(tmp_path):
+def test_unreadable_file(tmp_path, capfd):
+    """A JSON syntax error is located by line and column (the reader gives a block's row), and the
+    reader's own log line is not printed above ours."""
     path = tmp_path / "broken.jsonl"
-    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n')
-    with pytest.raises(DataError, match=f"^{path}: cannot read json file") as info:
+    good = '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+    path.write_text(good * 2 + '{"prompt": "a", "chosen": "b" "rejected": "c"}\n' + good)
+    with pytest.raises(DataError) as info:
         load_rows(path)
-    assert info.value.file == str(path)
+    assert str(info.value) == f"{path}, line 3: invalid JSON: Expecting ',' delimiter (column 31)"
+    assert (info.value.file, info.value.row, info.value.unit) == (str(path), 3, "line")
+    assert "Failed to load JSON" not in capfd.readouterr().err
+    array = tmp_path / "rows.json"  # one JSON document: its line and column
+    array.write_text('[\n  {"prompt": "a", "chosen": "b", "rejected": "c"},\n  {"prompt": "a" "b"}\n]\n')
+    with pytest.raises(DataError, match=r"rows.json, line 3: invalid JSON: Expecting ',' delimiter"):
+        load_rows(array)
+    scalar = tmp_path / "scalar.jsonl"
+    scalar.write_text(good + "[1, 2]\n")
+    with pytest.raises(DataError, match=r"scalar.jsonl, line 2: expected a JSON object per line, got list"):
+        load_rows(scalar)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_empty_and_binary_files(tmp_path, suffix):
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataError) as info:
+        load_rows(empty)
+    assert str(info.value) == f"{empty}: the file is empty: no rows"
+    binary = tmp_path / f"model{suffix}"
+    binary.write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(range(256)))
+    with pytest.raises(DataError) as info:
+        load_rows(binary)
+    assert str(info.value) == f"{binary}: not a text file (a NUL byte at byte 6): is it binary?"
+    latin = tmp_path / f"latin{suffix}"
+    latin.write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"not UTF-8 text \(byte 16\): is it binary\?"):
+        load_rows(latin)
 
 
 def test_unknown_file_type(tmp_path):
@@ -202,3 +240,25 @@ def test_data_error_pickles():
     assert (copy.file, copy.row, copy.unit, copy.field) == ("a.jsonl", 3, "line", "chosen")
     assert str(copy) == str(err) == "a.jsonl, line 3, field 'chosen': empty"
     assert isinstance(copy, ValueError)
+
+
+def test_unknown_roles_in_sft_and_prompt_rows(tmp_path, write_rows, tokenizer):
+    """SFT conversations and online prompts check roles as preference rows do; a role the template
+    names (Llama 3.1's `ipython`) is accepted."""
+    from jaxrlhf.train.algorithms.sft import parse_sft_rows
+    from jaxrlhf.train.online import load_prompt_rows
+
+    hi, wizard = {"role": "user", "content": "Hi"}, {"role": "wizard", "content": "Zap"}
+    reply = {"role": "assistant", "content": "Hello."}
+    path = write_rows(tmp_path / "sft.jsonl", [{"messages": [hi, wizard, reply]}])
+    with pytest.raises(DataError, match=r"sft.jsonl, line 1, field 'messages': message 1: role 'wizard'"):
+        parse_sft_rows(load_rows(path), tokenizer, skip_invalid=False, drop_degenerate=False, source="")
+    path = write_rows(tmp_path / "prompts.jsonl", [{"prompt": [hi]}, {"prompt": [hi, wizard]}])
+    with pytest.raises(DataError, match=r"prompts.jsonl, line 2, field 'prompt': message 1: role 'wizard'"):
+        load_prompt_rows([str(path)], tokenizer, max_prompt_length=32)
+    from jaxrlhf.data import check_roles
+
+    llama_like = type("T", (), {"chat_template": "{% if message['role'] == 'ipython' %}{% endif %}"})()
+    check_roles([{"role": "ipython", "content": "42"}], llama_like, "prompt")  # named by the template
+    with pytest.raises(DataError, match="role 'ipython' is not"):
+        check_roles([{"role": "ipython", "content": "42"}], tokenizer, "prompt")

@@ -12,6 +12,7 @@ import numpy as np
 from jaxrlhf.train import load_config, train
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
+GRPO_DATA = os.path.join(REPO, "jaxrlhf", "assets", "grpo_demo")
 
 
 def overrides(tiny_dir, data_files, out, **extra):
@@ -104,3 +105,29 @@ def ppo_cli_args(tmp_path, out: str) -> tuple[list[str], dict[str, str]]:
     )
     args = [a for a in args if not a.startswith(("data.eval_files", "train.grad_accum_steps"))]
     return args, dict(os.environ)
+
+
+def tiny_with_demo_tokenizer(tmp_path) -> str:
+    """A 2-layer random Llama with the demo model's tokenizer (its real vocabulary) in `tmp_path/tiny`."""
+    import transformers as tf
+
+    from jaxrlhf.models import load_tokenizer
+    from jaxrlhf.models.demo import demo_model_path
+
+    tiny = str(tmp_path / "tiny")
+    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tiny)
+    load_tokenizer(demo_model_path()).save_pretrained(tiny)
+    return tiny
+
+
+def grpo_cli_args(tiny: str, out: str, kind: str = "grpo") -> list[str]:
+    """A 2-step `configs/grpo_demo.yaml` run of `tiny` on the shipped GRPO prompts, writing to `out`."""
+    return [
+        "--config", "configs/grpo_demo.yaml", f"model.path={tiny}", f"train.output_dir={out}",
+        "train.max_steps=2", "train.save_every=1", "train.batch_size=2", "train.eval_every=0",
+        "train.tensorboard=false", "grpo.num_generations=4", "grpo.max_completion_length=6",
+        "grpo.num_mini_batches=2", "grpo.beta=0.04", f"data.eval_files={GRPO_DATA}/test.jsonl",
+        "task_eval.max_new_tokens=4", f"data.train_files={GRPO_DATA}/test.jsonl",
+    ]  # fmt: skip

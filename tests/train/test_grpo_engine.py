@@ -114,19 +114,21 @@ def test_packed_groups_give_the_unpacked_logprobs(tiny_llama, scan):
     np.testing.assert_allclose(np.asarray(packed)[m], np.asarray(rows)[m], atol=2e-5)
 
 
-def test_lora_policy_and_a_reward_model(tiny_llama):
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_lora_policy_and_a_reward_model(tiny_llama, pooling):
     """With LoRA only the adapters train and, with beta > 0, the reference is the base (its
     log-probs equal a separately loaded base model's); a reward model is one more reward column,
-    scored at each completion's last real token."""
+    its per-token scores read at each completion's last real token, or averaged over the
+    completion's tokens when the reward model was trained with `score_pooling="mean"`."""
     from flax import nnx
 
     from jaxrlhf.models.lora import LoRASpec
-    from jaxrlhf.train.rollout import last_token_scores
 
     mesh = make_mesh(devices=jax.devices()[:1])
     spec = LoRASpec.build(rank=4, alpha=16.0, target_modules=["q_proj", "v_proj"])
     policy = from_pretrained(tiny_llama, mesh=mesh, lora=spec)
     rm = from_pretrained(tiny_llama, head="score", init_score_head=True, mesh=mesh, seed=3)
+    rm.config = rm.config.replace(score_pooling=pooling)
     cfg = GRPOConfig(num_generations=4, max_completion_length=6, beta=0.1)
     optimizer = make_optimizer(make_schedule(1e-2, 100, kind="constant"))
     engine = GRPOEngine(policy, cfg, optimizer, mesh, eos_token_ids=[EOS], pad_token_id=PAD, reward_model=rm,
@@ -144,7 +146,14 @@ def test_lora_policy_and_a_reward_model(tiny_llama):
     want_ref = np.asarray(response_logprobs(base, r["ids"], r["mask"], r["positions"], p, cfg.temperature))
     m = r["completion_mask"].astype(bool)
     np.testing.assert_allclose(r["ref_logprobs"][m], want_ref[m], atol=2e-5)
-    scores = np.asarray(last_token_scores(rm, r["ids"], r["mask"], r["positions"]))
+    per_token = np.asarray(rm(r["ids"], r["mask"], r["positions"]))  # [B, P + N]
+    real = r["mask"] != 0
+    if pooling == "last":
+        last = np.array([np.nonzero(row)[0][-1] for row in real])
+        scores = per_token[np.arange(len(last)), last]
+    else:
+        response = real[:, p:]
+        scores = (per_token[:, p:] * response).sum(1) / response.sum(1)
     want = low_token_fraction(r["ids"], r["completion_mask"]) + 0.5 * scores
     np.testing.assert_allclose(r["rewards"], want, rtol=1e-5, atol=1e-5)
 

@@ -11,34 +11,12 @@ import subprocess
 import sys
 
 import pytest
+from helpers.runs import grpo_cli_args as _args
+from helpers.runs import tiny_with_demo_tokenizer as _tiny
 
 from jaxrlhf.train.config import ConfigError, load_config
 
 GRPO_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "jaxrlhf", "assets", "grpo_demo")
-
-
-def _tiny(tmp_path) -> str:
-    import transformers as tf
-
-    from jaxrlhf.models import load_tokenizer
-    from jaxrlhf.models.demo import demo_model_path
-
-    tiny = str(tmp_path / "tiny")
-    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tiny)
-    load_tokenizer(demo_model_path()).save_pretrained(tiny)
-    return tiny
-
-
-def _args(tiny: str, out: str, kind: str = "grpo") -> list[str]:
-    return [
-        "--config", "configs/grpo_demo.yaml", f"model.path={tiny}", f"train.output_dir={out}",
-        "train.max_steps=2", "train.save_every=1", "train.batch_size=2", "train.eval_every=0",
-        "train.tensorboard=false", "grpo.num_generations=4", "grpo.max_completion_length=6",
-        "grpo.num_mini_batches=2", "grpo.beta=0.04", f"data.eval_files={GRPO_DATA}/test.jsonl",
-        "task_eval.max_new_tokens=4", f"data.train_files={GRPO_DATA}/test.jsonl",
-    ]  # fmt: skip
 
 
 def _run(kind: str, args: list[str]) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.trackers import tensorboard_events
 
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
 
@@ -20,20 +20,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def event_tags(logdir: Path) -> set[str]:
-    """Scalar tags in the TFRecord event files under `logdir` (parsed with tensorboardX's protos)."""
-    from tensorboardX.proto import event_pb2
-
-    tags = set()
-    for file in logdir.glob("events.out.tfevents.*"):
-        data = file.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos : pos + 8])
-            record = data[pos + 12 : pos + 12 + length]
-            pos += 12 + length + 4
-            event = event_pb2.Event.FromString(record)
-            tags.update(value.tag for value in event.summary.value)
-    return tags
+    """Tags in the TensorBoard event files under `logdir`."""
+    return {tag for _, tag, _ in tensorboard_events(logdir)}
 
 
 def test_jsonl_tensorboard_and_bar(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -55,18 +56,42 @@ def test_packed_logps_match_separate_sequences(kind, tmp_path):
         assert float(got["chosen_len"][i]) == len(pair.chosen_ids)
 
 
-def test_reward_scores_read_at_last_completion_token(tmp_path):
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_reward_scores_pooled_as_configured(tmp_path, pooling):
+    """The score of each completion of a packed pair: transformers' `*ForSequenceClassification`
+    logit of the unpacked sequence (its last token), or with `score_pooling="mean"` the mean of the
+    head's per-token scores `score(hidden)` over the completion's positions."""
     hf = make_hf_model("llama", head="score")
     hf.save_pretrained(str(tmp_path))
     model = from_pretrained(str(tmp_path), head="score")
+    model.config = model.config.replace(score_pooling=pooling)
     pairs = random_pairs(4, seed=2)
     chosen, rejected = pair_scores(model, _batch(pairs))
     for i, pair in enumerate(pairs):
         for comp, got in ((pair.chosen_ids, chosen[i]), (pair.rejected_ids, rejected[i])):
             ids = torch.tensor(np.concatenate([pair.prompt_ids, comp])[None], dtype=torch.long)
             with torch.no_grad():
-                ref = float(hf(input_ids=ids).logits[0, 0])
-            np.testing.assert_allclose(float(got), ref, atol=1e-4)
+                if pooling == "last":
+                    want = float(hf(input_ids=ids).logits[0, 0])
+                else:
+                    per_token = hf.score(hf.model(input_ids=ids).last_hidden_state)[0, :, 0].numpy()
+                    want = per_token[len(pair.prompt_ids) :].mean()
+            np.testing.assert_allclose(float(got), want, atol=1e-4)
+
+
+def test_score_pooling_is_exported_and_loaded(tmp_path):
+    """A mean-pooled reward model's config.json says so (`jaxrlhf_score_pooling`) and loads back with
+    it; the default ("last", transformers' own) is not written."""
+    from jaxrlhf.models import save_pretrained
+
+    make_hf_model("llama", head="score").save_pretrained(str(tmp_path / "rm"))
+    model = from_pretrained(str(tmp_path / "rm"), head="score")
+    for pooling in ("mean", "last"):
+        model.config = model.config.replace(score_pooling=pooling)
+        save_pretrained(model, str(tmp_path / pooling))
+        with open(tmp_path / pooling / "config.json") as f:
+            assert json.load(f).get("jaxrlhf_score_pooling") == (None if pooling == "last" else "mean")
+        assert from_pretrained(str(tmp_path / pooling), head="score").config.score_pooling == pooling
 
 
 def test_first_dpo_loss_is_ln2_and_training_improves(tmp_path):

@@ -126,6 +126,32 @@ def test_missing_eos_score_replaces_the_score(tiny_llama):
         PPOConfig(missing_eos_score=-3.0)  # the default missing_eos_penalty is still set
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_reward_model_scores_pool_as_the_reward_model_was_trained(tiny_llama, pooling):
+    """With a reward model, a response's score is its per-token score at the last real token, or
+    the mean over the response's real tokens for a `score_pooling="mean"` reward model."""
+    mesh = make_mesh(devices=jax.devices()[:1])
+    policy = from_pretrained(tiny_llama, mesh=mesh)
+    critic = from_pretrained(tiny_llama, head="score", init_score_head=True, mesh=mesh)
+    rm = from_pretrained(tiny_llama, head="score", init_score_head=True, mesh=mesh, seed=5)
+    rm.config = rm.config.replace(score_pooling=pooling)
+    cfg = PPOConfig(response_length=5, missing_eos_penalty=None)
+    optimizer = make_optimizer(make_schedule(1e-4, 100, kind="constant"))
+    engine = PPOEngine(policy, critic, rm, cfg, optimizer, mesh, eos_token_ids=[EOS], pad_token_id=PAD)
+    prompts, mask = random_prompts(n=6, seed=7)
+    mask[:2, :3], prompts[:2, :3] = 0, PAD  # left padding: not part of the response
+    engine.step(prompts, mask, None)
+    r = jax.tree.map(np.asarray, engine.last_rollout)
+    per_token = np.asarray(rm(r.ids, r.mask, r.positions))
+    m = r.response_mask.astype(bool)
+    resp = per_token[:, -m.shape[1] :]
+    if pooling == "last":
+        want = np.array([row[np.nonzero(keep)[0][-1]] for row, keep in zip(resp, m, strict=True)])
+    else:
+        want = (resp * m).sum(1) / m.sum(1)
+    np.testing.assert_allclose(r.scores, want, atol=1e-5)
+
+
 def test_rescoring_the_policy_gives_the_same_rollout(tiny_llama):
     """`rescore_policy=True` recomputes the policy log-probs with a full forward; the rollout, the
     advantages and the update metrics agree with the default (sampler log-probs) to float tolerance."""

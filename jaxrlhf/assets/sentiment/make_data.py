@@ -11,6 +11,9 @@ prompts are openings of movie reviews, a policy continues them, and VADER's comp
    tokens -- exactly what the policy samples in training, so the data is on-policy for the reference.
 3. Pairs: every two samples of a prompt whose VADER scores differ by at least `MIN_MARGIN`, the
    higher one chosen (samples that close are a coin flip to any judge).
+4. The larger pair set for the reward model: `LARGE_SAMPLES` more samples of every training prompt,
+   ranked by score and matched rank i with rank i + `LARGE_SAMPLES` / 2, so every text is in at most
+   one pair (a reward model learns from distinct texts, not from the same text paired again).
 
 Files (one JSON object per line):
 
@@ -19,6 +22,8 @@ Files (one JSON object per line):
 * ``pairs_train.jsonl`` / ``pairs_test.jsonl``: ``{"prompt", "chosen", "rejected", "score_chosen",
   "score_rejected"}`` -- for the reward model and DPO; the held-out pairs give the reward model's
   accuracy against the ground truth;
+* ``pairs_train_large.jsonl``: the same columns, from step 4 -- for the reward model of the RLHF
+  demo;
 * ``preferred_train.jsonl``: ``{"prompt", "completion", "score"}``, the best sample of each
   training prompt -- for SFT on preferred samples ("Preferred-FT" in the paper).
 
@@ -43,6 +48,7 @@ SEED = 20261206
 TRAIN_PROMPTS = 384
 TEST_PROMPTS = 64
 SAMPLES = 4
+LARGE_SAMPLES = 16
 MAX_NEW_TOKENS = 24
 MIN_MARGIN = 0.1
 BATCH = 64
@@ -134,6 +140,21 @@ def make_pairs(prompt: str, completions: Sequence[str], scores: Sequence[float])
     return pairs
 
 
+def make_matched_pairs(prompt: str, completions: Sequence[str], scores: Sequence[float]) -> list[dict]:
+    """Samples ranked by score, rank i matched with rank i + n / 2 (n: the non-blank samples, rounded
+    down to even); each pair kept when at least `MIN_MARGIN` apart, the higher one chosen."""
+    order = sorted((k for k in range(len(completions)) if completions[k].strip()), key=lambda k: -scores[k])
+    half = len(order) // 2
+    pairs = []
+    for hi, lo in zip(order[:half], order[half : 2 * half], strict=True):
+        if scores[hi] - scores[lo] >= MIN_MARGIN:
+            pair = {"prompt": prompt, "chosen": completions[hi], "rejected": completions[lo]}
+            pairs.append(
+                {**pair, "score_chosen": round(scores[hi], 4), "score_rejected": round(scores[lo], 4)}
+            )
+    return pairs
+
+
 def write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
@@ -146,6 +167,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--model", default="demo", help="the reference model: 'demo' or a local checkpoint")
     ap.add_argument("--train-prompts", type=int, default=TRAIN_PROMPTS)
     ap.add_argument("--test-prompts", type=int, default=TEST_PROMPTS)
+    ap.add_argument(
+        "--large-samples",
+        type=int,
+        default=LARGE_SAMPLES,
+        help="samples per training prompt for pairs_train_large.jsonl (0: skip that file)",
+    )
     args = ap.parse_args(argv)
     from jaxrlhf.models.demo import demo_model_path
     from jaxrlhf.rewards import vader_sentiment
@@ -168,6 +195,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         if split == "train":
             write_jsonl(os.path.join(args.out, "preferred_train.jsonl"), preferred)
         print(f"{split}: {len(rows)} prompts, {len(pairs)} pairs", flush=True)
+    if args.large_samples:
+        texts = sample(model_dir, [r["prompt"] for r in train], args.large_samples, SEED)
+        large = []
+        for row, completions in zip(train, texts, strict=True):
+            scores = vader_sentiment([row["prompt"]] * len(completions), completions)
+            large += make_matched_pairs(row["prompt"], completions, scores)
+        write_jsonl(os.path.join(args.out, "pairs_train_large.jsonl"), large)
+        print(
+            f"train (large): {len(train)} prompts x {args.large_samples} samples, {len(large)} pairs",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -138,6 +138,11 @@ class Learner:
         """Tokens a host batch trains on, over all processes (for tokens per second); 0: not reported."""
         return 0.0
 
+    def completion_table(self, rows: int | None) -> tuple[list[str], list[list[Any]]] | None:
+        """(columns, rows) of the last rollout's prompts, completions and rewards, the first `rows`
+        of them (None: all); None: the method samples nothing. Called on every process."""
+        return None
+
     def held_out(self, stage: str) -> dict[str, float] | None:
         """Held-out metrics at `stage` ("before", "step<N>", "after"); None: no held-out data."""
         return None

@@ -42,7 +42,8 @@ class GRPOConfig(Section):
     `jaxrlhf.rewards:accuracy_reward`."""
     reward_model: str | None = None
     """A trained reward model (a `*ForSequenceClassification` export) scoring each completion at its last
-    token: one more reward, after the functions."""
+    token (or by the mean over its tokens for a `reward.pooling: mean` model): one more reward, after
+    the functions."""
     reward_weights: list[float] | None = None
     """Weights of the rewards (functions, then the reward model) in the summed reward; None: all 1."""
     num_generations: int = Field(8, gt=0)

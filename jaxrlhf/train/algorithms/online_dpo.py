@@ -44,7 +44,8 @@ class OnlineDPOConfig(Section):
     """Reward functions `module:function`, called as in the grpo section (the prompt rows' other
     columns passed by name)."""
     reward_model: str | None = None
-    """A trained reward model scoring each completion at its last token: one more reward."""
+    """A trained reward model scoring each completion (at its last token, or by the mean over its
+    tokens for a `reward.pooling: mean` model): one more reward."""
     reward_weights: list[float] | None = None
     """Weights of the rewards (functions, then the reward model) in the summed reward; None: all 1."""
     max_new_tokens: int = Field(64, gt=0)

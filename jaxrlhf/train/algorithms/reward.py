@@ -6,7 +6,7 @@ computed once; the score is read at each completion's last token.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,11 @@ class RewardConfig(Section):
     """Weight of the mean-squared reward penalty that keeps rewards centred (e.g. 0.01); None: off."""
     use_margin: bool = True
     """Subtract the dataset's `margin` column (0 where absent) inside the loss."""
+    pooling: Literal["last", "mean"] = "last"
+    """Where the score is read: `last`, the score head at the completion's last token (TRL's reward
+    models, `*ForSequenceClassification`); `mean`, the head's mean over the completion's tokens (a
+    token-level reward summed into one score; suits rewards that add up over the text). Stored in
+    the exported checkpoint, so PPO, GRPO and RLOO read scores the same way."""
 
 
 class RewardLearner(OfflineLearner):
@@ -59,6 +64,7 @@ class Reward(Algorithm):
         data = prepare_data(ctx.cfg.data, ctx.tokenizer, log=ctx.say)
         train, eval_ = ([Indexed(i, p) for i, p in enumerate(split)] for split in (data.train, data.eval))
         model = ctx.load_policy(head="score", init_score_head=True)
+        model.config = model.config.replace(score_pooling=r.pooling)  # exported with the weights
         objective = RewardObjective(r.center_rewards_coefficient, r.use_margin)
         return RewardLearner(ctx, model, objective, train, pair_collate(ctx), packed_length,
                              eval_examples=eval_, report=data.report)  # fmt: skip

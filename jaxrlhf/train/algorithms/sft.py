@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.data import DataError, PreferenceExample, collate_sequences
+from jaxrlhf.data import DataError, PreferenceExample, check_roles, collate_sequences
 from jaxrlhf.train.algorithms.base import Algorithm, Context, Learner
 from jaxrlhf.train.config import Section
 from jaxrlhf.train.objectives import SFTObjective
@@ -73,6 +73,7 @@ def _split_messages(msgs: Any, tokenizer: Any) -> tuple[str, str, bool]:
     """(prompt text, completion text, whether the completion is empty) of a conversation."""
     if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
         raise DataError("expected a list of messages ending with an assistant turn", field="messages")
+    check_roles(msgs, tokenizer, "messages")
     prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(msgs, tokenize=False)
     if not full.startswith(prompt):
