@@ -391,6 +391,11 @@ class TrainConfig(Section):
     before are kept; no checkpoint of bad values is written), or skip that update (parameters and optimizer
     state unchanged; counted as `nonfinite_skipped`)."""
 
+    @property
+    def trackers(self) -> list[str]:
+        """`report_to`, less `tensorboard` when `tensorboard` is false."""
+        return [n for n in self.report_to if self.tensorboard or n != "tensorboard"]
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _report_to(cls, v: Any) -> Any:

@@ -47,6 +47,7 @@ from jaxrlhf.train.config import config_to_dict
 from jaxrlhf.train.loop import run_loop
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
 from jaxrlhf.train.reward_eval import RewardEvaluator
+from jaxrlhf.train.trackers import check_installed
 
 # Test hook: simulate a crash (os._exit) right after the checkpoint of this step is written.
 CRASH_ENV = "JAXRLHF_CRASH_AFTER_STEP"
@@ -118,6 +119,8 @@ def run(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> T
     algorithm = algorithm_for(cfg)
     maybe_initialize_distributed(cfg)
     t = cfg.train
+    if jax.process_index() == 0:  # a tracker that is not installed fails before anything is loaded
+        check_installed(t.trackers)
     mesh, rules = mesh_and_rules(cfg)
     os.makedirs(t.output_dir, exist_ok=True)
     fresh_start(t.output_dir, t.resume)
@@ -153,8 +156,8 @@ def run(cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None) -> T
         (log or functools.partial(print, flush=True))(f"resumed from step {step}")  # on every process
     total_steps = learner.total_steps
     logger = MetricsLogger(
-        t.output_dir, total_steps=total_steps, tensorboard=t.tensorboard, start_step=step,
-        report_to=t.report_to, project=t.project, run_name=t.run_name, config=config_to_dict(cfg),
+        t.output_dir, total_steps=total_steps, start_step=step, report_to=t.trackers, project=t.project,
+        run_name=t.run_name, config=config_to_dict(cfg),
     )  # fmt: skip
     results: dict[str, Any] = {}  # task accuracy by stage name
 

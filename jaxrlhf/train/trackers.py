@@ -118,12 +118,8 @@ class TrackioTracker(_RunTracker):
         )  # fmt: skip
 
 
-def make_trackers(
-    names: Sequence[str], output_dir: str, *, project: str | None = None, run_name: str | None = None,
-    config: Mapping[str, Any] | None = None,
-) -> list[Tracker]:  # fmt: skip
-    """The trackers `names` (a subset of `TRACKERS`), opened for the run in `output_dir`; every
-    package is checked before any tracker starts, so a missing one fails before a run is created."""
+def check_installed(names: Sequence[str]) -> None:
+    """`TrackerError` for a name that is not a tracker, or whose package does not import."""
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
         raise TrackerError(
@@ -131,6 +127,15 @@ def make_trackers(
         )
     for name in names:
         _import(name)
+
+
+def make_trackers(
+    names: Sequence[str], output_dir: str, *, project: str | None = None, run_name: str | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> list[Tracker]:  # fmt: skip
+    """The trackers `names` (a subset of `TRACKERS`), opened for the run in `output_dir`; every
+    package is checked before any tracker starts, so a missing one fails before a run is created."""
+    check_installed(names)
     run_name = run_name or os.path.basename(os.path.normpath(output_dir))
     config = config or {}
     out: list[Tracker] = []

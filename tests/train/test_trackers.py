@@ -36,6 +36,14 @@ def test_a_missing_package_is_a_one_line_error(monkeypatch, tmp_path):
     assert not os.path.exists(tmp_path / "tensorboard")  # checked before any tracker starts
     with pytest.raises(TrackerError, match="unknown tracker"):
         make_trackers(["mlflow"], str(tmp_path))
+    # a run fails on it first: before the model (here, a path that does not exist) is looked at
+    from jaxrlhf.train import load_config, train
+
+    overrides = [f"train.output_dir={tmp_path}/run", "train.report_to=wandb", f"model.path={tmp_path}/x"]
+    cfg = load_config(os.path.join(REPO, "configs", "sft_demo.yaml"), overrides)
+    with pytest.raises(TrackerError, match="pip install wandb"):
+        train(cfg)
+    assert TrainConfig(report_to=["wandb", "tensorboard"], tensorboard=False).trackers == ["wandb"]
 
 
 def test_tensorboard_wandb_and_trackio_read_back(tmp_path):
