@@ -113,6 +113,7 @@ def train_rows(args, shape: dict, path: str, backend: str) -> list[dict]:
     import jax
 
     from jaxrlhf.data import TokenizedPair, collate_pairs, collate_sequences
+    from jaxrlhf.data.sft import PackedRow, SFTTokens, collate_sft
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.parallel import make_mesh
     from jaxrlhf.train.objectives import DPOObjective, SFTObjective, add_targets
@@ -157,9 +158,9 @@ def train_rows(args, shape: dict, path: str, backend: str) -> list[dict]:
         out.append(row)
         del state
 
-    seqs = [(ids(1), ids(T - 1)) for _ in range(B)]
-    sft = [put(collate_sequences(seqs, pad_id=0, batch_size=B, buckets=[T])) for _ in range(2)]
-    run("sft", SFTObjective(completion_only=False), sft, B * T, trained * B * T, False)
+    seqs = [PackedRow((SFTTokens(ids(T), np.r_[0, np.ones(T - 1, np.int32)]),)) for _ in range(B)]
+    sft = [put(collate_sft(seqs, pad_id=0, batch_size=B, buckets=[T])) for _ in range(2)]
+    run("sft", SFTObjective(), sft, B * T, trained * B * T, False)
 
     pairs = [TokenizedPair(*p) for p in synthetic_pairs(shape, B, P, C)]
     pair_tokens = B * (2 * P + 2 * C)

@@ -1,4 +1,5 @@
-"""Data layer: load preference/SFT rows, normalise, tokenize, collate and iterate.
+"""Data layer: load preference/SFT rows, normalise, tokenize, collate and iterate (SFT rows of
+every TRL format, and packing: `jaxrlhf.data.sft`).
 
 Typical DPO pipeline::
 
@@ -28,6 +29,18 @@ from jaxrlhf.data.preference import (
     check_roles,
     parse_preferences,
     parse_row,
+    template_kwargs,
+    to_chatml,
+)
+from jaxrlhf.data.sft import (
+    PackedRow,
+    SFTStats,
+    SFTText,
+    SFTTokens,
+    collate_sft,
+    pack_sequences,
+    render_sft_row,
+    tokenize_sft,
 )
 from jaxrlhf.data.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
 
@@ -37,9 +50,13 @@ __all__ = [
     "Collate",
     "DataError",
     "Location",
+    "PackedRow",
     "ParseStats",
     "PreferenceExample",
     "Rows",
+    "SFTStats",
+    "SFTText",
+    "SFTTokens",
     "STANDARD_ROLES",
     "TokenizeStats",
     "TokenizedPair",
@@ -47,10 +64,16 @@ __all__ = [
     "check_roles",
     "collate_pairs",
     "collate_sequences",
+    "collate_sft",
     "left_pad",
     "load_rows",
+    "pack_sequences",
     "packed_attention_mask",
     "parse_preferences",
     "parse_row",
+    "render_sft_row",
     "tokenize_pairs",
+    "tokenize_sft",
+    "template_kwargs",
+    "to_chatml",
 ]

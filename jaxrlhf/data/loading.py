@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,8 @@ def load_rows(
     path = Path(name).expanduser()
     if path.is_file():
         return Rows((_load_file(path, name, split),), (name,), (str(path),))
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        return _load_saved(path, name, split)
     if path.is_dir():
         return _load_dir(path, name, split, data_files)
     if _looks_local(name):
@@ -179,6 +182,37 @@ def load_rows(
     except Exception as err:  # network, missing split, bad files: all name the source
         raise DataError(f"cannot load dataset: {err}", file=name) from err
     return Rows((dataset,), (name,))
+
+
+def _load_saved(path: Path, name: str, split: str) -> Rows:
+    """A directory written by `Dataset.save_to_disk` (its rows are the "train" split) or
+    `DatasetDict.save_to_disk` (the rows of `split`); a split may slice: ``"train[:100]"``,
+    ``"train[10%:]"``."""
+    match = re.fullmatch(r"(\w+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?", split.strip())
+    if match is None:
+        raise DataError(f"cannot read the split {split!r} (e.g. 'train', 'train[:100]')", file=name)
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"cannot read the saved dataset: {err}", file=name) from err
+    split_name, start, stop = match.groups()
+    if isinstance(saved, datasets.DatasetDict):
+        if split_name not in saved:
+            raise DataError(f"no split {split_name!r} (splits: {', '.join(sorted(saved))})", file=name)
+        saved = saved[split_name]
+    elif split_name != "train":
+        raise DataError(f"a saved Dataset has one split, 'train'; got {split_name!r}", file=name)
+    if start is not None or stop is not None:
+        n = len(saved)
+
+        def index(bound: str | None, default: int) -> int:
+            if bound is None:
+                return default
+            value = round(float(bound[:-1]) * n / 100) if bound.endswith("%") else int(bound)
+            return min(max(value + n if value < 0 else value, 0), n)
+
+        saved = saved.select(range(index(start, 0), max(index(stop, n), index(start, 0))))
+    return Rows((saved,), (name,))
 
 
 def _load_dir(path: Path, name: str, split: str, data_files: Any) -> Rows:

@@ -133,6 +133,7 @@ def _blank(value: Any) -> bool:
 def has_empty_completion(row: Mapping[str, Any], example: PreferenceExample) -> bool:
     """Whether the chosen or rejected completion of `row` (as written, or as split off an implicit
     prompt) is empty."""
+    row = to_chatml(row)
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if _kind(chosen, "chosen") == "messages" and not isinstance(row.get("prompt"), list):
         _, chosen, rejected = _split_implicit(chosen, rejected, "messages")  # as parse_row split them
@@ -140,10 +141,62 @@ def has_empty_completion(row: Mapping[str, Any], example: PreferenceExample) -> 
     return any(_blank(p) for p in parts[:2]) or any(isinstance(p, str) and _blank(p) for p in parts[2:])
 
 
+MESSAGE_FIELDS = ("prompt", "completion", "chosen", "rejected", "messages", "conversations")
+SHAREGPT_SPEAKERS = {"human": "user", "gpt": "assistant"}
+
+
+def to_chatml(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row whose messages are ShareGPT's (`from` / `value`, the conversation under
+    `conversations`) with ChatML's (`role` / `content`, under `messages`), as TRL's
+    `maybe_convert_to_chatml`; ShareGPT's speakers `human` and `gpt` become `user` and `assistant`
+    (TRL keeps them as roles, which ChatML templates render verbatim and others refuse)."""
+    out = dict(row)
+    for key in MESSAGE_FIELDS:
+        value = out.get(key)
+        if isinstance(value, list) and any(isinstance(m, Mapping) and ("from" in m or "value" in m)
+                                           for m in value):  # fmt: skip
+            out[key] = [_chatml_message(m) if isinstance(m, Mapping) else m for m in value]
+    if "conversations" in out and out.get("messages") is None:
+        out["messages"] = out.pop("conversations")
+    return out
+
+
+def _chatml_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in message.items() if k not in ("from", "value")}
+    if "from" in message:
+        out["role"] = SHAREGPT_SPEAKERS.get(message["from"], message["from"])
+    if "value" in message:
+        out["content"] = message["value"]
+    return out
+
+
+def template_kwargs(row: Mapping[str, Any]) -> dict[str, Any]:
+    """What a row gives its chat template, as TRL passes it: the `tools` column (a list of JSON
+    schemas, or that list as a JSON string) and the `chat_template_kwargs` column's entries."""
+    kwargs = row.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise DataError(f"expected an object, got {_describe(kwargs)}", field="chat_template_kwargs")
+    out = dict(kwargs)
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        import json
+
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not JSON: {e.msg} (column {e.colno})", field="tools") from None
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise DataError(f"expected a list of tool schemas, got {_describe(tools)}", field="tools")
+        out["tools"] = tools
+    return out
+
+
 def parse_row(row: Mapping[str, Any], tokenizer: Any = None) -> PreferenceExample:
     """Normalise one row; a bad one raises `DataError` naming the field (not yet the row)."""
     if not isinstance(row, Mapping):
         raise DataError(f"expected a row of named fields, got {_describe(row)}")
+    row = to_chatml(row)
     chosen = _required(row, "chosen")
     rejected = _required(row, "rejected")
     margin = _margin(row.get("margin"))
@@ -159,7 +212,7 @@ def parse_row(row: Mapping[str, Any], tokenizer: Any = None) -> PreferenceExampl
     if kind == "messages":
         _check_completion_messages(chosen, "chosen")
         _check_completion_messages(rejected, "rejected")
-        prompt, chosen, rejected = _render(prompt, chosen, rejected, tokenizer)
+        prompt, chosen, rejected = _render(prompt, chosen, rejected, tokenizer, template_kwargs(row))
     _check_not_empty(prompt, "prompt")
     return PreferenceExample(prompt, chosen, rejected, margin)
 
@@ -198,13 +251,18 @@ def _expect_kind(value: Any, name: str, kind: str, *, like: str) -> None:
 
 
 def _check_messages(messages: list[Mapping[str, Any]], name: str) -> None:
+    """A `role` string each; `content` a string, a list of parts, or absent / null (an assistant
+    turn of only `tool_calls`), as TRL takes them: rendering them is the template's business."""
     for number, message in enumerate(messages):
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                got = _describe(message.get(key))
-                raise DataError(
-                    f"message {number}: expected {key!r} to be a string, got {got}", field=name
-                )
+        if not isinstance(message.get("role"), str):
+            got = _describe(message.get("role"))
+            raise DataError(f"message {number}: expected 'role' to be a string, got {got}", field=name)
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise DataError(
+                f"message {number}: expected 'content' to be a string or a list of parts, got "
+                f"{_describe(content)}", field=name,
+            )  # fmt: skip
 
 
 def _check_completion_messages(messages: Messages, name: str) -> None:
@@ -279,22 +337,23 @@ def _text_cut(common: str) -> int:
 
 
 def _render(
-    prompt: Messages, chosen: Messages, rejected: Messages, tokenizer: Any
+    prompt: Messages, chosen: Messages, rejected: Messages, tokenizer: Any, kwargs: Mapping[str, Any]
 ) -> tuple[str, str, str]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("conversational preference rows need a tokenizer with a chat_template")
-    prompt_text = _apply_template(tokenizer, prompt, "prompt", add_generation_prompt=True)
+    prompt_text = _apply_template(tokenizer, prompt, "prompt", add_generation_prompt=True, **kwargs)
     return (
         prompt_text,
-        _completion_text(tokenizer, prompt, chosen, prompt_text, "chosen"),
-        _completion_text(tokenizer, prompt, rejected, prompt_text, "rejected"),
+        _completion_text(tokenizer, prompt, chosen, prompt_text, "chosen", kwargs),
+        _completion_text(tokenizer, prompt, rejected, prompt_text, "rejected", kwargs),
     )
 
 
 def _completion_text(
-    tokenizer: Any, prompt: Messages, completion: Messages, prompt_text: str, name: str
-) -> str:
-    full = _apply_template(tokenizer, prompt + completion, name, add_generation_prompt=False)
+    tokenizer: Any, prompt: Messages, completion: Messages, prompt_text: str, name: str,
+    kwargs: Mapping[str, Any],
+) -> str:  # fmt: skip
+    full = _apply_template(tokenizer, prompt + completion, name, add_generation_prompt=False, **kwargs)
     if not full.startswith(prompt_text):
         raise DataError(
             "the chat template's rendering of prompt + completion does not start with its "
@@ -333,14 +392,16 @@ def _template_roles(template: str) -> frozenset[str]:
 
 
 def _apply_template(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], name: str, *, add_generation_prompt: bool
-) -> str:
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], name: str, *, add_generation_prompt: bool,
+    **kwargs: Any,
+) -> str:  # fmt: skip
     check_roles(messages, tokenizer, name)
     try:
         text = tokenizer.apply_chat_template(
             [dict(message) for message in messages],
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **kwargs,
         )
     except Exception as err:  # the template's own checks, e.g. alternating roles
         raise DataError(f"chat template failed: {err}", field=name) from err

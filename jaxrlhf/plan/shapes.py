@@ -116,13 +116,12 @@ def dpo_batch(mesh: Mesh, a: int, b: int, length: int, targets: int, *, precompu
 
 
 def sft_batch(mesh: Mesh, a: int, b: int, length: int) -> dict[str, Any]:
-    """`collate_sequences`: `[A, B/A, T]` right-padded rows."""
+    """`collate_sft`: `[A, B/A, T]` rows of one or more sequences (segment ids)."""
     i32, f32 = jnp.int32, jnp.float32
     return {
         **{k: _rows(mesh, (a, b, length), i32, micro=True)
-           for k in ("input_ids", "attention_mask", "positions")},
-        "completion_mask": _rows(mesh, (a, b, length), f32, micro=True),
-        "last_index": _rows(mesh, (a, b), i32, micro=True),
+           for k in ("input_ids", "positions", "segment_ids")},
+        "loss_mask": _rows(mesh, (a, b, length), f32, micro=True),
         "row_valid": _rows(mesh, (a, b), f32, micro=True),
     }  # fmt: skip
 

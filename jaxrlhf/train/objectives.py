@@ -167,21 +167,32 @@ class RewardObjective:
         return loss, jnp.float32(1.0), metrics
 
 
+def segment_attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
+    """Bool `[B, L, L]`: a query sees the keys of its own segment (block-diagonal; 0 is padding and
+    sees nothing); the model adds causality. One segment per row is the plain padding mask."""
+    same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    return same_BxLxL & (segment_ids_BxL[:, None, :] != 0)
+
+
+def sft_token_logps(model: CausalLM, batch: Batch, chunk_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+    """`(log p(token t | its segment before t), loss weight)`, both `[B, L-1]` for targets 1..L-1,
+    of a `collate_sft` batch (one or several sequences per row)."""
+    mask_BxLxL = segment_attention_mask(batch["segment_ids"])
+    hidden_BxLxD = model.hidden_states(batch["input_ids"], mask_BxLxL, batch["positions"])
+    logps_BxL1 = model.token_logprobs(hidden_BxLxD[:, :-1], batch["input_ids"][:, 1:], chunk_size=chunk_size)
+    return logps_BxL1, batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class SFTObjective:
-    """Token-mean negative log-likelihood on completion tokens (or all real tokens when
-    `completion_only` is False), from `collate_sequences` batches."""
+    """Token-mean negative log-likelihood of the trained tokens (`loss_mask`) of `collate_sft`
+    batches: `sum(-log p * mask) / sum(mask)`, summed over micro-batches before dividing."""
 
-    completion_only: bool = True
     chunk_size: int = 1024
 
     def __call__(self, model: CausalLM, batch: Batch, ref_model: CausalLM | None = None):
-        hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["positions"])
-        labels_BxT1 = batch["input_ids"][:, 1:]
-        weight = batch["completion_mask"] if self.completion_only else batch["attention_mask"]
-        weight_BxT1 = weight[:, 1:].astype(jnp.float32)
-        logps = model.token_logprobs(hidden_BxTxD[:, :-1], labels_BxT1, chunk_size=self.chunk_size)
-        nll_sum = -jnp.sum(logps * weight_BxT1)
-        tokens = jnp.sum(weight_BxT1)
+        logps_BxL1, weight_BxL1 = sft_token_logps(model, batch, self.chunk_size)
+        nll_sum = -jnp.sum(logps_BxL1 * weight_BxL1)
+        tokens = jnp.sum(weight_BxL1)
         mean_nll = nll_sum / jnp.maximum(tokens, 1.0)
         return nll_sum, tokens, {"nll": jax.lax.stop_gradient(mean_nll)}

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from jaxrlhf.data import BatchIterator, DataError, bucket_length, check_roles, left_pad, load_rows
+from jaxrlhf.data.preference import template_kwargs, to_chatml
 from jaxrlhf.train.algorithms.base import Context, Learner
 
 Print = Callable[[str], None]
@@ -27,11 +28,13 @@ def load_prompt_rows(
     for file in files:
         rows = load_rows(file)
         for i in range(len(rows)):
-            prompt = rows[i].get("prompt")
+            row = to_chatml(rows[i])
+            prompt = row.get("prompt")
             if isinstance(prompt, list):
                 try:
                     check_roles(prompt, tokenizer, "prompt")
-                    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                                         **template_kwargs(row))  # fmt: skip
                 except DataError as e:
                     raise e.located(*rows.locate(i)) from None
                 except Exception as e:  # malformed messages
@@ -45,7 +48,7 @@ def load_prompt_rows(
                                   field="prompt")  # fmt: skip
                 raise error.located(*rows.locate(i))
             ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
-            out.append((ids[-max_prompt_length:], {k: v for k, v in rows[i].items() if k != "prompt"}))
+            out.append((ids[-max_prompt_length:], {k: v for k, v in row.items() if k != "prompt"}))
     return out
 
 

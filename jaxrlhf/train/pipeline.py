@@ -1,9 +1,9 @@
 """From config to tokenized train/eval examples: resolve files, parse, split, tokenize, log counts.
 
-Every method's examples are `TokenizedPair`s for the packed layout: preference pairs (DPO, reward),
-SFT's completion as `chosen` (`algorithms/sft.py`), KTO's completion and its mismatched KL
-completion (`algorithms/kto.py`); the method gives the row parser. Every dropped or skipped row is
-counted and reported; nothing is dropped silently.
+The preference methods' examples are `TokenizedPair`s for the packed layout: preference pairs (DPO,
+reward), KTO's completion and its mismatched KL completion (`algorithms/kto.py`); SFT tokenizes its
+rows itself (`jaxrlhf.data.sft`: token ids with a loss mask); the method gives the row parser.
+Every dropped or skipped row is counted and reported; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[
 
 @dataclasses.dataclass
 class PreparedData:
-    train: list[TokenizedPair]
-    eval: list[TokenizedPair]
+    train: list[Any]  # TokenizedPair (or a method's own: SFT's SFTTokens)
+    eval: list[Any]
     report: dict[str, int]
 
 
@@ -80,10 +80,13 @@ def prepare_data(
     cfg: DataConfig, tokenizer: Any, *, parse: Parser = parse_preference_rows,
     log: Callable[[str], None] = print,
     pair_up: Callable[[list[PreferenceExample]], list[PreferenceExample]] | None = None,
+    tokenize: Callable[[list[Any], Any], tuple[list[Any], Any]] | None = None,
 ) -> PreparedData:
     """Load, parse (`parse(rows, tokenizer, skip_invalid=, drop_degenerate=, source=)`: a method's
     row format), split and tokenize the train (and eval) data of `cfg`. `pair_up`: a method's
-    rewrite of each split's examples before tokenization (KTO's mismatched completions)."""
+    rewrite of each split's examples before tokenization (KTO's mismatched completions).
+    `tokenize(examples, tokenizer) -> (items, stats)`: a method's own tokenization (SFT's
+    `tokenize_sft`); default `tokenize_pairs` with `cfg`'s limits."""
     report: dict[str, int] = {}
 
     def load(files: list[str], split: str) -> list[PreferenceExample]:
@@ -112,22 +115,25 @@ def prepare_data(
         train_idx, eval_idx = held_out_split(len(train), cfg.eval_fraction, cfg.seed)
         train, eval_ = [train[i] for i in train_idx], [train[i] for i in eval_idx]
 
-    def tokenize(examples: list[PreferenceExample], split: str) -> list[TokenizedPair]:
+    def tokenize_split(examples: list[Any], split: str) -> list[Any]:
         if not examples:
             return []
         if pair_up is not None:
             examples = pair_up(examples)
-        pairs, stats = tokenize_pairs(
-            examples, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-            truncation_mode=cfg.truncation_mode, add_bos=cfg.add_bos, append_eos=cfg.append_eos,
-        )  # fmt: skip
+        if tokenize is not None:
+            pairs, stats = tokenize(examples, tokenizer)
+        else:
+            pairs, stats = tokenize_pairs(
+                examples, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                truncation_mode=cfg.truncation_mode, add_bos=cfg.add_bos, append_eos=cfg.append_eos,
+            )  # fmt: skip
         for field in ("dropped_long_prompt", "dropped_no_room", "dropped_empty", "truncated_prompt",
                       "truncated_completion"):  # fmt: skip
             report[f"{split}/{field}"] = int(getattr(stats, field, 0))
         report[f"{split}/examples"] = len(pairs)
         return pairs
 
-    data = PreparedData(tokenize(train, "train"), tokenize(eval_, "eval"), report)
+    data = PreparedData(tokenize_split(train, "train"), tokenize_split(eval_, "eval"), report)
     log("data: " + ", ".join(f"{k}={v}" for k, v in sorted(report.items()) if v or k.endswith("examples")))
     if not data.train:
         raise DataError("no training examples left after parsing and truncation", field="train_files")

@@ -49,11 +49,11 @@ BAD_ROWS = {  # case: (good row on line 1, bad row on line 2, field, message aft
         "rejected",
         "expected messages like 'chosen', got str",
     ),
-    "message without content": (
+    "content of a wrong type": (  # absent / null content is the template's to render (TRL's rule)
         MESSAGES_GOOD,
-        dict(MESSAGES_GOOD, chosen=[{"role": "assistant"}]),
+        dict(MESSAGES_GOOD, chosen=[{"role": "assistant", "content": 4}]),
         "chosen",
-        "message 0: expected 'content' to be a string, got null",
+        "message 0: expected 'content' to be a string or a list of parts, got int",
     ),
     "completion from the user": (
         MESSAGES_GOOD,

@@ -197,3 +197,75 @@ def test_compressed_file_and_rows_access(tmp_path):
     rows = load_rows(path)
     assert len(rows) == 2 and rows[-1] == STANDARD[1] and tuple(rows.locate(1)) == (str(path), 2, "line")
     assert rows.dataset.column_names == ["prompt", "chosen", "rejected"]
+
+
+def test_save_to_disk_directories(tmp_path):
+    """`Dataset.save_to_disk` (its rows are "train") and `DatasetDict.save_to_disk` (by split, sliced)."""
+    import datasets
+
+    from jaxrlhf.data import DataError
+
+    datasets.Dataset.from_list(STANDARD).save_to_disk(str(tmp_path / "one"))
+    rows = load_rows(tmp_path / "one")
+    assert [rows[i] for i in range(len(rows))] == STANDARD
+    assert parse_preferences(rows)[0][0] == PreferenceExample(*STANDARD[0].values())
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_list(STANDARD * 5),
+                                 "test": datasets.Dataset.from_list(STANDARD[:1])})  # fmt: skip
+    both.save_to_disk(str(tmp_path / "dict"))
+    assert len(load_rows(tmp_path / "dict")) == 10 and len(load_rows(tmp_path / "dict", split="test")) == 1
+    assert [load_rows(tmp_path / "dict", split=s)[0]["prompt"] for s in ("train[1:3]", "train[-2:]")] == [
+        STANDARD[1]["prompt"], STANDARD[0]["prompt"]]  # fmt: skip
+    assert len(load_rows(tmp_path / "dict", split="train[:50%]")) == 5
+    with pytest.raises(DataError, match=r"dict: no split 'validation' \(splits: test, train\)"):
+        load_rows(tmp_path / "dict", split="validation")
+
+
+def test_sharegpt_rows_read_as_chatml(tokenizer):
+    """`from` / `value` messages (and `conversations`) as TRL's `maybe_convert_to_chatml` reads them,
+    ShareGPT's `human` / `gpt` speakers as `user` / `assistant`."""
+    from jaxrlhf.data import to_chatml
+
+    share = {"prompt": [{"from": "human", "value": "What is two plus two?"}],
+             "chosen": [{"from": "gpt", "value": "Four."}],
+             "rejected": [{"from": "gpt", "value": "Five."}]}  # fmt: skip
+    assert parse_preferences([share], tokenizer)[0] == RENDERED_CONVERSATIONAL[:1]
+    row = to_chatml({"conversations": [{"from": "system", "value": "Hi", "weight": 0}], "id": 3})
+    assert row == {"messages": [{"role": "system", "content": "Hi", "weight": 0}], "id": 3}
+
+
+def test_tools_and_template_kwargs_reach_the_template(tokenizer):
+    """Preference rows pass `tools` (a list, or the list as a JSON string) and `chat_template_kwargs`
+    to the chat template, as TRL does; a null content (a tool-call turn) or a list of parts is the
+    template's to render, any other content type is a bad row."""
+    from jaxrlhf.data import DataError
+
+    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = ("{% if tools %}TOOLS {{ tools | map(attribute='name') | join(',') }};{% endif %}"
+                         "{% if style is defined %}STYLE {{ style }};{% endif %}"
+                         + tokenizer.chat_template)  # fmt: skip
+    row = {**CONVERSATIONAL[0], "tools": '[{"name": "add"}]', "chat_template_kwargs": {"style": "terse"}}
+    (example,), _ = parse_preferences([row], tok)
+    assert example.prompt == "TOOLS add;STYLE terse;" + RENDERED_Q
+    call = {"role": "assistant", "content": None, "tool_calls": [{"name": "add"}]}
+    (example,), _ = parse_preferences([{**CONVERSATIONAL[0], "chosen": [call]}], tok)
+    assert example.chosen.endswith("<|im_end|>")
+    with pytest.raises(DataError, match="field 'tools': not JSON"):
+        parse_preferences([{**row, "tools": "[{"}], tok)
+    with pytest.raises(DataError, match="expected 'content' to be a string or a list of parts, got int"):
+        parse_preferences([{**CONVERSATIONAL[0], "chosen": [{"role": "assistant", "content": 4}]}], tok)
+
+
+def test_prompt_rows_take_sharegpt_tools_and_template_kwargs(tmp_path, write_rows, tokenizer):
+    """The online methods' prompt rows: ShareGPT messages, `tools` and `chat_template_kwargs` as in
+    SFT and preference rows; the other columns (for the reward functions) keep their values."""
+    from jaxrlhf.train.online import load_prompt_rows
+
+    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = "{% if tools %}TOOLS;{% endif %}{% if style is defined %}STYLE;{% endif %}" + (
+        tokenizer.chat_template)  # fmt: skip
+    rows = [{"prompt": [{"from": "human", "value": "What is two plus two?"}], "answer": "4"},
+            {"prompt": USER_Q, "tools": [{"name": "add"}], "chat_template_kwargs": {"style": 1}}]  # fmt: skip
+    path = write_rows(tmp_path / "prompts.jsonl", rows)
+    (ids0, extra0), (ids1, _) = load_prompt_rows([str(path)], tok, max_prompt_length=64)
+    assert tok.decode(ids0) == RENDERED_Q and extra0["answer"] == "4"
+    assert tok.decode(ids1) == "TOOLS;STYLE;" + RENDERED_Q

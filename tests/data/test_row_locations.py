@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from jaxrlhf.data import DataError, Location, load_rows, parse_preferences
-from jaxrlhf.train.algorithms.sft import parse_sft_rows
+from jaxrlhf.train.algorithms.sft import prepare_sft_data
 from jaxrlhf.train.config import DataConfig
 from jaxrlhf.train.pipeline import prepare_data
 
@@ -187,11 +187,11 @@ def test_sft_empty_completions(tmp_path, tokenizer, drop):
     path.write_text(_jsonl(rows))
     cfg = DataConfig(train_files=str(path), skip_invalid=True, drop_degenerate=drop, max_length=64,
                      max_prompt_length=32)  # fmt: skip
-    data = prepare_data(cfg, tokenizer, parse=parse_sft_rows, log=lambda msg: None)
+    data = prepare_sft_data(cfg, tokenizer, log=lambda msg: None)
     assert data.report["train/rows_skipped_invalid"] == 1
     assert data.report["train/rows_empty_completion"] == 2
     assert data.report["train/rows_dropped_degenerate"] == (2 if drop else 0)
     assert len(data.train) == (2 if drop else 4)
     with pytest.raises(DataError, match=r"sft\.jsonl, line 5, field 'completion': "):
-        prepare_data(DataConfig(train_files=str(path), max_length=64, max_prompt_length=32), tokenizer,
-                     parse=parse_sft_rows, log=lambda msg: None)  # fmt: skip
+        prepare_sft_data(DataConfig(train_files=str(path), max_length=64, max_prompt_length=32), tokenizer,
+                         log=lambda msg: None)  # fmt: skip

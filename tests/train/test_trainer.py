@@ -78,10 +78,11 @@ def test_unknown_config_key_suggests(tiny_dir, data_files, tmp_path):
     assert proc.returncode == 2 and "optim.learning_rate" in proc.stderr
 
 
-@pytest.mark.parametrize("kind", ["reward", "sft", "dpo"])
+@pytest.mark.parametrize("kind", ["reward", "sft", "sft_packed", "dpo"])
 def test_python_api_trains_and_exports(kind, tiny_dir, data_files, tmp_path):
-    files = data_files
-    if kind == "sft":  # prompt/completion rows from the chosen answers
+    files, packed = data_files, kind == "sft_packed"
+    kind = "sft" if packed else kind
+    if kind == "sft":  # conversations: the prompts and their chosen answers
         sft = tmp_path / "sft.jsonl"
         with open(data_files[0]) as f:
             rows = [json.loads(line) for line in f]
@@ -89,8 +90,13 @@ def test_python_api_trains_and_exports(kind, tiny_dir, data_files, tmp_path):
         files = (str(sft), str(sft))
     out = str(tmp_path / kind)
     # evaluate on the training pairs themselves: a deterministic measure that training fits them
-    extra = {"train.max_steps": 6, "train.export": True, "train.resume": False, "data.eval_files": files[0]}
+    extra = {"train.max_steps": 6, "train.export": True, "train.resume": False, "data.eval_files": files[0],
+             **({"sft.packing": True, "data.max_length": 192} if packed else {})}  # fmt: skip
     result = train(load_config(None, overrides(tiny_dir, files, out, **extra), kind=kind))
+    if packed:  # fewer rows than examples, each within max_length
+        with open(os.path.join(out, "summary.json")) as f:
+            data = json.load(f)["data"]
+        assert 0 < data["train/packed_rows"] < data["train/examples"]
     assert result.steps == 6 and result.export_dir
     assert all(math.isfinite(m["loss"]) for m in result.train_metrics)
     before, after = result.eval_before, result.eval_after

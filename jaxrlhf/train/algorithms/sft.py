@@ -1,114 +1,112 @@
-"""Supervised fine-tuning (`kind: sft`): the token-mean negative log-likelihood of completions.
+"""Supervised fine-tuning (`kind: sft`): the token-mean negative log-likelihood of the trained tokens.
 
-Rows: `prompt` / `completion` strings, a `messages` conversation (the last assistant message is
-the completion), or a conversational preference row (its `chosen` answer is the completion). Each
-example is collated as one padded sequence; the loss covers the completion tokens
-(`sft.completion_only`, TRL's `completion_only_loss`) or every real token.
+Rows in every TRL format (`jaxrlhf.data.sft`): `text`, `messages`, prompt-completion (strings or
+messages), conversational preference rows (`chosen` as the completion). Each example is one
+sequence with a per-token loss mask (`sft.completion_only`, `sft.assistant_only`); with
+`sft.packing` several share a row, apart by segment ids (`collate_sft`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.data import DataError, PreferenceExample, check_roles, collate_sequences
+from jaxrlhf.data import DataError
+from jaxrlhf.data.sft import PackedRow, SFTText, collate_sft, pack_sequences, render_sft_row, tokenize_sft
 from jaxrlhf.train.algorithms.base import Algorithm, Context, Learner
-from jaxrlhf.train.config import Section
-from jaxrlhf.train.objectives import SFTObjective
+from jaxrlhf.train.config import DataConfig, Section
+from jaxrlhf.train.objectives import SFTObjective, sft_token_logps
 from jaxrlhf.train.offline import Indexed, OfflineLearner
-from jaxrlhf.train.pipeline import prepare_data
+from jaxrlhf.train.pipeline import PreparedData, prepare_data
 
 
 class SFTConfig(Section):
     """Supervised fine-tuning (kind: sft)."""
 
     completion_only: bool = True
-    """Train on completion tokens only (prompt tokens masked out of the loss)."""
+    """Prompt-completion rows: train on the completion tokens only (TRL's `completion_only_loss`);
+    false: every token."""
+    assistant_only: bool = True
+    """`messages` rows: train on every assistant turn (TRL's `assistant_only_loss`, which needs a
+    template with generation markers; here any template that renders prefixes works); false: every
+    token (TRL's default)."""
+    packing: bool = False
+    """Pack several examples into each row of `data.max_length` tokens (best-fit decreasing, TRL's
+    "bfd"), kept apart by a block-diagonal attention mask and positions restarting per example:
+    less padding, the same loss."""
 
 
 def parse_sft_rows(
-    rows: Any, tokenizer: Any, *, skip_invalid: bool, drop_degenerate: bool, source: str
-) -> tuple[list[PreferenceExample], dict[str, int]]:
-    """SFT rows -> examples with the completion as `chosen` (and as the `rejected` placeholder that
-    tokenization expects; dropped after it), and counts of skipped rows and of rows with an empty
-    completion (dropped with `drop_degenerate`)."""
-    out: list[PreferenceExample] = []
+    rows: Any, tokenizer: Any, *, skip_invalid: bool, drop_degenerate: bool, source: str,
+    completion_only: bool = True, assistant_only: bool = True,
+) -> tuple[list[SFTText], dict[str, int]]:  # fmt: skip
+    """SFT rows (every format of `jaxrlhf.data.sft`) -> rendered texts with their trained spans, and counts
+    of skipped rows and of rows with an empty completion (dropped with `drop_degenerate`)."""
+    out: list[SFTText] = []
     counts = {"skipped": 0, "empty_completion": 0, "dropped_degenerate": 0}
     for i in range(len(rows)):
-        row = rows[i]
-        where = rows.locate(i) if hasattr(rows, "locate") else (source, i + 1, "row")
         try:
-            if isinstance(row.get("prompt"), list) and isinstance(row.get("chosen"), list):
-                row = {"messages": row["prompt"] + row["chosen"]}  # a conversational preference row
-            if "messages" in row and row["messages"] is not None:
-                prompt, completion, empty = _split_messages(row["messages"], tokenizer)
-            else:
-                for field in ("prompt", "completion"):
-                    if field not in row:
-                        raise DataError(f"missing column {field!r} (or give 'messages')", field=field)
-                    if not isinstance(row[field], str):
-                        raise DataError(f"expected a string, got {type(row[field]).__name__}", field=field)
-                prompt, completion = row["prompt"], row["completion"]
-                empty = not completion.strip()
+            row = rows[i]
+            if not isinstance(row, dict):
+                raise DataError(f"expected an object, got {type(row).__name__}")
+            text = render_sft_row(row, tokenizer, completion_only=completion_only,
+                                  assistant_only=assistant_only)  # fmt: skip
         except DataError as e:
-            e = e.located(*where) if hasattr(e, "located") else e
+            where = rows.locate(i) if hasattr(rows, "locate") else (source, i + 1, "row")
             if not skip_invalid:
-                raise e from None
+                raise e.located(*where) from None
             counts["skipped"] += 1
             continue
-        counts["empty_completion"] += empty
-        if empty and drop_degenerate:
+        counts["empty_completion"] += text.empty_completion
+        if text.empty_completion and drop_degenerate:
             counts["dropped_degenerate"] += 1
             continue
-        out.append(PreferenceExample(prompt, completion, completion, None))
+        out.append(text)
     return out, counts
 
 
-def _split_messages(msgs: Any, tokenizer: Any) -> tuple[str, str, bool]:
-    """(prompt text, completion text, whether the completion is empty) of a conversation."""
-    if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
-        raise DataError("expected a list of messages ending with an assistant turn", field="messages")
-    check_roles(msgs, tokenizer, "messages")
-    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(msgs, tokenize=False)
-    if not full.startswith(prompt):
-        raise DataError("the chat template does not render the prompt as a prefix", field="messages")
-    completion = full[len(prompt) :]
-    if tokenizer.eos_token and completion.rstrip().endswith(tokenizer.eos_token):
-        completion = completion.rstrip()
-    return prompt, completion, not str(msgs[-1].get("content") or "").strip()
+def prepare_sft_data(
+    data: DataConfig, tokenizer: Any, sft: SFTConfig | None = None, *, log: Callable[[str], None] = print
+) -> PreparedData:
+    """`prepare_data` with SFT's parser and tokenization: `SFTTokens` per split, counts in the report."""
+    sft = sft or SFTConfig()
+    parse = functools.partial(
+        parse_sft_rows, completion_only=sft.completion_only, assistant_only=sft.assistant_only
+    )
+    tokenize = functools.partial(
+        tokenize_sft, max_length=data.max_length, max_prompt_length=data.max_prompt_length,
+        truncation_mode=data.truncation_mode, add_bos=data.add_bos, append_eos=data.append_eos,
+    )  # fmt: skip
+    return prepare_data(data, tokenizer, parse=parse, tokenize=tokenize, log=log)
 
 
 def sequence_length(item: Indexed) -> int:
-    return len(item.pair.prompt_ids) + len(item.pair.chosen_ids)
+    return item.pair.length
 
 
 class SFTLearner(OfflineLearner):
     def __init__(self, ctx: Context, train: list[Indexed], eval_: list[Indexed], report: dict[str, int]):
-        self.objective = SFTObjective(completion_only=ctx.cfg.sft.completion_only)
+        self.objective = SFTObjective()
         super().__init__(ctx, ctx.load_policy(), self.objective, train, self._collate, sequence_length,
                          eval_examples=eval_, report=report)  # fmt: skip
 
     def _collate(self, items: list[Indexed], *, batch_size: int, min_length: int) -> dict[str, np.ndarray]:
-        seqs = [(it.pair.prompt_ids, it.pair.chosen_ids) for it in items]
-        return collate_sequences(seqs, pad_id=self.ctx.pad_id, batch_size=batch_size,
-                                 buckets=self.ctx.cfg.data.buckets, min_length=min_length)  # fmt: skip
+        return collate_sft([it.pair for it in items], pad_id=self.ctx.pad_id, batch_size=batch_size,
+                           buckets=self.ctx.cfg.data.buckets, min_length=min_length)  # fmt: skip
 
     def held_out(self, stage: str) -> dict[str, float] | None:
-        """Token NLL and perplexity of the held-out completions."""
+        """Token NLL and perplexity of the held-out examples' trained tokens."""
         if not self.eval_examples:
             return None
 
         def nll(model: Any, batch: Any) -> dict[str, jax.Array]:  # per row: NLL sum and token count
-            weight = batch["completion_mask"] if self.objective.completion_only else batch["attention_mask"]
-            hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["positions"])
-            logps = model.token_logprobs(hidden[:, :-1], batch["input_ids"][:, 1:])
-            weight = weight[:, 1:].astype(logps.dtype)
+            logps, weight = sft_token_logps(model, batch)
             return {"nll": -jnp.sum(logps * weight, axis=1), "tokens": jnp.sum(weight, axis=1)}
 
         out = self.eval_pass(nll)
@@ -126,9 +124,15 @@ class SFT(Algorithm):
         return ("sft",)
 
     def build(self, ctx: Context) -> Learner:
-        data = prepare_data(ctx.cfg.data, ctx.tokenizer, parse=parse_sft_rows, log=ctx.say)
-        empty = np.zeros((0,), np.int32)  # the placeholder completion tokenization needed
-        train, eval_ = ([Indexed(i, dataclasses.replace(p, rejected_ids=empty)) for i, p in enumerate(split)]
-                        for split in (data.train, data.eval))  # fmt: skip
-        return SFTLearner(ctx, train, eval_, data.report)
-
+        c, d = ctx.cfg.sft, ctx.cfg.data
+        data = prepare_sft_data(d, ctx.tokenizer, c, log=ctx.say)
+        train = [PackedRow((seq,)) for seq in data.train]
+        if c.packing:
+            bins = pack_sequences([seq.length for seq in data.train], d.max_length)
+            train = [PackedRow(tuple(data.train[i] for i in b)) for b in bins]
+            tokens = sum(seq.length for seq in data.train)
+            data.report["train/packed_rows"] = len(train)
+            ctx.say(f"data: packed {len(data.train)} sequences into {len(train)} rows of <= {d.max_length} "
+                    f"tokens ({tokens / (len(train) * d.max_length):.0%} full)")  # fmt: skip
+        eval_ = [Indexed(i, PackedRow((seq,))) for i, seq in enumerate(data.eval)]
+        return SFTLearner(ctx, [Indexed(i, row) for i, row in enumerate(train)], eval_, data.report)

@@ -1,0 +1,248 @@
+"""What TRL's own dataset preparation makes of a list of rows: the reference for jaxrlhf's token ids
+and loss masks.
+
+Nothing here reimplements TRL. Each function builds the real TRL trainer (`trl.SFTTrainer`,
+`trl.DPOTrainer`, TRL 1.16) on a tiny random torch model with the given tokenizer, truncation off and
+packing off, and runs every row through that trainer's own `_prepare_dataset`, the method its
+`__init__` runs on `train_dataset` (trl/trainer/sft_trainer.py:1026, trl/trainer/dpo_trainer.py:849).
+Each row becomes a one-row `datasets.Dataset` of its own, so TRL decides the format (conversational
+or not, prompt given or implicit) per row, as it does from the first row of a uniform dataset.
+
+The trainers are cached per tokenizer directory and dataset format; a call costs a few
+milliseconds a row once its trainer exists (about a second to build). Everything TRL and
+transformers would write goes under one temporary directory removed at exit; their logs and warnings
+are silenced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import tempfile
+import warnings
+from typing import Any
+
+_TMP = tempfile.TemporaryDirectory(prefix="jaxrlhf-trl-data-")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence TRL / transformers / datasets / accelerate logs and Python warnings for the block."""
+    import datasets
+    import transformers
+
+    names = ("trl", "transformers", "datasets", "accelerate")
+    levels = {n: logging.getLogger(n).level for n in names}
+    tf_level = transformers.logging.get_verbosity()
+    progress = datasets.is_progress_bar_enabled()
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+        transformers.logging.set_verbosity(tf_level)
+        if progress:
+            datasets.enable_progress_bars()
+
+
+def _tiny_model(vocab_size: int):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _common_args() -> dict[str, Any]:
+    return dict(
+        output_dir=os.path.join(_TMP.name, "out"),
+        report_to=[],
+        use_cpu=True,
+        max_length=None,  # no truncation (and the DPO prompt-length filter is off)
+        dataset_num_proc=None,
+        save_strategy="no",
+        logging_strategy="no",
+    )
+
+
+def _one_row_dataset(row: dict):
+    import datasets
+
+    return datasets.Dataset.from_list([row])
+
+
+@functools.lru_cache(maxsize=32)
+def _sft_trainer(
+    tokenizer_dir: str,
+    prompt_completion: bool,
+    conversational: bool,
+    completion_only_loss: bool | None,
+    assistant_only_loss: bool,
+    chat_template_path: str | None,
+):
+    """An `SFTTrainer` built on a sample row of the given format (TRL reads the format from its first
+    row: the default of `completion_only_loss`, the conversational check of `assistant_only_loss`)."""
+    import transformers
+    import trl
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    if prompt_completion:
+        sample = (
+            {
+                "prompt": [{"role": "user", "content": "a"}],
+                "completion": [{"role": "assistant", "content": "b"}],
+            }
+            if conversational
+            else {"prompt": "a", "completion": " b"}
+        )
+    else:
+        sample = (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+            if conversational
+            else {"text": "a b"}
+        )
+    args = trl.SFTConfig(
+        **_common_args(),
+        packing=False,
+        padding_free=False,
+        completion_only_loss=completion_only_loss,
+        assistant_only_loss=assistant_only_loss,
+        chat_template_path=chat_template_path,
+    )
+    return trl.SFTTrainer(
+        model=_tiny_model(len(tokenizer)),
+        args=args,
+        train_dataset=_one_row_dataset(sample),
+        processing_class=tokenizer,
+    )
+
+
+def _sft_loss_mask(labels: list[int]) -> list[int]:
+    # TRL's labels are -100 where the loss skips a token (trl/trainer/sft_trainer.py:1421-1426). The
+    # collator pads labels with -100 (sft_trainer.py:199-201), and the fused LM head, the loss
+    # SFTTrainer.compute_loss runs, scores hidden state i against labels[i + 1]: it drops labels[0]
+    # (trl/trainer/utils.py:1617-1619). So token 0 is never a target.
+    return [int(i > 0 and label != -100) for i, label in enumerate(labels)]
+
+
+def trl_sft_examples(
+    rows: list[dict],
+    tokenizer_dir: str,
+    *,
+    completion_only_loss: bool | None = None,
+    assistant_only_loss: bool = False,
+    chat_template_path: str | None = None,
+) -> list[dict]:
+    """TRL `SFTTrainer`'s preprocessing of each row: token ids and the tokens its loss trains on.
+
+    Rows may be language modelling `{"text": str}`, conversational language modelling
+    `{"messages": [msg, ...]}`, prompt-completion `{"prompt": str, "completion": str}` or conversational
+    prompt-completion `{"prompt": [msg, ...], "completion": [msg, ...]}`, with optional `tools` (a list,
+    or a JSON string) and `chat_template_kwargs` (a dict) columns for conversational rows, passed by TRL
+    to `apply_chat_template`.
+
+    Args:
+        rows: The dataset rows; formats may be mixed (each row is prepared on its own).
+        tokenizer_dir: A local Hugging Face tokenizer directory.
+        completion_only_loss: `SFTConfig.completion_only_loss`; `None` (TRL's default) means True for
+            prompt-completion rows and False otherwise.
+        assistant_only_loss: `SFTConfig.assistant_only_loss` (conversational rows only). TRL needs
+            `{% generation %}` markers in the chat template; without them it swaps in a training template
+            from `trl.chat_template_utils.get_training_chat_template`, which raises `ValueError` for a
+            template it does not know (SmolLM2's among them): that error propagates from here.
+        chat_template_path: `SFTConfig.chat_template_path`: a `.jinja` file whose template replaces the
+            tokenizer's (e.g. one with generation markers), or a tokenizer to clone a template from.
+
+    Returns:
+        One dict per row: `input_ids` (list[int]); `labels` (list[int], TRL's label column, -100 where
+        the loss skips a token); `loss_mask` (list[int], aligned with `input_ids`: 1 where the token at
+        position i is a target of the loss, i.e. `labels[i] != -100` and `i > 0`, since the causal shift
+        drops the first label).
+    """
+    from trl.data_utils import is_conversational, is_conversational_from_value
+
+    out = []
+    with _quiet():
+        for row in rows:
+            conversational = is_conversational(row) or is_conversational_from_value(row)
+            trainer = _sft_trainer(
+                tokenizer_dir,
+                "prompt" in row and "completion" in row,
+                conversational,
+                completion_only_loss,
+                assistant_only_loss,
+                chat_template_path,
+            )
+            prepared = trainer._prepare_dataset(
+                _one_row_dataset(row), trainer.processing_class, trainer.args, False, None, "train"
+            )[0]
+            labels = list(prepared["labels"])
+            out.append(
+                {
+                    "input_ids": list(prepared["input_ids"]),
+                    "labels": labels,
+                    "loss_mask": _sft_loss_mask(labels),
+                }
+            )
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _dpo_trainer(tokenizer_dir: str):
+    import transformers
+    import trl
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    args = trl.DPOConfig(**_common_args(), precompute_ref_log_probs=False)
+    return trl.DPOTrainer(
+        model=_tiny_model(len(tokenizer)),
+        # Given, else TRL reloads the policy from its name, which a model built from a config lacks.
+        ref_model=_tiny_model(len(tokenizer)),
+        args=args,
+        train_dataset=_one_row_dataset({"prompt": "a", "chosen": " b", "rejected": " c"}),
+        processing_class=tokenizer,
+    )
+
+
+def trl_dpo_examples(rows: list[dict], tokenizer_dir: str) -> list[dict]:
+    """TRL `DPOTrainer`'s preprocessing of each preference row.
+
+    Rows may be explicit-prompt standard `{"prompt": str, "chosen": str, "rejected": str}`,
+    explicit-prompt conversational (lists of messages), or implicit-prompt `{"chosen", "rejected"}`
+    (either kind), where TRL takes the longest common prefix as the prompt (`trl.data_utils.extract_prompt`).
+    Optional `tools` / `chat_template_kwargs` columns go to `apply_chat_template`. No truncation
+    (`max_length=None`).
+
+    Args:
+        rows: The preference rows; each is prepared on its own.
+        tokenizer_dir: A local Hugging Face tokenizer directory.
+
+    Returns:
+        One dict per row with TRL's column names: `prompt_ids`, `chosen_ids`, `rejected_ids`
+        (list[int]; the completions without the prompt). TRL's collator trains on
+        `prompt_ids + chosen_ids` / `prompt_ids + rejected_ids` with a completion mask of
+        `[0] * len(prompt_ids) + [1] * len(completion)` (trl/trainer/dpo_trainer.py:146-150).
+    """
+    out = []
+    with _quiet():
+        trainer = _dpo_trainer(tokenizer_dir)
+        for row in rows:
+            prepared = trainer._prepare_dataset(
+                _one_row_dataset(row), trainer.processing_class, trainer.args, "train"
+            )[0]
+            out.append({k: list(prepared[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+    return out
