@@ -2,8 +2,9 @@
 
 Subpackages: `models` (Flax NNX decoders, Hugging Face checkpoints in and out), `losses` (pure JAX
 losses), `data` (preference / SFT data to fixed-shape batches), `parallel` (meshes, partition rules),
-`generation` (the KV-cache sampler), and, imported on use, `train` (configs, trainers, checkpoints)
-and `plan` (steps compiled for TPU slices without a TPU: `jaxrlhf plan`).
+`generation` (the KV-cache sampler), `tools` (tools and environments of multi-turn RL), and,
+imported on use, `train` (configs, trainers, checkpoints) and `plan` (steps compiled for TPU
+slices without a TPU: `jaxrlhf plan`).
 """
 
 import glob
@@ -19,8 +20,8 @@ _ACCELERATORS = ("/dev/accel*", "/dev/vfio/*", "/dev/nvidia*", "/dev/kfd")
 if sys.platform == "linux" and "JAX_PLATFORMS" not in os.environ and not any(map(glob.glob, _ACCELERATORS)):
     os.environ["JAX_PLATFORMS"] = "cpu"
 
-from jaxrlhf import data, generation, losses, models, parallel  # noqa: E402
+from jaxrlhf import data, generation, losses, models, parallel, tools  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "data", "generation", "losses", "models", "parallel"]
+__all__ = ["__version__", "data", "generation", "losses", "models", "parallel", "tools"]

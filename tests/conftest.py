@@ -60,6 +60,7 @@ SLOW: dict[str, str] = {
     "train/test_lora_ppo.py": "LoRA PPO CLI runs with resume and exports",
     "train/test_grpo_trainer.py": "GRPO / RLOO CLI runs",
     "train/test_trackers.py::test_tensorboard_wandb_and_trackio_read_back": "two GRPO CLI runs, W&B, Trackio",
+    "train/test_multiturn.py::test_grpo_cli_run_with_tools": "a GRPO run with the calculator",
     "train/test_kto_trainer.py::test_kto_resumes_exactly_after_a_crash": "four KTO CLI runs",
     "train/test_online_dpo.py::test_online_dpo_cli_trains_resumes_exactly_and_exports": "online DPO CLI runs",
     "train/test_model_families.py": "CLI DPO runs on Gemma 2 and Qwen3-MoE",
@@ -111,7 +112,7 @@ def pytest_configure(config):
 # Files whose tests share an expensive module fixture: `make test` (--dist loadgroup) keeps each on one
 # worker; every other test goes to whichever worker is free.
 TOGETHER = ("test_cli_errors.py", "bench/test_memory_plan.py", "models/test_demo_model.py",
-            "bench/test_sentiment_frontier.py")
+            "bench/test_sentiment_frontier.py", "data/test_sft_formats.py")  # the last: TRL's trainers
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks

@@ -27,6 +27,9 @@ class Generation:
     completion_mask: Array  # [B, N] 1 up to and including the first EOS
     logprobs: Array  # [B, N] log-prob of each sampled token under softmax(logits / temperature); 0 on pad
     entropy: Array  # [B, N] entropy of softmax(logits / temperature) at each step; 0 on pad
+    # [B, N] 1 on the policy's own tokens, where a completion also holds others (a multi-turn rollout's
+    # tool messages: `jaxrlhf.train.multiturn`); None: all of the completion is the policy's
+    policy_mask: Array | None = None
 
 
 def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:

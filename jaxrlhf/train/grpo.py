@@ -149,6 +149,9 @@ class GRPOEngine(RolloutEngine):
         if len(self.weights) != n:
             raise ValueError(f"{len(self.weights)} reward weights for {n} rewards")
         self._init_state({"policy": params}, optimizer, seed)
+        # `rollout(engine, prompt_ids, prompt_mask) -> Generation` replaces the single-turn sampler
+        # call (a multi-turn rollout with tools: `jaxrlhf.train.multiturn`)
+        self.rollout: Callable[..., Generation] | None = None
         self._score = jax.jit(self._score_fn)
         self._update = jax.jit(self._update_fn, donate_argnums=(0,))
 
@@ -166,11 +169,16 @@ class GRPOEngine(RolloutEngine):
         rewards_BxR = jnp.concatenate(columns, axis=1).astype(jnp.float32)
         # TRL: a None (NaN) reward does not apply and is left out of the weighted sum
         rewards_B = jnp.nansum(rewards_BxR * jnp.asarray(self.weights), axis=1)
-        has_eos = jnp.any(jnp.isin(tokens, self.eos) & (completion_mask != 0), axis=2)  # [P, G]
+        # [P, G] ended by the policy: the completion's last token is an EOS (one of several in a
+        # multi-turn rollout, whose tool messages end with one too)
+        length = jnp.sum(completion_mask, axis=2)
+        last_token = jnp.take_along_axis(tokens, jnp.maximum(length - 1, 0)[..., None], axis=2)[..., 0]
+        has_eos = jnp.isin(last_token, self.eos) & (length > 0)
+        policy_mask = completion_mask if gen.policy_mask is None else gen.policy_mask.reshape(p, g, n)
         if self.missing_eos_penalty is not None:  # TRL's OnlineDPO: subtracted before ranking
             rewards_B = rewards_B - self.missing_eos_penalty * (1.0 - has_eos.reshape(-1).astype(jnp.float32))
         advantages = group_advantages(rewards_B, g, scale=cfg.scale_rewards, estimator=self.estimator)
-        loss_mask = completion_mask
+        loss_mask = policy_mask  # a multi-turn rollout's tool messages are context, not trained
         if cfg.mask_truncated_completions:  # DAPO: a cut-off completion says nothing about its reward
             loss_mask = loss_mask * has_eos[..., None].astype(loss_mask.dtype)
 
@@ -197,7 +205,7 @@ class GRPOEngine(RolloutEngine):
             "completions/min_length": jnp.min(lengths),
             "completions/max_length": jnp.max(lengths),
             "completions/clipped_ratio": 1.0 - jnp.mean(has_eos.astype(jnp.float32)),
-            "entropy": masked_mean(gen.entropy, gen.completion_mask.astype(jnp.float32)),
+            "entropy": masked_mean(gen.entropy, policy_mask.reshape(gen.entropy.shape).astype(jnp.float32)),
             "rewards_mean": func_mean,  # [R]: named on the host
             "rewards_std": func_std,
         }
@@ -272,7 +280,10 @@ class GRPOEngine(RolloutEngine):
         start = time.perf_counter()
         ids_p, mask_p = self._batch(prompt_ids), self._batch(prompt_mask)
         prompt_ids, prompt_mask = jnp.repeat(ids_p, g, axis=0), jnp.repeat(mask_p, g, axis=0)
-        gen = self.generate(prompt_ids, prompt_mask)  # all P * G completions in one sampler call
+        if self.rollout is not None:  # multi-turn: the policy's turns and the tools' answers
+            gen = self.rollout(self, prompt_ids, prompt_mask)
+        else:
+            gen = self.generate(prompt_ids, prompt_mask)  # all P * G completions in one sampler call
         jax.block_until_ready(gen.tokens)
         gen_seconds = time.perf_counter() - start
         start = time.perf_counter()

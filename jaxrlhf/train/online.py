@@ -12,19 +12,22 @@ import jax
 import numpy as np
 
 from jaxrlhf.data import BatchIterator, DataError, bucket_length, check_roles, left_pad, load_rows
-from jaxrlhf.data.preference import template_kwargs, to_chatml
+from jaxrlhf.data.preference import template_kwargs as row_template_kwargs
+from jaxrlhf.data.preference import to_chatml
 from jaxrlhf.train.algorithms.base import Context, Learner
 
 Print = Callable[[str], None]
 
 
 def load_prompt_rows(
-    files: list[str], tokenizer: Any, *, max_prompt_length: int
+    files: list[str], tokenizer: Any, *, max_prompt_length: int, template_kwargs: dict[str, Any] | None = None
 ) -> list[tuple[np.ndarray, dict[str, Any]]]:
     """Token ids of every row's `prompt` (conversations get the chat template and a generation
-    prompt), truncated from the left to `max_prompt_length`, each with the row's other columns.
-    Bad rows raise `DataError` naming the file, row and field."""
+    prompt, with `template_kwargs` and the row's own `tools` / `chat_template_kwargs`), truncated
+    from the left to `max_prompt_length`, each with the row's other columns. Bad rows raise
+    `DataError` naming the file, row and field."""
     out: list[tuple[np.ndarray, dict[str, Any]]] = []
+    extra = template_kwargs
     for file in files:
         rows = load_rows(file)
         for i in range(len(rows)):
@@ -33,8 +36,9 @@ def load_prompt_rows(
             if isinstance(prompt, list):
                 try:
                     check_roles(prompt, tokenizer, "prompt")
+                    kwargs = {**(extra or {}), **row_template_kwargs(row)}
                     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                                         **template_kwargs(row))  # fmt: skip
+                                                         **kwargs)  # fmt: skip
                 except DataError as e:
                     raise e.located(*rows.locate(i)) from None
                 except Exception as e:  # malformed messages
@@ -47,7 +51,9 @@ def load_prompt_rows(
                 error = DataError(f"expected a non-empty string or a list of messages, got {got}",
                                   field="prompt")  # fmt: skip
                 raise error.located(*rows.locate(i))
-            ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+            # a rendered conversation holds its special tokens; text gets the tokenizer's own (TRL's rule)
+            special = not isinstance(prompt, list)
+            ids = np.asarray(tokenizer(text, add_special_tokens=special)["input_ids"], np.int32)
             out.append((ids[-max_prompt_length:], {k: v for k, v in row.items() if k != "prompt"}))
     return out
 

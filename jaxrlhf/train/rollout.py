@@ -199,8 +199,9 @@ class RolloutEngine:
         return jax.device_put(np.asarray(x, np.int32), NamedSharding(self.mesh, PartitionSpec()))
 
     def generate(
-        self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array, *, seed: int | None = None
-    ) -> Generation:
+        self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array, *, seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Generation:  # fmt: skip
         """Sample responses with the current policy: tokens, response mask, and the sampler's log-probs
         and entropies under `softmax(logits / temperature)` (reused by scoring). The key comes from
         the training stream, or from `seed` (which leaves the training stream untouched)."""
@@ -214,7 +215,7 @@ class RolloutEngine:
         return _generate(
             self.policy_def, self._policy_state(), self._batch(prompt_ids),
             self._batch(prompt_mask), self.eos, np.int32(self.pad_id), key,
-            max_new_tokens=self.cfg.response_length, temperature=self.cfg.temperature,
+            max_new_tokens=max_new_tokens or self.cfg.response_length, temperature=self.cfg.temperature,
             top_k=self.cfg.top_k, top_p=self.cfg.top_p,
         )  # fmt: skip
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.trl_data import trl_dpo_examples, trl_sft_examples
+from helpers.trl_data import trl_dpo_examples, trl_grpo_prompt_ids, trl_kto_examples, trl_sft_examples
 
 from jaxrlhf.data.sft import render_sft_row, tokenize_sft
 
@@ -189,3 +189,38 @@ def test_preference_rows_tokenize_as_trl_dpo(smollm):
     # The implicit text prompt: TRL's `extract_prompt` cuts mid-word ("Q: hi\n\nA: He" + "llo"), but its
     # tokenization then keeps the common token prefix, so the ids equal jaxrlhf's word-boundary split.
     assert examples[3].prompt == "Q: hi\n\nA:" and tokenizer.decode(want[3]["prompt_ids"]) == "Q: hi\n\nA:"
+
+
+def test_unpaired_and_prompt_only_rows_tokenize_as_trl(smollm):
+    """KTO's unpaired rows against TRL's `KTOTrainer` preprocessing (the same differences as DPO's),
+    and the online methods' prompts against the ids `GRPOTrainer._tokenize_prompts` generates from."""
+    from jaxrlhf.data.preference import PreferenceExample
+    from jaxrlhf.data.tokenize import tokenize_pairs
+    from jaxrlhf.train.algorithms.kto import parse_kto_rows
+
+    path, tokenizer = smollm
+    rows = [{"prompt": "The sky is", "completion": " blue.", "label": True},
+            {"prompt": [USER], "completion": [REPLY], "label": False},
+            {"prompt": [{"role": "system", "content": "Be brief."}, USER], "completion": [REPLY],
+             "label": True}]  # fmt: skip
+    examples, _ = parse_kto_rows(rows, tokenizer, skip_invalid=False, drop_degenerate=False, source="")
+    pairs, _ = tokenize_pairs([PreferenceExample(e.prompt, e.chosen, e.chosen) for e in examples], tokenizer,
+                              add_bos=False)  # fmt: skip
+    for row, pair, ref in zip(rows, pairs, trl_kto_examples(rows, path), strict=True):
+        chat = isinstance(row["prompt"], list)
+        assert pair.prompt_ids.tolist() == ref["prompt_ids"]
+        assert pair.chosen_ids.tolist() == (ref["completion_ids"][:-1] if chat else ref["completion_ids"])
+        assert bool(ref["label"]) == row["label"]
+
+    import json
+    import tempfile
+
+    from jaxrlhf.train.online import load_prompt_rows
+
+    prompts = [{"prompt": "The sky is"}, {"prompt": "Question: "}, {"prompt": [USER]},
+               {"prompt": [{"role": "system", "content": "Be brief."}, *TWO_TURNS[:3]]}]  # fmt: skip
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in prompts))
+        f.flush()
+        ours_ids = [ids.tolist() for ids, _ in load_prompt_rows([f.name], tokenizer, max_prompt_length=512)]
+    assert ours_ids == trl_grpo_prompt_ids(prompts, path)

@@ -2,11 +2,14 @@
 and loss masks.
 
 Nothing here reimplements TRL. Each function builds the real TRL trainer (`trl.SFTTrainer`,
-`trl.DPOTrainer`, TRL 1.16) on a tiny random torch model with the given tokenizer, truncation off and
-packing off, and runs every row through that trainer's own `_prepare_dataset`, the method its
-`__init__` runs on `train_dataset` (trl/trainer/sft_trainer.py:1026, trl/trainer/dpo_trainer.py:849).
-Each row becomes a one-row `datasets.Dataset` of its own, so TRL decides the format (conversational
-or not, prompt given or implicit) per row, as it does from the first row of a uniform dataset.
+`trl.DPOTrainer`, `trl.KTOTrainer`, `trl.GRPOTrainer`, TRL 1.16) on a tiny random torch model with the
+given tokenizer, truncation off and packing off, and runs every row through that trainer's own code:
+the offline trainers' `_prepare_dataset`, the method their `__init__` runs on `train_dataset`
+(trl/trainer/sft_trainer.py:1026, trl/trainer/dpo_trainer.py:849, trl/trainer/kto_trainer.py:860), and
+GRPO's `_tokenize_prompts`, the method its `_generate` turns a batch's prompts into the ids it
+generates from (trl/trainer/grpo_trainer.py:2221). Each row becomes a one-row `datasets.Dataset` (or
+one-prompt batch) of its own, so TRL decides the format (conversational or not, prompt given or
+implicit) per row, as it does from the first row of a uniform dataset or batch.
 
 The trainers are cached per tokenizer directory and dataset format; a call costs a few
 milliseconds a row once its trainer exists (about a second to build). Everything TRL and
@@ -245,4 +248,143 @@ def trl_dpo_examples(rows: list[dict], tokenizer_dir: str) -> list[dict]:
                 _one_row_dataset(row), trainer.processing_class, trainer.args, "train"
             )[0]
             out.append({k: list(prepared[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _kto_trainer(tokenizer_dir: str):
+    import transformers
+    import trl
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    # `loss_type="kto"` (the default) estimates the KL term, which needs a device batch > 1
+    # (trl/trainer/kto_trainer.py:844-847): TrainingArguments' default of 8 is kept.
+    args = trl.KTOConfig(**_common_args(), precompute_ref_log_probs=False)
+    return trl.KTOTrainer(
+        model=_tiny_model(len(tokenizer)),
+        # Given, else TRL reloads the policy from its name, which a model built from a config lacks.
+        ref_model=_tiny_model(len(tokenizer)),
+        args=args,
+        train_dataset=_one_row_dataset({"prompt": "a", "completion": " b", "label": True}),
+        processing_class=tokenizer,
+    )
+
+
+def trl_kto_examples(rows: list[dict], tokenizer_dir: str) -> list[dict]:
+    """TRL `KTOTrainer`'s preprocessing of each unpaired preference row.
+
+    Rows may be standard `{"prompt": str, "completion": str, "label": bool}` or conversational
+    (`prompt` and `completion` lists of messages), with optional `tools` (a list, or a JSON string) and
+    `chat_template_kwargs` (a dict) columns passed to `apply_chat_template`. No truncation
+    (`max_length=None`). What TRL does (`KTOTrainer._prepare_dataset`, trl/trainer/kto_trainer.py:1044-1184):
+
+    * standard rows get the tokenizer's EOS token appended to the completion text unless it already
+      ends with it (kto_trainer.py:1071-1082); conversational rows get none (the template ends the turn);
+    * the prompt is tokenized alone and prompt + completion together, with `trl.data_utils._tokenize`:
+      `tokenizer(text=...)` with the tokenizer's default special tokens for text (a BOS only if its
+      post-processor adds one), `apply_chat_template(tokenize=True)` for messages, the prompt with
+      `add_generation_prompt=True` (kto_trainer.py:1088-1108, trl/data_utils.py:367-403);
+    * `prompt_ids` is the common token prefix of the two, `completion_ids` the rest of prompt +
+      completion (kto_trainer.py:1110-1129; `trl.data_utils.common_prefix_length`): a token that merges
+      across the boundary belongs to the completion, and for conversations the completion keeps the
+      line break the template writes after its final EOS.
+
+    The KL term's mismatched completions (`KL_completion_ids`, kto_trainer.py:1141-1156) are not
+    returned: TRL rotates `completion_ids` by +1 within each run of `per_device_train_batch_size` rows of
+    the dataset (a `batched` map), so row i of a run takes row i-1's completion and the run's first row
+    its last row's. A one-row dataset would only give back the row's own completion.
+
+    Args:
+        rows: The unpaired rows; each is prepared on its own.
+        tokenizer_dir: A local Hugging Face tokenizer directory.
+
+    Returns:
+        One dict per row with TRL's column names: `prompt_ids`, `completion_ids` (list[int]) and `label`
+        (bool). TRL's collator trains on `prompt_ids + completion_ids` with a completion mask of
+        `[0] * len(prompt_ids) + [1] * len(completion_ids)` (trl/trainer/kto_trainer.py:163-173).
+    """
+    out = []
+    with _quiet():
+        trainer = _kto_trainer(tokenizer_dir)
+        for row in rows:
+            prepared = trainer._prepare_dataset(
+                _one_row_dataset(row), trainer.processing_class, trainer.args, "train"
+            )[0]
+            out.append(
+                {
+                    "prompt_ids": list(prepared["prompt_ids"]),
+                    "completion_ids": list(prepared["completion_ids"]),
+                    "label": bool(prepared["label"]),
+                }
+            )
+    return out
+
+
+def _zero_reward(completions, **kwargs) -> list[float]:
+    return [0.0] * len(completions)
+
+
+@functools.lru_cache(maxsize=8)
+def _grpo_trainer(tokenizer_dir: str, chat_template_kwargs_json: str):
+    import json
+
+    import transformers
+    import trl
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    args = trl.GRPOConfig(
+        output_dir=os.path.join(_TMP.name, "out"),
+        report_to=[],
+        use_cpu=True,
+        use_vllm=False,
+        save_strategy="no",
+        logging_strategy="no",
+        chat_template_kwargs=json.loads(chat_template_kwargs_json) or None,
+    )
+    return trl.GRPOTrainer(
+        model=_tiny_model(len(tokenizer)),
+        reward_funcs=_zero_reward,
+        args=args,
+        train_dataset=_one_row_dataset({"prompt": "a"}),
+        processing_class=tokenizer,
+    )
+
+
+def trl_grpo_prompt_ids(
+    rows: list[dict], tokenizer_dir: str, *, chat_template_kwargs: dict | None = None
+) -> list[list[int]]:
+    """The token ids TRL `GRPOTrainer` generates from for each prompt-only row (no padding).
+
+    Rows are `{"prompt": str}` or `{"prompt": [msg, ...]}`. Each row's prompt goes, as a one-prompt
+    batch, through `GRPOTrainer._tokenize_prompts` (trl/trainer/grpo_trainer.py:1684-1761), the method
+    `_generate` calls on the batch's prompts before generating (grpo_trainer.py:2221; the prompts are the
+    rows' `prompt` values, grpo_trainer.py:2337, unchanged without images or environments). GRPO does no
+    dataset preprocessing and never truncates prompts in TRL 1.16 (no `max_prompt_length`). There:
+
+    * text prompts are `tokenizer(text=prompts)["input_ids"]`, the tokenizer's default special tokens
+      included (grpo_trainer.py:1757);
+    * conversations are `apply_chat_template(conversation=prompts, add_generation_prompt=True,
+      tokenize=True, tools=<trainer tools or None>, chat_template=None, **args.chat_template_kwargs)`
+      (grpo_trainer.py:1737-1746). Tools and template kwargs are trainer-wide: `GRPOTrainer(tools=[python
+      callables])` and `GRPOConfig.chat_template_kwargs` (grpo_trainer.py:788). Per-row `tools` or
+      `chat_template_kwargs` columns do not reach the chat template (they only go to reward functions as
+      extra columns), so they are ignored here as in TRL. Trainer tools are not offered here.
+
+    Args:
+        rows: The prompt rows; each is tokenized on its own (TRL reads the format from a batch's first
+            prompt, grpo_trainer.py:1686).
+        tokenizer_dir: A local Hugging Face tokenizer directory.
+        chat_template_kwargs: `GRPOConfig.chat_template_kwargs`, for every conversational row.
+
+    Returns:
+        One list of token ids per row, as TRL's generation receives it before left-padding.
+    """
+    import json
+
+    out = []
+    with _quiet():
+        trainer = _grpo_trainer(tokenizer_dir, json.dumps(chat_template_kwargs or {}, sort_keys=True))
+        for row in rows:
+            prompt_ids, _, _ = trainer._tokenize_prompts([row["prompt"]])
+            out.append([int(i) for i in prompt_ids[0]])
     return out

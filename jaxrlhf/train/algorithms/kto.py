@@ -123,7 +123,8 @@ def _unpaired(row: dict[str, Any], tokenizer: Any) -> PreferenceExample:
             raise DataError(f"missing column {name!r}", field=name)
     try:  # as a pair whose both completions are this one: the same checks and chat template
         completion = row["completion"]
-        ex = parse_row({"prompt": row.get("prompt"), "chosen": completion, "rejected": completion}, tokenizer)
+        pair = {k: v for k, v in row.items() if k not in ("completion", "label", "margin")}
+        ex = parse_row({**pair, "chosen": completion, "rejected": completion}, tokenizer)  # tools etc. kept
     except DataError as e:
         field = "completion" if e.field in ("chosen", "rejected") else e.field
         raise DataError(e.reason.replace("chosen", "completion"), field=field) from None

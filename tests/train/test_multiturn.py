@@ -1,0 +1,240 @@
+"""Multi-turn rollouts with tools (`jaxrlhf.train.multiturn`, `jaxrlhf.tools`): tool calls parsed,
+tools that raise, hang or return garbage answered with an error message, the episode loop on a
+scripted sampler, and a GRPO rollout of several turns on a tiny model whose policy log-probs and
+masks are recomputed with transformers in PyTorch."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+from helpers.ppo import random_prompts
+
+from jaxrlhf.generation.sampling import Generation
+from jaxrlhf.tools import ToolCall, ToolEnvironment, calculator, parse_tool_calls, tool_schema
+from jaxrlhf.train import multiturn
+from jaxrlhf.train.multiturn import ToolTurnTemplate, episode_arrays, run_episodes
+
+
+def test_parse_tool_calls():
+    text = "".join([
+        'Let me compute.<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}',
+        "\n</tool_call>",
+        '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call><tool_call>{oops}</tool_call>',
+        '<tool_call>{"arguments": {}}</tool_call>',
+        '<tool_call>{"name": "g", "arguments": [1]}</tool_call>',
+    ])
+    calls = parse_tool_calls(text)
+    assert calls[0] == ToolCall("calculator", {"expression": "2+3"})
+    assert calls[1] == ToolCall("f", {"x": 1})  # arguments written as a JSON string
+    assert "not valid JSON" in calls[2].error and "needs" in calls[3].error
+    assert "JSON object" in calls[4].error
+    assert parse_tool_calls("no call here") == [] and parse_tool_calls("<tool_call>{} unfinished") == []
+
+
+def test_tools_that_raise_hang_or_return_garbage_answer_with_an_error():
+    def boom(x: int) -> str:
+        """Fail.
+
+        Args:
+            x: anything.
+        """
+        raise RuntimeError("broken")
+
+    def hang() -> str:
+        """Never return."""
+        time.sleep(30)
+        return "late"
+
+    def garbage() -> str:
+        """Return a non-text value."""
+        return {"not": "text"}  # type: ignore[return-value]
+
+    env = ToolEnvironment([boom, hang, garbage, calculator], timeout=0.3)
+    start = time.perf_counter()
+    got = env.step([ToolCall("boom", {"x": 1}), ToolCall("hang"), ToolCall("garbage"), ToolCall("nope"),
+                    ToolCall("calculator", {"expression": "(12 + 3) * 4"}), ToolCall("calculator", {"y": 1}),
+                    ToolCall("", {}, "the tool call is not valid JSON")])  # fmt: skip
+    assert time.perf_counter() - start < 5  # the hung call is abandoned after its time limit
+    assert got[0] == "Error: boom raised RuntimeError: broken"
+    assert got[1] == "Error: hang did not return within 0.3 s"
+    assert got[2] == "Error: garbage returned dict, not text"
+    assert got[3].startswith("Error: no tool named 'nope'")
+    assert got[4] == "60"
+    assert got[5].startswith("Error: bad arguments for calculator")
+    assert got[6] == "Error: the tool call is not valid JSON"
+    schema = tool_schema(calculator)["function"]
+    assert schema["name"] == "calculator" and schema["parameters"]["required"] == ["expression"]
+
+
+def test_calculator_is_arithmetic_only():
+    assert calculator("7 * 8 - 6 / 3") == "54" and calculator("2 ** 10") == "1024"
+    assert calculator("-3 // 2") == "-2"
+    assert calculator("1 / 4") == "0.25"
+    for bad in ("__import__('os').system('ls')", "x + 1", "open('f')", "2 ** 1000", "[1, 2]"):
+        with pytest.raises((ValueError, SyntaxError)):
+            calculator(bad)
+
+
+def test_tool_turn_template_from_the_chat_template(tiny_dir):
+    from jaxrlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_dir)
+    t = ToolTurnTemplate.of(tokenizer)
+    assert (t.before, t.after) == ("\n<|im_start|>tool\n", "<|im_end|>\n<|im_start|>assistant\n")
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    whole = tokenizer.apply_chat_template([*msgs, {"role": "tool", "content": "42"}], tokenize=False,
+                                          add_generation_prompt=True)  # fmt: skip
+    start = tokenizer.apply_chat_template(msgs, tokenize=False).rstrip()
+    assert whole == start + t.before + "42" + t.after  # the template's own rendering, token for token
+
+
+class FakeTokenizer:
+    """Ids as text: decode writes them, a tool message is three fixed ids."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [90, 91, 92]}
+
+
+class EchoEnv:
+    tools = ()
+
+    def __init__(self):
+        self.calls = 0
+
+    def reset(self, row):
+        self.row = row
+
+    def step(self, calls):
+        self.calls += len(calls)
+        return ["r"] * len(calls)
+
+
+def test_episode_loop_on_a_scripted_sampler(monkeypatch):
+    """Row 0: a call, the tool's answer, a final reply. Row 1: a reply that is cut off by the token
+    budget. The sampler sees each row's prompt + completion so far, left-padded."""
+    def calls(text):
+        return [ToolCall("t")] if text.startswith("10") else []
+
+    monkeypatch.setattr(multiturn, "parse_tool_calls", calls)
+    script = {0: [[10, 11, 1], [20, 21, 22, 23]], 1: [[30, 31, 32, 33]]}
+    seen = []
+
+    def sample(ids, mask, n):
+        seen.append([row[m == 1].tolist() for row, m in zip(ids, mask, strict=True)])
+        turn = len(seen) - 1
+        tokens = np.zeros((2, n), np.int32)
+        cmask = np.zeros((2, n), np.int32)
+        for i in (0, 1):
+            if turn < len(script[i]):
+                out = script[i][turn][:n]
+                tokens[i, : len(out)], cmask[i, : len(out)] = out, 1
+        lp = -cmask.astype(np.float32) * 0.5
+        return Generation(tokens, cmask, lp, -lp)
+
+    envs = [EchoEnv(), EchoEnv()]
+    episodes = run_episodes(sample, FakeTokenizer(), [[5, 6], [7]], envs, eos_ids=[1], pad_id=0, max_turns=3,
+                            max_tokens=9, turn_tokens=4, template=ToolTurnTemplate("", ""))  # fmt: skip
+    assert seen[0] == [[5, 6], [7]] and seen[1][0] == [5, 6, 10, 11, 1, 90, 91, 92]
+    e0, e1 = episodes
+    assert e0.tokens == [10, 11, 1, 90, 91, 92, 20, 21, 22]  # the reply cut to the 9-token budget
+    assert e0.policy == [1, 1, 1, 0, 0, 0, 1, 1, 1] and e0.turns == 2 and e0.tool_calls == 1
+    assert [m["role"] for m in e0.messages] == ["assistant", "tool", "assistant"]
+    assert e1.tokens == [30, 31, 32, 33] and e1.turns == 1 and envs[1].calls == 0
+    arrays = episode_arrays(episodes, 10, pad_id=0)
+    assert arrays["completion_mask"][0].tolist() == [1] * 9 + [0]
+    assert arrays["policy_mask"][0].tolist() == e0.policy + [0]
+    assert arrays["logprobs"][0].tolist() == [-0.5] * 3 + [0.0] * 3 + [-0.5] * 3 + [0.0]
+
+
+def test_multi_turn_grpo_rollout_against_pytorch(hf_checkpoint, monkeypatch):
+    """A GRPO step whose rollout has several turns (every turn ends at one of many "EOS" ids and is
+    answered by a tool message): the sampler's log-prob of each policy token equals transformers'
+    log-softmax(logits / T) over the whole row, tool tokens included as context; only the policy's
+    tokens are in the loss mask; the rescored old log-probs equal the sampler's."""
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.parallel import make_mesh
+    from jaxrlhf.train.config import GRPOConfig
+    from jaxrlhf.train.grpo import GRPOEngine
+    from jaxrlhf.train.step import make_optimizer, make_schedule
+
+    hf, path = hf_checkpoint("llama")
+    eos = list(range(1, 30))  # turns end soon
+    cfg = GRPOConfig(num_generations=2, max_completion_length=16, temperature=0.8, rescore_policy=True)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    engine = GRPOEngine(from_pretrained(path, mesh=mesh), cfg, make_optimizer(make_schedule(0.0, 10)), mesh,
+                        eos_token_ids=eos, pad_token_id=0, num_reward_funcs=1)  # fmt: skip
+    monkeypatch.setattr(multiturn, "parse_tool_calls", lambda text: [ToolCall("t")] if text else [])
+    prompts, mask = random_prompts(n=3, length=5, seed=1)
+    episodes = []
+
+    def rollout(engine, ids, m):
+        rows = [r[k == 1].tolist() for r, k in zip(np.asarray(ids), np.asarray(m), strict=True)]
+        def sample(i, k, n):
+            return engine.generate(i, k, max_new_tokens=n)
+
+        episodes[:] = run_episodes(sample, FakeTokenizer(), rows, [EchoEnv() for _ in rows], eos_ids=eos,
+                                   pad_id=0, max_turns=3, max_tokens=16, turn_tokens=5,
+                                   template=ToolTurnTemplate("", ""))  # fmt: skip
+        return Generation(**{k: jax.numpy.asarray(v) for k, v in episode_arrays(episodes, 16, 0).items()})
+
+    engine.rollout = rollout
+    metrics = engine.step(prompts, mask, lambda ids, m: np.zeros((len(ids), 1)), ["zero"])
+    assert np.isfinite(metrics["loss"])
+    assert any(e.turns >= 2 for e in episodes)
+    r = {k: np.asarray(v) for k, v in engine.last_rollout.flat().items() if v is not None}
+    policy = episode_arrays(episodes, 16, 0)["policy_mask"]
+    np.testing.assert_array_equal(r["loss_mask"], policy)  # tool tokens: context, never trained
+    for i, e in enumerate(episodes):
+        ids = torch.tensor([prompts[i // 2].tolist() + e.tokens])
+        with torch.no_grad():
+            logits = hf(ids).logits[0].double() / cfg.temperature
+        logp = torch.log_softmax(logits, -1)
+        p = prompts.shape[1]
+        want = np.array([float(logp[p + t - 1, tok]) for t, tok in enumerate(e.tokens)])
+        k = np.array(e.policy, bool)
+        np.testing.assert_allclose(np.array(e.logprobs)[k], want[k], atol=2e-4)
+        np.testing.assert_allclose(r["old_logprobs"][i, : len(e.tokens)][k], want[k], atol=2e-4)
+
+
+def test_grpo_cli_run_with_tools(tiny_dir, tmp_path):
+    """`grpo.tools` end to end: the calculator's environment per completion, episodes of up to two
+    turns, rewards on the conversations, the tool metrics logged."""
+    import json
+    import os
+
+    from helpers.runs import GRPO_DATA
+
+    from jaxrlhf.train import load_config, train
+
+    out = str(tmp_path / "run")
+    overrides = [
+        f"model.path={tiny_dir}", f"train.output_dir={out}", "train.max_steps=2", "train.save_every=0",
+        "train.batch_size=2", "train.eval_every=0", "train.tensorboard=false", "train.export=false",
+        "task_eval.enabled=false", f"data.train_files={GRPO_DATA}/test.jsonl", "grpo.num_generations=2",
+        "grpo.max_completion_length=12", "grpo.max_turn_tokens=6", "grpo.max_turns=2",
+        "grpo.tools=[jaxrlhf.tools:calculator]",
+    ]
+    result = train(load_config(os.path.join("configs", "grpo_demo.yaml"), overrides))
+    assert result.steps == 2
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if '"train"' in line]
+    assert all(1 <= r["tools/turns_per_episode"] <= 2 for r in rows)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_tool_settings_are_checked_together():
+    from jaxrlhf.train.algorithms.grpo import GRPOConfig
+    from jaxrlhf.train.config import ConfigError
+
+    assert GRPOConfig(max_turns=3, tools=["jaxrlhf.tools:calculator"]).max_turns == 3
+    for bad in ({"tools": ["jaxrlhf.tools:calculator"]}, {"max_turns": 2},
+                {"max_turns": 2, "tools": ["a:b"], "environment": "c:d"}):  # fmt: skip
+        with pytest.raises(ConfigError, match="grpo"):
+            GRPOConfig(**bad)
