@@ -341,7 +341,7 @@ def _render(
 ) -> tuple[str, str, str]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("conversational preference rows need a tokenizer with a chat_template")
-    prompt_text = _apply_template(tokenizer, prompt, "prompt", add_generation_prompt=True, **kwargs)
+    prompt_text = render_messages(tokenizer, prompt, "prompt", add_generation_prompt=True, **kwargs)
     return (
         prompt_text,
         _completion_text(tokenizer, prompt, chosen, prompt_text, "chosen", kwargs),
@@ -353,7 +353,7 @@ def _completion_text(
     tokenizer: Any, prompt: Messages, completion: Messages, prompt_text: str, name: str,
     kwargs: Mapping[str, Any],
 ) -> str:  # fmt: skip
-    full = _apply_template(tokenizer, prompt + completion, name, add_generation_prompt=False, **kwargs)
+    full = render_messages(tokenizer, prompt + completion, name, add_generation_prompt=False, **kwargs)
     if not full.startswith(prompt_text):
         raise DataError(
             "the chat template's rendering of prompt + completion does not start with its "
@@ -361,11 +361,14 @@ def _completion_text(
             "be split off",
             field=name,
         )
-    text = full[len(prompt_text) :]
-    eos = getattr(tokenizer, "eos_token", None)
-    if eos and text.rstrip().endswith(eos):
-        text = text.rstrip()
-    return text
+    return trim_after_eos(full[len(prompt_text) :], getattr(tokenizer, "eos_token", None))
+
+
+def trim_after_eos(text: str, eos: str | None) -> str:
+    """`text` without the whitespace a chat template writes after its final EOS (the model stops at
+    EOS, so that line break is never generated)."""
+    stripped = text.rstrip()
+    return stripped if eos and stripped.endswith(eos) else text
 
 
 STANDARD_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -391,10 +394,13 @@ def _template_roles(template: str) -> frozenset[str]:
     return frozenset(re.findall(r"""role['"]?\]?\s*(?:==|!=)\s*['"]([A-Za-z_]+)['"]""", template))
 
 
-def _apply_template(
+def render_messages(
     tokenizer: Any, messages: Sequence[Mapping[str, Any]], name: str, *, add_generation_prompt: bool,
     **kwargs: Any,
 ) -> str:  # fmt: skip
+    """The chat template's rendering of `messages` (roles checked; `kwargs`: `tools`,
+    `continue_final_message`, a row's `chat_template_kwargs`); a template error is a `DataError`
+    naming the field `name`."""
     check_roles(messages, tokenizer, name)
     try:
         text = tokenizer.apply_chat_template(

@@ -45,6 +45,7 @@ within a segment) and positions restarting at 0.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,7 @@ import numpy as np
 
 from jaxrlhf.data.collate import Batch, _batch_size, bucket_length
 from jaxrlhf.data.loading import DataError
-from jaxrlhf.data.preference import check_roles, template_kwargs, to_chatml
+from jaxrlhf.data.preference import render_messages, template_kwargs, to_chatml, trim_after_eos
 
 
 @dataclass(frozen=True)
@@ -147,21 +148,13 @@ class _Template:
         if not isinstance(messages, list) or not all(isinstance(m, Mapping) and "role" in m
                                                      for m in messages):  # fmt: skip
             raise DataError("expected a list of messages, each with a 'role'", field=field)
-        check_roles(messages, self.tokenizer, field)
-        try:
-            return self.tokenizer.apply_chat_template(
-                [dict(m) for m in messages], tokenize=False, add_generation_prompt=generation and not prefill,
-                continue_final_message=prefill, **self.kwargs,
-            )  # fmt: skip
-        except Exception as err:  # the template's own checks, e.g. alternating roles
-            raise DataError(f"chat template failed: {err}", field=field) from err
+        generation_prompt = generation and not prefill
+        return render_messages(self.tokenizer, messages, field, add_generation_prompt=generation_prompt,
+                               continue_final_message=prefill, **self.kwargs)  # fmt: skip
 
     def end_of_turn(self, text: str, start: int, end: int) -> int:
         """`end`, moved back over whitespace the template writes after a turn's final EOS."""
-        stripped = len(text[:end].rstrip())
-        if self.eos and stripped > start and text[:stripped].endswith(self.eos):
-            return stripped
-        return end
+        return start + len(trim_after_eos(text[start:end], self.eos))
 
 
 def _conversation(messages: Any, template: _Template, assistant_only: bool) -> SFTText:
@@ -199,19 +192,13 @@ def _prompt_completion(prompt: list, completion: list, template: _Template, comp
         joined = str(prompt[-1].get("content") or "") + str(completion[0].get("content") or "")
         whole = [*prompt[:-1], {**completion[0], "content": joined}, *completion[1:]]
     full = template(whole, field)
-    start = _common_prefix(rendered_prompt, full)
+    start = len(os.path.commonprefix([rendered_prompt, full]))
     if start == len(full):
         raise DataError("the completion renders to nothing", field=field)
     end = template.end_of_turn(full, start, len(full))
     trained = ((start, end),) if completion_only else ((0, len(full)),)
     empty = all(not str(m.get("content") or "").strip() and not m.get("tool_calls") for m in completion)
     return SFTText(full, trained, start, empty_completion=empty)
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = next((i for i in range(n) if a[i] != b[i]), n)
-    return i
 
 
 def tokenize_sft(

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from jaxrlhf.data import bucket_length, left_pad
+from jaxrlhf.data.preference import trim_after_eos
 from jaxrlhf.parallel import host_array
 from jaxrlhf.tools import Environment, parse_tool_calls
 
@@ -51,7 +52,7 @@ class ToolTurnTemplate:
         full = render([*msgs, {"role": "tool", "content": MARK}], tokenize=False, add_generation_prompt=True,
                       **template_kwargs)  # fmt: skip
         eos = tokenizer.eos_token or ""
-        end = base.rstrip()
+        end = trim_after_eos(base, eos)
         if not (eos and end.endswith(eos) and full.startswith(end) and full.count(MARK) == 1):
             raise ValueError(
                 "the chat template does not render a tool message after an assistant turn that ends "
