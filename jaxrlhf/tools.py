@@ -19,10 +19,11 @@ sandbox), or name functions only.
 from __future__ import annotations
 
 import ast
-import concurrent.futures
+import inspect
 import json
 import operator
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -117,17 +118,28 @@ class ToolEnvironment:
         fn = self.by_name.get(call.name)
         if fn is None:
             return f"Error: no tool named {call.name!r} (tools: {', '.join(sorted(self.by_name))})"
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         try:
-            result = pool.submit(fn, **call.arguments).result(timeout=self.timeout)
-        except concurrent.futures.TimeoutError:
-            return f"Error: {call.name} did not return within {self.timeout:g} s"
+            inspect.signature(fn).bind(**call.arguments)
         except TypeError as e:
             return f"Error: bad arguments for {call.name}: {e}"
-        except Exception as e:  # the tool's own failure is the model's to read
-            return f"Error: {call.name} raised {type(e).__name__}: {e}"
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)  # a hung call is abandoned, not waited for
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["value"] = fn(**call.arguments)
+            except Exception as e:  # noqa: BLE001 -- the tool's own failure is the model's to read
+                outcome["error"] = e
+
+        # a daemon thread: a call that hangs is abandoned and cannot keep the process from exiting
+        thread = threading.Thread(target=run, daemon=True, name=f"tool-{call.name}")
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            return f"Error: {call.name} did not return within {self.timeout:g} s"
+        error = outcome.get("error")
+        if error is not None:
+            return f"Error: {call.name} raised {type(error).__name__}: {error}"
+        result = outcome["value"]
         if isinstance(result, (int, float)) and not isinstance(result, bool):
             result = repr(result)
         if not isinstance(result, str):

@@ -47,7 +47,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -101,7 +101,6 @@ class SFTStats:
     truncated_completion: int = 0
     dropped_long_prompt: int = 0
     dropped_no_room: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 def render_sft_row(
