@@ -61,6 +61,7 @@ SLOW: dict[str, str] = {
     "train/test_grpo_trainer.py": "GRPO / RLOO CLI runs",
     "train/test_trackers.py::test_tensorboard_wandb_and_trackio_read_back": "two GRPO CLI runs, W&B, Trackio",
     "train/test_multiturn.py::test_grpo_cli_run_with_tools": "a GRPO run with the calculator",
+    "train/test_multiturn.py::test_multi_turn_grpo_learns_a_scripted_environment": "25 multi-turn GRPO steps",
     "train/test_kto_trainer.py::test_kto_resumes_exactly_after_a_crash": "four KTO CLI runs",
     "train/test_online_dpo.py::test_online_dpo_cli_trains_resumes_exactly_and_exports": "online DPO CLI runs",
     "train/test_model_families.py": "CLI DPO runs on Gemma 2 and Qwen3-MoE",

@@ -224,3 +224,22 @@ def test_unpaired_and_prompt_only_rows_tokenize_as_trl(smollm):
         f.flush()
         ours_ids = [ids.tolist() for ids, _ in load_prompt_rows([f.name], tokenizer, max_prompt_length=512)]
     assert ours_ids == trl_grpo_prompt_ids(prompts, path)
+
+
+def test_template_whose_generation_prompt_is_not_a_prefix_splits_as_trl(smollm, tmp_path):
+    """A template whose generation prompt opens a `<think>` block (DeepSeek-R1's): the completion
+    starts where the prompt's rendering and the whole row's part, as in TRL."""
+    path, tokenizer = smollm
+    thinking = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n"
+                "{% endif %}")  # fmt: skip
+    (tmp_path / "thinking.jinja").write_text(thinking)
+    tok = type(tokenizer).from_pretrained(path)
+    tok.chat_template = thinking
+    row = {"prompt": [USER], "completion": [{"role": "assistant", "content": "<think>\nsky</think>Blue."}]}
+    ((ids, mask),) = ours([row], tok)
+    (ref,) = trl_sft_examples([row], path, chat_template_path=str(tmp_path / "thinking.jinja"))
+    assert ids == ref["input_ids"]
+    assert mask == without_trailing_break(ref["input_ids"], ref["loss_mask"], tok)
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == "sky</think>Blue.<|im_end|>"  # the prompt ends with the opened <think>, as generated

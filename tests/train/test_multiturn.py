@@ -238,3 +238,46 @@ def test_tool_settings_are_checked_together():
                 {"max_turns": 2, "tools": ["a:b"], "environment": "c:d"}):  # fmt: skip
         with pytest.raises(ConfigError, match="grpo"):
             GRPOConfig(**bad)
+
+
+def test_multi_turn_grpo_learns_a_scripted_environment(hf_checkpoint, monkeypatch):
+    """A scripted environment with a known optimum: every turn is answered by the tool (its tokens
+    are context, not trained), and the reward is the share of the policy's own tokens below 48 (1 at
+    the optimum). Stated: 8 prompts x 4 episodes of up to 3 turns, lr 1e-3, 25 iterations: the mean
+    reward of the last 5 is >= 0.15 above the first 5 (measured: 0.55 -> 0.84, 2.3 turns per episode)."""
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.parallel import make_mesh
+    from jaxrlhf.train.config import GRPOConfig
+    from jaxrlhf.train.grpo import GRPOEngine
+    from jaxrlhf.train.step import make_optimizer, make_schedule
+
+    _, path = hf_checkpoint("llama")
+    eos = list(range(1, 12))
+    cfg = GRPOConfig(num_generations=4, max_completion_length=16, num_iterations=2, num_mini_batches=2)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    engine = GRPOEngine(from_pretrained(path, mesh=mesh), cfg, make_optimizer(make_schedule(1e-3, 100)), mesh,
+                        eos_token_ids=eos, pad_token_id=0, num_reward_funcs=1)  # fmt: skip
+    monkeypatch.setattr(multiturn, "parse_tool_calls", lambda text: [ToolCall("t")] if text else [])
+    episodes = []
+
+    def rollout(engine, ids, m):
+        rows = [r[k == 1].tolist() for r, k in zip(np.asarray(ids), np.asarray(m), strict=True)]
+
+        def sample(i, k, n):
+            return engine.generate(i, k, max_new_tokens=n)
+
+        episodes[:] = run_episodes(sample, FakeTokenizer(), rows, [EchoEnv() for _ in rows], eos_ids=eos,
+                                   pad_id=0, max_turns=3, max_tokens=16, turn_tokens=6,
+                                   template=ToolTurnTemplate("", ""))  # fmt: skip
+        return Generation(**{k: jax.numpy.asarray(v) for k, v in episode_arrays(episodes, 16, 0).items()})
+
+    def low_policy_tokens(ids, mask):
+        return np.array([[np.mean([t < 48 for t, p in zip(e.tokens, e.policy, strict=True) if p] or [0.0])]
+                         for e in episodes])  # fmt: skip
+
+    engine.rollout = rollout
+    prompts, mask = random_prompts(n=8)
+    history = [engine.step(prompts, mask, low_policy_tokens, ["low"]) for _ in range(25)]
+    rewards = [h["reward"] for h in history]
+    assert np.mean(rewards[-5:]) >= np.mean(rewards[:5]) + 0.15, rewards
+    assert np.mean([e.turns for e in episodes]) > 1.2  # the episodes really had several turns
