@@ -8,7 +8,8 @@ Held-out task accuracy on `asset:grpo_demo/test.jsonl` (64 arithmetic and word p
 3. after GRPO with the calculator (`configs/grpo_tools_demo.yaml`, episodes of up to two turns), with
    the calculator.
 
-With the calculator: episodes of up to two turns, the last message judged; also the share of
+With the calculator: episodes of up to two turns of at most 48 tokens each (a call alone is ~32
+tokens of SmolLM2's vocabulary), the last message judged; also the share of
 episodes with a tool call, turns per episode, and the first replies of each family.
 
     python bench/tools_demo.py                    # all stages (runs/sft_tools_demo, runs/grpo_tools_demo)
@@ -43,8 +44,8 @@ def evaluate(path: str, tokenizer_path: str | None = None) -> dict:
     eos = [tokenizer.eos_token_id]
     single = evaluate_tasks(model, tokenizer, prompts, max_new_tokens=32, batch_size=32)
     tools = evaluate_with_tools(model, tokenizer, prompts, functools.partial(ToolEnvironment, [calculator]),
-                                eos_ids=eos, pad_id=tokenizer.pad_token_id, max_turns=2, turn_tokens=32,
-                                max_tokens=64, batch_size=32)  # fmt: skip
+                                eos_ids=eos, pad_id=tokenizer.pad_token_id, max_turns=2, turn_tokens=48,
+                                max_tokens=96, batch_size=32)  # fmt: skip
     return {"single_turn_accuracy": single.accuracy, **{k: v for k, v in tools.items() if k != "episodes"},
             "first_episodes": tools["episodes"][:2] + tools["episodes"][32:34]}  # fmt: skip
 
@@ -52,6 +53,7 @@ def evaluate(path: str, tokenizer_path: str | None = None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--skip-sft", action="store_true", help="reuse runs/sft_tools_demo/export")
     ap.add_argument("--json")
     args = ap.parse_args()
     os.chdir(ROOT)
@@ -62,7 +64,7 @@ def main() -> None:
     print("base", json.dumps({k: v for k, v in out["base"].items() if k != "first_episodes"}), flush=True)
     for stage, config in (("sft", "configs/sft_tools_demo.yaml"), ("grpo", "configs/grpo_tools_demo.yaml")):
         cfg = load_config(config, ["train.resume=false"])
-        if not args.skip_training:
+        if not args.skip_training and not (stage == "sft" and args.skip_sft):
             start = time.perf_counter()
             train(cfg)
             out[f"{stage}_train_seconds"] = time.perf_counter() - start

@@ -176,6 +176,57 @@ ENGINES_WORKER = textwrap.dedent(
     history = [engine.step(ids, mask, rewards, ["low", "len"]) for _ in range(3)]
     keys = ["objective/scores", "loss", "objective/kl", "rewards/margins"]
     print("ODPO", json.dumps([[m[k] for k in keys] for m in history]))
+
+    # multi-turn GRPO: every turn that ends with one of many "EOS" ids is answered by a scripted tool
+    from jax.sharding import NamedSharding, PartitionSpec
+    from jaxrlhf.generation.sampling import Generation
+    from jaxrlhf.parallel import host_array
+    from jaxrlhf.tools import ToolCall
+    from jaxrlhf.train import multiturn
+
+    multiturn.parse_tool_calls = lambda text: [ToolCall("t")] if text else []
+
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(map(str, ids))
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [90, 91, 92]}
+
+
+    class Env:
+        def reset(self, row):
+            pass
+
+        def step(self, calls):
+            return ["r"] * len(calls)
+
+
+    eos = list(range(1, 12))
+    cfg = GRPOConfig(num_generations=4, max_completion_length=12, num_iterations=2, num_mini_batches=2)
+    optimizer = make_optimizer(make_schedule(1e-3, 100, kind="constant"))
+    engine = GRPOEngine(from_pretrained(path, mesh=mesh), cfg, optimizer, mesh, eos_token_ids=eos,
+                        pad_token_id=0, num_reward_funcs=1)
+    turns = []
+
+    def rollout(engine, ids, m):
+        rows = [r[k == 1].tolist() for r, k in zip(host_array(ids), host_array(m))]
+        episodes = multiturn.run_episodes(
+            lambda i, k, new: engine.generate(i, k, max_new_tokens=new), Tok(), rows, [Env() for _ in rows],
+            eos_ids=eos, pad_id=0, max_turns=3, max_tokens=12, turn_tokens=5,
+            template=multiturn.ToolTurnTemplate("", ""))
+        turns.append(sum(e.turns for e in episodes))
+        arrays = multiturn.episode_arrays(episodes, 12, 0)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        return Generation(**{k: jax.device_put(v, replicated) for k, v in arrays.items()})
+
+    engine.rollout = rollout
+    ids, mask = local_half(*prompts(4))
+    low = lambda i, m: rewards(i, m)[:, :1]
+    history = [engine.step(ids, mask, low, ["low"]) for _ in range(2)]
+    print("MULTITURN", json.dumps([[m[k] for k in ("reward", "loss", "grad_norm")] + [t]
+                                   for m, t in zip(history, turns)]))
     """
 )
 
@@ -211,6 +262,10 @@ def test_ppo_and_grpo_engines_on_two_processes_match_one(tmp_path):
     assert _tagged(two[0], "PPO_CALLS") == [8, 8, 8, 8] and _tagged(two[1], "PPO_CALLS") == []
     assert _tagged(two[0], "GRPO_CALLS") == [16, 16, 16] and _tagged(two[1], "GRPO_CALLS") == []
     assert np.all(np.isfinite(odpo)) and abs(odpo[2, 2]) > 0  # online DPO moved the policy too
+    multi = np.asarray(_tagged(one, "MULTITURN"))  # multi-turn GRPO: the same episodes and updates
+    assert np.all(np.isfinite(multi)) and multi[:, 3].min() > 16  # more turns than episodes
+    for out in two:
+        np.testing.assert_allclose(np.asarray(_tagged(out, "MULTITURN")), multi, rtol=1e-4, atol=1e-6)
 
 
 def test_ppo_cli_on_two_processes(tmp_path):
