@@ -116,6 +116,25 @@ class EchoEnv:
         return ["r"] * len(calls)
 
 
+def scripted_rollout(episodes, eos, *, turn_tokens, max_tokens=16):
+    """An engine `rollout` of up to 3 turns whose every turn is answered by `EchoEnv` (parsing is
+    patched by the caller); the episodes are kept in `episodes`."""
+
+    def rollout(engine, ids, m):
+        rows = [r[k == 1].tolist() for r, k in zip(np.asarray(ids), np.asarray(m), strict=True)]
+
+        def sample(i, k, n):
+            return engine.generate(i, k, max_new_tokens=n)
+
+        episodes[:] = run_episodes(sample, FakeTokenizer(), rows, [EchoEnv() for _ in rows], eos_ids=eos,
+                                   pad_id=0, max_turns=3, max_tokens=max_tokens, turn_tokens=turn_tokens,
+                                   template=ToolTurnTemplate("", ""))  # fmt: skip
+        arrays = episode_arrays(episodes, max_tokens, 0)
+        return Generation(**{k: jax.numpy.asarray(v) for k, v in arrays.items()})
+
+    return rollout
+
+
 def test_episode_loop_on_a_scripted_sampler(monkeypatch):
     """Row 0: a call, the tool's answer, a final reply. Row 1: a reply that is cut off by the token
     budget. The sampler sees each row's prompt + completion so far, left-padded."""
@@ -174,17 +193,7 @@ def test_multi_turn_grpo_rollout_against_pytorch(hf_checkpoint, monkeypatch):
     prompts, mask = random_prompts(n=3, length=5, seed=1)
     episodes = []
 
-    def rollout(engine, ids, m):
-        rows = [r[k == 1].tolist() for r, k in zip(np.asarray(ids), np.asarray(m), strict=True)]
-        def sample(i, k, n):
-            return engine.generate(i, k, max_new_tokens=n)
-
-        episodes[:] = run_episodes(sample, FakeTokenizer(), rows, [EchoEnv() for _ in rows], eos_ids=eos,
-                                   pad_id=0, max_turns=3, max_tokens=16, turn_tokens=5,
-                                   template=ToolTurnTemplate("", ""))  # fmt: skip
-        return Generation(**{k: jax.numpy.asarray(v) for k, v in episode_arrays(episodes, 16, 0).items()})
-
-    engine.rollout = rollout
+    engine.rollout = scripted_rollout(episodes, eos, turn_tokens=5)
     metrics = engine.step(prompts, mask, lambda ids, m: np.zeros((len(ids), 1)), ["zero"])
     assert np.isfinite(metrics["loss"])
     assert any(e.turns >= 2 for e in episodes)
@@ -260,22 +269,11 @@ def test_multi_turn_grpo_learns_a_scripted_environment(hf_checkpoint, monkeypatc
     monkeypatch.setattr(multiturn, "parse_tool_calls", lambda text: [ToolCall("t")] if text else [])
     episodes = []
 
-    def rollout(engine, ids, m):
-        rows = [r[k == 1].tolist() for r, k in zip(np.asarray(ids), np.asarray(m), strict=True)]
-
-        def sample(i, k, n):
-            return engine.generate(i, k, max_new_tokens=n)
-
-        episodes[:] = run_episodes(sample, FakeTokenizer(), rows, [EchoEnv() for _ in rows], eos_ids=eos,
-                                   pad_id=0, max_turns=3, max_tokens=16, turn_tokens=6,
-                                   template=ToolTurnTemplate("", ""))  # fmt: skip
-        return Generation(**{k: jax.numpy.asarray(v) for k, v in episode_arrays(episodes, 16, 0).items()})
-
     def low_policy_tokens(ids, mask):
         return np.array([[np.mean([t < 48 for t, p in zip(e.tokens, e.policy, strict=True) if p] or [0.0])]
                          for e in episodes])  # fmt: skip
 
-    engine.rollout = rollout
+    engine.rollout = scripted_rollout(episodes, eos, turn_tokens=6)
     prompts, mask = random_prompts(n=8)
     history = [engine.step(prompts, mask, low_policy_tokens, ["low"]) for _ in range(25)]
     rewards = [h["reward"] for h in history]
