@@ -34,7 +34,6 @@ from jaxrlhf.data.preference import (
 )
 from jaxrlhf.data.sft import (
     PackedRow,
-    SFTStats,
     SFTText,
     SFTTokens,
     collate_sft,
@@ -54,7 +53,6 @@ __all__ = [
     "ParseStats",
     "PreferenceExample",
     "Rows",
-    "SFTStats",
     "SFTText",
     "SFTTokens",
     "STANDARD_ROLES",

@@ -55,6 +55,7 @@ import numpy as np
 from jaxrlhf.data.collate import Batch, _batch_size, bucket_length
 from jaxrlhf.data.loading import DataError
 from jaxrlhf.data.preference import render_messages, template_kwargs, to_chatml, trim_after_eos
+from jaxrlhf.data.tokenize import TokenizeStats
 
 
 @dataclass(frozen=True)
@@ -90,17 +91,6 @@ class PackedRow:
     @property
     def length(self) -> int:
         return sum(s.length for s in self.sequences)
-
-
-@dataclass
-class SFTStats:
-    """What `tokenize_sft` did: sequences kept, truncated and dropped (by reason)."""
-
-    kept: int = 0
-    truncated_prompt: int = 0
-    truncated_completion: int = 0
-    dropped_long_prompt: int = 0
-    dropped_no_room: int = 0
 
 
 def render_sft_row(
@@ -204,12 +194,13 @@ def tokenize_sft(
     texts: Sequence[SFTText], tokenizer: Any, *, max_length: int | None = None,
     max_prompt_length: int | None = None, truncation_mode: str = "keep_end", add_bos: bool = True,
     append_eos: bool = True, chunk_size: int = 1024,
-) -> tuple[list[SFTTokens], SFTStats]:
-    """Token ids and loss masks of rendered rows (module docstring), truncated; dropped rows counted."""
+) -> tuple[list[SFTTokens], TokenizeStats]:
+    """Token ids and loss masks of rendered rows (module docstring), truncated; dropped rows counted
+    (`TokenizeStats`, as `tokenize_pairs` counts them)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("SFT needs a fast tokenizer (character offsets of tokens)")
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id if add_bos else None
-    stats, out = SFTStats(), []
+    stats, out = TokenizeStats(pairs=len(texts)), []
     for start in range(0, len(texts), chunk_size):
         chunk = texts[start : start + chunk_size]
         enc = tokenizer([t.text for t in chunk], add_special_tokens=False, return_offsets_mapping=True)
@@ -235,7 +226,7 @@ def tokenize_sft(
 
 def _fit(
     ids: np.ndarray, mask: np.ndarray, in_prompt: int, max_length: int | None, max_prompt_length: int | None,
-    truncation_mode: str, stats: SFTStats,
+    truncation_mode: str, stats: TokenizeStats,
 ) -> SFTTokens | None:
     if max_prompt_length is not None and in_prompt > max_prompt_length:
         if truncation_mode == "drop":
