@@ -205,18 +205,24 @@ def trl_sft_examples(
 
 
 @functools.lru_cache(maxsize=8)
-def _dpo_trainer(tokenizer_dir: str):
+def _reference_trainer(kind: str, tokenizer_dir: str):
+    """TRL's `DPOTrainer` (kind "dpo") or `KTOTrainer` ("kto") on tiny models, with a sample row."""
     import transformers
     import trl
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    args = trl.DPOConfig(**_common_args(), precompute_ref_log_probs=False)
-    return trl.DPOTrainer(
+    # KTO's `loss_type="kto"` (the default) estimates the KL term, which needs a device batch > 1
+    # (trl/trainer/kto_trainer.py:844-847): TrainingArguments' default of 8 is kept.
+    config, trainer, row = {
+        "dpo": (trl.DPOConfig, trl.DPOTrainer, {"prompt": "a", "chosen": " b", "rejected": " c"}),
+        "kto": (trl.KTOConfig, trl.KTOTrainer, {"prompt": "a", "completion": " b", "label": True}),
+    }[kind]
+    return trainer(
         model=_tiny_model(len(tokenizer)),
         # Given, else TRL reloads the policy from its name, which a model built from a config lacks.
         ref_model=_tiny_model(len(tokenizer)),
-        args=args,
-        train_dataset=_one_row_dataset({"prompt": "a", "chosen": " b", "rejected": " c"}),
+        args=config(**_common_args(), precompute_ref_log_probs=False),
+        train_dataset=_one_row_dataset(row),
         processing_class=tokenizer,
     )
 
@@ -242,32 +248,13 @@ def trl_dpo_examples(rows: list[dict], tokenizer_dir: str) -> list[dict]:
     """
     out = []
     with _quiet():
-        trainer = _dpo_trainer(tokenizer_dir)
+        trainer = _reference_trainer("dpo", tokenizer_dir)
         for row in rows:
             prepared = trainer._prepare_dataset(
                 _one_row_dataset(row), trainer.processing_class, trainer.args, "train"
             )[0]
             out.append({k: list(prepared[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
     return out
-
-
-@functools.lru_cache(maxsize=8)
-def _kto_trainer(tokenizer_dir: str):
-    import transformers
-    import trl
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    # `loss_type="kto"` (the default) estimates the KL term, which needs a device batch > 1
-    # (trl/trainer/kto_trainer.py:844-847): TrainingArguments' default of 8 is kept.
-    args = trl.KTOConfig(**_common_args(), precompute_ref_log_probs=False)
-    return trl.KTOTrainer(
-        model=_tiny_model(len(tokenizer)),
-        # Given, else TRL reloads the policy from its name, which a model built from a config lacks.
-        ref_model=_tiny_model(len(tokenizer)),
-        args=args,
-        train_dataset=_one_row_dataset({"prompt": "a", "completion": " b", "label": True}),
-        processing_class=tokenizer,
-    )
 
 
 def trl_kto_examples(rows: list[dict], tokenizer_dir: str) -> list[dict]:
@@ -305,7 +292,7 @@ def trl_kto_examples(rows: list[dict], tokenizer_dir: str) -> list[dict]:
     """
     out = []
     with _quiet():
-        trainer = _kto_trainer(tokenizer_dir)
+        trainer = _reference_trainer("kto", tokenizer_dir)
         for row in rows:
             prepared = trainer._prepare_dataset(
                 _one_row_dataset(row), trainer.processing_class, trainer.args, "train"
