@@ -85,7 +85,10 @@ def tool_schema(fn: Callable[..., Any]) -> dict[str, Any]:
 
 class Environment(Protocol):
     """What a multi-turn rollout talks to: one instance per episode (a `grpo.environment` factory is
-    called once per completion)."""
+    called once per completion). An environment may also define `parse_calls(text) ->
+    list[ToolCall]`, the calls of one assistant turn in its own format (e.g. every reply an action
+    of a text game); without it, turns are parsed as Hermes `<tool_call>` blocks
+    (`parse_tool_calls`)."""
 
     tools: Sequence[Callable[..., Any]]  # shown to the model (their schemas go to the chat template)
 

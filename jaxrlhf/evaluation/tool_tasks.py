@@ -10,7 +10,7 @@ from typing import Any
 
 from jaxrlhf.evaluation.checkers import check
 from jaxrlhf.evaluation.tasks import TaskPrompt
-from jaxrlhf.generation import generate
+from jaxrlhf.generation.turns import TurnCache
 from jaxrlhf.tools import Environment
 from jaxrlhf.train.multiturn import ToolTurnTemplate, episode_metrics, reset_environments, run_episodes
 
@@ -22,19 +22,17 @@ def evaluate_with_tools(
 ) -> dict[str, Any]:  # fmt: skip
     """Accuracy overall and by family, the tool metrics, and every episode's messages."""
     template = ToolTurnTemplate.of(tokenizer)
-
-    def sample(ids: Any, mask: Any, n: int) -> Any:
-        return generate(model, ids, mask, max_new_tokens=n, eos_token_ids=eos_ids, pad_token_id=pad_id,
-                        temperature=0.0)  # fmt: skip
-
     episodes, rows = [], []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
         real = len(batch)
         batch += [batch[-1]] * (batch_size - real)  # one shape: no recompilation for the last batch
         envs = reset_environments(environment, [{"family": p.family, "answer": p.answer} for p in batch])
+        width = max(len(p.ids) for p in batch)
+        sample = TurnCache.of_model(model, batch_size, width, max_tokens=max_tokens, turn_tokens=turn_tokens,
+                                    eos_ids=eos_ids, pad_id=pad_id, temperature=0.0)  # fmt: skip
         done = run_episodes(sample, tokenizer, [p.ids.tolist() for p in batch], envs, eos_ids=eos_ids,
-                            pad_id=pad_id, max_turns=max_turns, max_tokens=max_tokens,
+                            max_turns=max_turns, max_tokens=max_tokens,
                             turn_tokens=turn_tokens, template=template)  # fmt: skip
         episodes += done[:real]
         rows += batch[:real]

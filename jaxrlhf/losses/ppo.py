@@ -1,11 +1,14 @@
 """PPO for language models: KL-shaped per-token rewards, GAE, and the clipped policy / value losses.
 
 Shapes are ``[B, T]`` (any leading shape works; time is the last axis) and masks mark the real
-response tokens (1) versus padding (0), with padding only at the end of each row. All arithmetic is
-float32. Losses return ``(loss, metrics)`` with float32 scalar metrics under ``stop_gradient``.
+response tokens (1) versus the rest (0): padding at the end of a row, and in a multi-turn rollout
+the tool messages between the policy's turns (not steps of the policy: GAE skips them). All
+arithmetic is float32. Losses return ``(loss, metrics)`` with float32 scalar metrics under ``stop_gradient``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -110,12 +113,15 @@ def gae(
     r"""Generalized Advantage Estimation by a reverse ``jax.lax.scan`` over time.
 
     .. math::
-       \delta_t = r_t + \gamma V_{t+1} m_{t+1} - V_t, \quad
-       A_t = \delta_t + \gamma\lambda\, m_{t+1} A_{t+1}, \quad V_T = A_T = m_T = 0
+       \delta_t = r_t + \gamma V_{t'} - V_t, \quad
+       A_t = \delta_t + \gamma\lambda\, A_{t'}, \quad V_{t'} = A_{t'} = 0 \text{ after the last step}
 
     Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
-    Estimation", arXiv:1506.02438. Returns ``(advantages, returns = A + V)``, both float32
-    ``[B, T]`` and zeroed where the mask is 0. Advantages are not whitened here (see
+    Estimation", arXiv:1506.02438. The steps are the slots where the mask is 1, and ``t'`` is the
+    next of them: slots with mask 0 inside a row (a multi-turn rollout's tool messages, which the
+    policy did not write) are skipped, so GAE runs over the policy's own tokens as one sequence; for a
+    prefix mask ``t' = t + 1``. Returns ``(advantages, returns = A + V)``, both float32 ``[B, T]``
+    and zeroed where the mask is 0. Advantages are not whitened here (see
     :func:`jaxrlhf.losses.masked_whiten`).
     """
     real_BxT = _real(mask_BxT)
@@ -123,27 +129,18 @@ def gae(
     rewards_BxT = jnp.where(real_BxT, _f32(rewards_BxT), 0.0)
     values_BxT = jnp.where(real_BxT, _f32(values_BxT), 0.0)
 
-    # Shift left by one step: V_{t+1} m_{t+1}, with V_T = m_T = 0.
-    next_real_BxT = jnp.concatenate(
-        [real_BxT[..., 1:], jnp.zeros_like(real_BxT[..., :1])], axis=-1
-    )
-    next_values_BxT = jnp.concatenate(
-        [values_BxT[..., 1:], jnp.zeros_like(values_BxT[..., :1])], axis=-1
-    )
-    next_values_BxT = jnp.where(next_real_BxT, next_values_BxT, 0.0)
-    delta_BxT = rewards_BxT + gamma * next_values_BxT - values_BxT
-    discount_BxT = jnp.where(next_real_BxT, gamma * lam, 0.0).astype(jnp.float32)
-
-    def step(next_adv_B: Array, xs: tuple[Array, Array]) -> tuple[Array, Array]:
-        delta_B, discount_B = xs
-        adv_B = delta_B + discount_B * next_adv_B
-        return adv_B, adv_B
+    def step(carry: tuple[Array, Array], xs: tuple[Array, Array, Array]) -> tuple[Any, Array]:
+        next_value_B, next_adv_B = carry  # of the next real step (0 after the last)
+        reward_B, value_B, real_B = xs
+        adv_B = reward_B + gamma * next_value_B - value_B + gamma * lam * next_adv_B
+        # a slot that is not a step passes the next step's value and advantage on unchanged
+        carry = (jnp.where(real_B, value_B, next_value_B), jnp.where(real_B, adv_B, next_adv_B))
+        return carry, jnp.where(real_B, adv_B, 0.0)
 
     # Scan wants time as the leading axis.
-    delta_TxB = jnp.moveaxis(delta_BxT, -1, 0)
-    discount_TxB = jnp.moveaxis(discount_BxT, -1, 0)
-    init_B = jnp.zeros(delta_TxB.shape[1:], jnp.float32)
-    _, adv_TxB = jax.lax.scan(step, init_B, (delta_TxB, discount_TxB), reverse=True)
+    xs = tuple(jnp.moveaxis(x, -1, 0) for x in (rewards_BxT, values_BxT, real_BxT))
+    zeros_B = jnp.zeros(xs[0].shape[1:], jnp.float32)
+    _, adv_TxB = jax.lax.scan(step, (zeros_B, zeros_B), xs, reverse=True)
     adv_BxT = jnp.moveaxis(adv_TxB, 0, -1)
 
     advantages_BxT = jnp.where(real_BxT, adv_BxT, 0.0)

@@ -37,7 +37,7 @@ from jaxrlhf.train.config import (
 )
 from jaxrlhf.train.grpo import GRPOEngine
 from jaxrlhf.train.metrics import MetricsLogger, device_peak_flops, mfu
-from jaxrlhf.train.multiturn import Episode, ToolTurnTemplate, run_episodes
+from jaxrlhf.train.multiturn import Episode, ToolTurnTemplate, reprefill, run_episodes
 from jaxrlhf.train.online import load_prompt_rows, load_prompts
 from jaxrlhf.train.ppo import PPOEngine
 from jaxrlhf.train.run import run as train
@@ -46,6 +46,7 @@ from jaxrlhf.train.trackers import TRACKERS, TrackerError, make_trackers
 __all__ = [
     "Episode",
     "ToolTurnTemplate",
+    "reprefill",
     "run_episodes",
     # the methods and the runner
     "ALGORITHMS",

@@ -149,9 +149,6 @@ class GRPOEngine(RolloutEngine):
         if len(self.weights) != n:
             raise ValueError(f"{len(self.weights)} reward weights for {n} rewards")
         self._init_state({"policy": params}, optimizer, seed)
-        # `rollout(engine, prompt_ids, prompt_mask) -> Generation` replaces the single-turn sampler
-        # call (a multi-turn rollout with tools: `jaxrlhf.train.multiturn`)
-        self.rollout: Callable[..., Generation] | None = None
         self._score = jax.jit(self._score_fn)
         self._update = jax.jit(self._update_fn, donate_argnums=(0,))
 

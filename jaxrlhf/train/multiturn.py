@@ -9,11 +9,12 @@ was sampled in), `policy_mask` only on the policy's own tokens, which alone ente
 the token counts of the loss's normalisation. The sampler's log-probs of a policy token are those of
 the whole context before it, so they equal what a forward pass over the full row recomputes.
 
-Shapes: each turn re-prefills every row's context (prompt + completion so far), left-padded to a
-bucketed width (`data.buckets`), and samples at most `max_turn_tokens`; the compiled sampler is
-reused for every (batch, width) pair, a handful of compilations in a run. The KV cache is not
-carried across turns (the re-prefill costs one forward over the context per turn; docs/tools.md has
-the measured cost against single-turn generation).
+Samplers: `run_episodes` asks a sampler for the next turn of every active row, given each row's
+context (prompt + completion so far). The default, `jaxrlhf.generation.turns.TurnCache`, carries
+the KV cache across turns and prefills only what it has not seen (the tool message); `reprefill`
+re-prefills every context, left-padded to a bucketed width, with the single-turn sampler (one
+forward over the context per turn). Both give the same episodes; docs/tools.md has their cost
+against single-turn generation.
 
 Tool messages: the tokens between an assistant turn's EOS and the next assistant turn are the chat
 template's own rendering of a tool message (`ToolTurnTemplate`, read once from the template with a
@@ -87,24 +88,36 @@ class Episode:
         self.entropy += list(entropy) if policy else [0.0] * len(ids)
 
 
-Sample = Callable[[np.ndarray, np.ndarray, int], Any]  # (ids [B, W], mask, max_new_tokens) -> Generation
+# (contexts, active, max_new_tokens) -> Generation: the next turn of each active row given its context
+Sample = Callable[[list[list[int]], list[bool], int], Any]
+
+
+def reprefill(generate: Callable[[np.ndarray, np.ndarray, int], Any], pad_id: int,
+              buckets: Sequence[int] | None = None) -> Sample:  # fmt: skip
+    """A `Sample` that re-prefills every row's whole context each turn with `generate(ids, mask,
+    max_new_tokens)` (the single-turn sampler), left-padded to a bucketed width."""
+
+    def sample(contexts: list[list[int]], active: list[bool], n: int) -> Any:
+        width = bucket_length(max(map(len, contexts)), buckets)
+        ids, mask = left_pad(contexts, pad_id, width=width)
+        return generate(ids, mask, n)
+
+    return sample
 
 
 def run_episodes(
     sample: Sample, tokenizer: Any, prompts: Sequence[Sequence[int]], environments: Sequence[Environment],
-    *, eos_ids: Sequence[int], pad_id: int, max_turns: int, max_tokens: int, turn_tokens: int,
-    buckets: Sequence[int] | None = None, template: ToolTurnTemplate,
+    *, eos_ids: Sequence[int], max_turns: int, max_tokens: int, turn_tokens: int, template: ToolTurnTemplate,
 ) -> list[Episode]:  # fmt: skip
-    """Roll out one episode per prompt (each with its own, already reset, environment)."""
+    """Roll out one episode per prompt (each with its own, already reset, environment): `sample`
+    writes the turns (`TurnCache`, or `reprefill` of a single-turn sampler)."""
     eos = set(int(e) for e in eos_ids)
     episodes = [Episode() for _ in prompts]
     for turn in range(max_turns):
         if not any(e.active for e in episodes):
             break
         contexts = [list(p) + e.tokens for p, e in zip(prompts, episodes, strict=True)]
-        width = bucket_length(max(map(len, contexts)), buckets)
-        ids, mask = left_pad(contexts, pad_id, width=width)
-        gen = sample(ids, mask, turn_tokens)
+        gen = sample(contexts, [e.active for e in episodes], turn_tokens)
         tokens, cmask = host_array(gen.tokens), host_array(gen.completion_mask)
         logps, ents = host_array(gen.logprobs), host_array(gen.entropy)
         for i, (episode, env) in enumerate(zip(episodes, environments, strict=True)):
@@ -116,7 +129,8 @@ def run_episodes(
             episode.turns += 1
             text = tokenizer.decode(new, skip_special_tokens=True)
             episode.messages.append({"role": "assistant", "content": text})
-            calls = parse_tool_calls(text) if new and new[-1] in eos else []
+            parse = getattr(env, "parse_calls", None) or parse_tool_calls  # its own format, or Hermes
+            calls = parse(text) if new and new[-1] in eos else []
             if not calls or turn == max_turns - 1:
                 episode.active = False  # a final answer, a cut-off turn, or no turns left
                 continue

@@ -128,14 +128,17 @@ class PPOEngine(RolloutEngine):
 
     def _final_scores(self, rm_params, ids, mask, positions, response_mask, host_scores, prompt_len: int):
         """Scores `[B]` (the reward model's at the last real token, or the host's, then the missing-EOS
-        rule) and whether each response has an EOS `[B]`."""
+        rule) and whether each response ends with an EOS `[B]` (`response_mask`: all of the
+        completion, a multi-turn rollout's tool messages included)."""
         cfg = self.cfg
         if rm_params is not None:
             scores = sequence_scores(nnx.merge(self.rm_def, rm_params), ids, mask, positions, prompt_len)
         else:
             scores = host_scores
         response = ids[:, prompt_len:]
-        has_eos = jnp.any(jnp.isin(response, self.eos) & (response_mask != 0), axis=1)
+        length = jnp.sum(response_mask != 0, axis=1)
+        last = jnp.take_along_axis(response, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
+        has_eos = jnp.isin(last, self.eos) & (length > 0)
         if cfg.missing_eos_penalty is not None:  # detail: penalise responses that never stop
             scores = jnp.where(has_eos, scores, scores - cfg.missing_eos_penalty)
         if cfg.missing_eos_score is not None:  # or replace their (meaningless) score outright
@@ -145,7 +148,10 @@ class PPOEngine(RolloutEngine):
     def _score_fn(self, params, frozen, ref_params, rm_params, ids, mask, gen: Generation, host_scores,
                   kl_coef, *, prompt_len):  # fmt: skip
         cfg = self.cfg
-        response_mask = gen.completion_mask
+        completion_mask = gen.completion_mask
+        # the policy's own tokens: all of the completion, or a multi-turn rollout's turns without the
+        # tool messages between them (context, not actions: out of the KL, the losses and GAE)
+        response_mask = completion_mask if gen.policy_mask is None else gen.policy_mask
         positions = default_positions(mask, *mask.shape)
         ref = self._reference(params, frozen, ref_params)
         if cfg.rescore_policy:
@@ -158,7 +164,7 @@ class PPOEngine(RolloutEngine):
         ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, cfg.temperature)
         values = response_values(self._critic(params, frozen), ids, mask, positions, prompt_len)
         scores, _ = self._final_scores(
-            rm_params, ids, mask, positions, response_mask, host_scores, prompt_len
+            rm_params, ids, mask, positions, completion_mask, host_scores, prompt_len
         )
         response = ids[:, prompt_len:]
         rewards, non_score, kl = per_token_rewards(
@@ -179,7 +185,7 @@ class PPOEngine(RolloutEngine):
             "val/num_eos_tokens": jnp.sum(jnp.isin(response, self.eos) & (response_mask != 0)).astype(
                 jnp.float32
             ),
-            "val/response_length": jnp.mean(jnp.sum(m, axis=1)),
+            "val/response_length": jnp.mean(jnp.sum(completion_mask, axis=1).astype(jnp.float32)),
         }
         rollout = Rollout(
             ids, mask, positions, response_mask, logprobs, values, advantages, returns,
@@ -247,7 +253,10 @@ class PPOEngine(RolloutEngine):
         self._check_reward(score_fn)
         start = time.perf_counter()
         prompt_ids, prompt_mask = self._batch(prompt_ids), self._batch(prompt_mask)
-        gen = self.generate(prompt_ids, prompt_mask)
+        if self.rollout is not None:  # multi-turn: the policy's turns and the tools' answers
+            gen = self.rollout(self, prompt_ids, prompt_mask)
+        else:
+            gen = self.generate(prompt_ids, prompt_mask)
         tokens, response_mask = gen.tokens, gen.completion_mask
         ids = jnp.concatenate([prompt_ids, tokens], axis=1)
         mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
@@ -268,7 +277,7 @@ class PPOEngine(RolloutEngine):
         self.state, update_metrics = self._update(self.state, rollout, self.frozen, prompt_len=p)
         out = {k: float(v) for k, v in {**metrics, **update_metrics}.items()}
         update_seconds = time.perf_counter() - start
-        response_tokens = float(jnp.sum(response_mask))
+        response_tokens = float(jnp.sum(response_mask if gen.policy_mask is None else gen.policy_mask))
         out.update({
             "objective/kl_coef": self.kl_coef,
             "time/generation": gen_seconds, "time/scoring": score_seconds, "time/update": update_seconds,
@@ -286,16 +295,20 @@ class PPOEngine(RolloutEngine):
 
     def evaluate(
         self, prompt_ids: np.ndarray | Array, prompt_mask: np.ndarray | Array,
-        score_fn: ScoreFn | None = None, *, seed: int = 0,
+        score_fn: ScoreFn | None = None, *, seed: int = 0, rollout: Callable[..., Generation] | None = None,
     ) -> dict[str, np.ndarray]:  # fmt: skip
         """Held-out numbers of the current policy, per prompt row (numpy `[B]`, gathered on every
         process): responses are sampled as in training (same temperature) but from a fixed `seed`, so
         evaluations are comparable and the training stream is untouched; then `scores` (reward
         model or `score_fn`, with the missing-EOS rule), `kl` (the configured estimator summed over
-        the response, to the reference), `length` (response tokens) and `eos` (1 if it stopped)."""
+        the response, to the reference), `length` (response tokens) and `eos` (1 if it stopped).
+        `rollout(engine, ids, mask, seed=)`: a multi-turn rollout instead of the sampler."""
         self._check_reward(score_fn)
         prompt_ids, prompt_mask = self._batch(prompt_ids), self._batch(prompt_mask)
-        gen = self.generate(prompt_ids, prompt_mask, seed=seed)
+        if rollout is not None:
+            gen = rollout(self, prompt_ids, prompt_mask, seed=seed)
+        else:
+            gen = self.generate(prompt_ids, prompt_mask, seed=seed)
         ids = jnp.concatenate([prompt_ids, gen.tokens], axis=1)
         mask = jnp.concatenate([prompt_mask, gen.completion_mask], axis=1)
         host_scores = None if score_fn is None else self.host_values(score_fn, ids, gen.completion_mask)
@@ -306,13 +319,14 @@ class PPOEngine(RolloutEngine):
     def _eval_fn(self, params, frozen, ref_params, rm_params, ids, mask, gen: Generation, host_scores, *,
                  prompt_len: int):  # fmt: skip
         response_mask = gen.completion_mask
+        policy_mask = response_mask if gen.policy_mask is None else gen.policy_mask
         positions = default_positions(mask, *mask.shape)
         ref = self._reference(params, frozen, ref_params)
         ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, self.cfg.temperature)
         scores, has_eos = self._final_scores(
             rm_params, ids, mask, positions, response_mask, host_scores, prompt_len
         )
-        kl = kl_penalty(gen.logprobs, ref_logprobs, self.cfg.kl_estimator) * response_mask
+        kl = kl_penalty(gen.logprobs, ref_logprobs, self.cfg.kl_estimator) * policy_mask
         return {
             "scores": scores,
             "kl": jnp.sum(kl, axis=1),

@@ -9,6 +9,7 @@ update functions (`jaxrlhf/train/ppo.py`, `jaxrlhf/train/grpo.py`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.generation.sampling import Generation, _generate
+from jaxrlhf.generation.turns import TurnCache
 from jaxrlhf.losses import entropy_from_logits, token_logprobs
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.lora import adapters_off, trainable
@@ -113,6 +115,9 @@ class RolloutEngine:
     mesh: Mesh
     optimizer: optax.GradientTransformation
     state: RolloutState
+    # `rollout(engine, prompt_ids, prompt_mask) -> Generation`, when set, replaces the single-turn
+    # sampler in `step` (a multi-turn rollout with tools: `jaxrlhf.train.algorithms.tool_use`)
+    rollout: Callable[..., Generation] | None = None
 
     def _init_policy(
         self,
@@ -205,18 +210,41 @@ class RolloutEngine:
         """Sample responses with the current policy: tokens, response mask, and the sampler's log-probs
         and entropies under `softmax(logits / temperature)` (reused by scoring). The key comes from
         the training stream, or from `seed` (which leaves the training stream untouched)."""
-        if seed is None:
-            rng = jax.random.wrap_key_data(self.state.rng)
-            rng, key = jax.random.split(rng)
-            self.state = self.state.replace(rng=jax.random.key_data(rng))
-        else:
-            data = np.asarray(jax.random.key_data(jax.random.key(seed)))
-            key = jax.random.wrap_key_data(jax.device_put(data, NamedSharding(self.mesh, PartitionSpec())))
+        key = self.next_key(seed)
         return _generate(
             self.policy_def, self._policy_state(), self._batch(prompt_ids),
             self._batch(prompt_mask), self.eos, np.int32(self.pad_id), key,
             max_new_tokens=max_new_tokens or self.cfg.response_length, temperature=self.cfg.temperature,
             top_k=self.cfg.top_k, top_p=self.cfg.top_p,
+        )  # fmt: skip
+
+    def next_key(self, seed: int | None = None) -> Array:
+        """A sampling key from the training stream (advancing it), or from `seed` (leaving it)."""
+        if seed is None:
+            rng = jax.random.wrap_key_data(self.state.rng)
+            rng, key = jax.random.split(rng)
+            self.state = self.state.replace(rng=jax.random.key_data(rng))
+            return key
+        data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+        return jax.random.wrap_key_data(jax.device_put(data, NamedSharding(self.mesh, PartitionSpec())))
+
+    def turn_cache(self, batch: int, prompt_width: int, *, max_tokens: int, turn_tokens: int,
+                   buckets: Any = None, seed: int | None = None) -> TurnCache:  # fmt: skip
+        """The sampler of one multi-turn rollout of `batch` rows with the current policy: a KV cache
+        carried across turns (`jaxrlhf.generation.turns`), keys from the training stream (or, with
+        `seed`, from that seed, one per turn: the stream is left as it is)."""
+        next_key: Callable[[], Array] = self.next_key
+        if seed is not None:
+            base, turns = self.next_key(seed), itertools.count()
+
+            def next_key() -> Array:
+                return jax.random.fold_in(base, next(turns))
+
+        return TurnCache(
+            self.policy_def, self._policy_state, batch=batch,
+            length=TurnCache.size(prompt_width, max_tokens, turn_tokens, buckets), eos_ids=self.eos,
+            pad_id=self.pad_id, next_key=next_key, temperature=self.cfg.temperature,
+            top_k=self.cfg.top_k, top_p=self.cfg.top_p, buckets=buckets, place=self._batch,
         )  # fmt: skip
 
     def host_values(self, fn: Callable[[np.ndarray, np.ndarray], np.ndarray], ids: Array,

@@ -716,6 +716,33 @@ def test_gae(shape, gamma, lam):
     assert np.all(np.asarray(adv)[off] == 0.0) and np.all(np.asarray(ret)[off] == 0.0)
 
 
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9)])
+def test_gae_skips_the_holes_of_a_multi_turn_mask(gamma, lam):
+    """A mask with holes (a multi-turn rollout's tool messages between the policy's turns) and
+    padding: GAE equals the plain loop on each row's policy tokens taken out as one sequence, put
+    back in place; the holes get 0."""
+    rng = np.random.default_rng(1250)
+    b, t = 6, 20
+    mask = np.zeros((b, t), np.float32)
+    for i in range(b):
+        end = rng.integers(4, t + 1)
+        mask[i, :end] = 1
+        for _ in range(i % 3):  # 0-2 holes of 1-4 slots
+            start = rng.integers(1, max(end - 1, 2))
+            mask[i, start : start + rng.integers(1, 5)] = 0
+    rewards = np.where(mask > 0, rng.normal(0, 0.5, (b, t)), rng.normal(0, 10, (b, t))).astype(np.float32)
+    values = np.where(mask > 0, rng.normal(0, 1, (b, t)), rng.normal(0, 10, (b, t))).astype(np.float32)
+    adv, ret = gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma=gamma, lam=lam)
+    assert any(0 in m[: np.flatnonzero(m)[-1]] for m in mask)  # holes inside rows, not only padding
+    for i in range(b):
+        k = mask[i] > 0
+        want_adv, want_ret = ref.gae(rewards[i, k][None], values[i, k][None], np.ones((1, k.sum())),
+                                     gamma=gamma, lam=lam)  # fmt: skip
+        np.testing.assert_allclose(np.asarray(adv)[i, k], want_adv[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ret)[i, k], want_ret[0], rtol=1e-5, atol=1e-5)
+        assert np.all(np.asarray(adv)[i, ~k] == 0) and np.all(np.asarray(ret)[i, ~k] == 0)
+
+
 def test_gae_lam1_gamma1_is_reward_to_go_minus_value():
     rewards, values, mask = _gae_inputs(1300, (5, 12))
     adv, ret = jax.jit(functools.partial(gae, gamma=1.0, lam=1.0))(

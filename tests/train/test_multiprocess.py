@@ -213,8 +213,8 @@ ENGINES_WORKER = textwrap.dedent(
     def rollout(engine, ids, m):
         rows = [r[k == 1].tolist() for r, k in zip(host_array(ids), host_array(m))]
         episodes = multiturn.run_episodes(
-            lambda i, k, new: engine.generate(i, k, max_new_tokens=new), Tok(), rows, [Env() for _ in rows],
-            eos_ids=eos, pad_id=0, max_turns=3, max_tokens=12, turn_tokens=5,
+            engine.turn_cache(len(rows), ids.shape[1], max_tokens=12, turn_tokens=5), Tok(), rows,
+            [Env() for _ in rows], eos_ids=eos, max_turns=3, max_tokens=12, turn_tokens=5,
             template=multiturn.ToolTurnTemplate("", ""))
         turns.append(sum(e.turns for e in episodes))
         arrays = multiturn.episode_arrays(episodes, 12, 0)

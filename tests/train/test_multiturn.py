@@ -16,7 +16,7 @@ from helpers.ppo import random_prompts
 from jaxrlhf.generation.sampling import Generation
 from jaxrlhf.tools import ToolCall, ToolEnvironment, calculator, parse_tool_calls, tool_schema
 from jaxrlhf.train import multiturn
-from jaxrlhf.train.multiturn import ToolTurnTemplate, episode_arrays, run_episodes
+from jaxrlhf.train.multiturn import ToolTurnTemplate, episode_arrays, reprefill, run_episodes
 
 
 def test_parse_tool_calls():
@@ -123,11 +123,9 @@ def scripted_rollout(episodes, eos, *, turn_tokens, max_tokens=16):
     def rollout(engine, ids, m):
         rows = [r[k == 1].tolist() for r, k in zip(np.asarray(ids), np.asarray(m), strict=True)]
 
-        def sample(i, k, n):
-            return engine.generate(i, k, max_new_tokens=n)
-
+        sample = engine.turn_cache(len(rows), ids.shape[1], max_tokens=max_tokens, turn_tokens=turn_tokens)
         episodes[:] = run_episodes(sample, FakeTokenizer(), rows, [EchoEnv() for _ in rows], eos_ids=eos,
-                                   pad_id=0, max_turns=3, max_tokens=max_tokens, turn_tokens=turn_tokens,
+                                   max_turns=3, max_tokens=max_tokens, turn_tokens=turn_tokens,
                                    template=ToolTurnTemplate("", ""))  # fmt: skip
         arrays = episode_arrays(episodes, max_tokens, 0)
         return Generation(**{k: jax.numpy.asarray(v) for k, v in arrays.items()})
@@ -158,8 +156,9 @@ def test_episode_loop_on_a_scripted_sampler(monkeypatch):
         return Generation(tokens, cmask, lp, -lp)
 
     envs = [EchoEnv(), EchoEnv()]
-    episodes = run_episodes(sample, FakeTokenizer(), [[5, 6], [7]], envs, eos_ids=[1], pad_id=0, max_turns=3,
-                            max_tokens=9, turn_tokens=4, template=ToolTurnTemplate("", ""))  # fmt: skip
+    episodes = run_episodes(reprefill(sample, 0), FakeTokenizer(), [[5, 6], [7]], envs, eos_ids=[1],
+                            max_turns=3, max_tokens=9, turn_tokens=4,
+                            template=ToolTurnTemplate("", ""))  # fmt: skip
     assert seen[0] == [[5, 6], [7]] and seen[1][0] == [5, 6, 10, 11, 1, 90, 91, 92]
     e0, e1 = episodes
     assert e0.tokens == [10, 11, 1, 90, 91, 92, 20, 21, 22]  # the reply cut to the 9-token budget
@@ -212,9 +211,24 @@ def test_multi_turn_grpo_rollout_against_pytorch(hf_checkpoint, monkeypatch):
         np.testing.assert_allclose(r["old_logprobs"][i, : len(e.tokens)][k], want[k], atol=2e-4)
 
 
-def test_grpo_cli_run_with_tools(tiny_dir, tmp_path):
-    """`grpo.tools` end to end: the calculator's environment per completion, episodes of up to two
-    turns, rewards on the conversations, the tool metrics logged."""
+TOOL_RUNS = {  # kind: (config, that kind's section and completion budget key, extra overrides)
+    "grpo": ("grpo_demo.yaml", "grpo", "max_completion_length", ["grpo.num_generations=2"]),
+    "rloo": ("grpo_demo.yaml", "grpo", "max_completion_length", ["kind=rloo", "grpo.num_generations=2"]),
+    "online_dpo": ("online_dpo_demo.yaml", "online_dpo", "max_new_tokens", []),
+    "ppo": ("ppo_tasks.yaml", "ppo", "response_length", [
+        "ppo.reward_model=null", "ppo.reward_fn=jaxrlhf.rewards:accuracy_reward", "ppo.critic_init=policy",
+        "ppo.missing_eos_score=null", "data.eval_files=[]", "data.eval_fraction=0.05", "data.buckets=null",
+        "train.eval_every=1",
+    ]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(TOOL_RUNS))
+def test_cli_run_with_tools(tiny_dir, tmp_path, kind):
+    """Every online method with `tools` end to end: the calculator's environment per completion,
+    episodes of up to two turns, rewards on the conversations (PPO's `reward_fn` gets the rows'
+    `family` / `answer` columns by name), the tool metrics logged; PPO's held-out evaluation runs
+    episodes too."""
     import json
     import os
 
@@ -222,20 +236,26 @@ def test_grpo_cli_run_with_tools(tiny_dir, tmp_path):
 
     from jaxrlhf.train import load_config, train
 
+    config, s, budget, extra = TOOL_RUNS[kind]
     out = str(tmp_path / "run")
     overrides = [
         f"model.path={tiny_dir}", f"train.output_dir={out}", "train.max_steps=2", "train.save_every=0",
-        "train.batch_size=2", "train.eval_every=0", "train.tensorboard=false", "train.export=false",
-        "task_eval.enabled=false", f"data.train_files={GRPO_DATA}/test.jsonl", "grpo.num_generations=2",
-        "grpo.max_completion_length=12", "grpo.max_turn_tokens=6", "grpo.max_turns=2",
-        "grpo.tools=[jaxrlhf.tools:calculator]",
-    ]
-    result = train(load_config(os.path.join("configs", "grpo_demo.yaml"), overrides))
+        "train.batch_size=2", "train.tensorboard=false", "train.export=false", "task_eval.enabled=false",
+        f"data.train_files={GRPO_DATA}/test.jsonl", f"{s}.{budget}=12", f"{s}.max_turn_tokens=6",
+        f"{s}.max_turns=2", f"{s}.tools=[jaxrlhf.tools:calculator]", *extra,
+    ]  # fmt: skip
+    if kind != "ppo":
+        overrides.append("train.eval_every=0")
+    result = train(load_config(os.path.join("configs", config), overrides))
     assert result.steps == 2
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if '"train"' in line]
-    assert all(1 <= r["tools/turns_per_episode"] <= 2 for r in rows)
-    assert all(np.isfinite(r["loss"]) for r in rows)
+        rows = [json.loads(line) for line in f]
+    trained = [r for r in rows if r["split"] == "train"]
+    assert len(trained) == 2 and all(1 <= r["tools/turns_per_episode"] <= 2 for r in trained)
+    assert all(np.isfinite(r["loss" if kind != "ppo" else "loss/policy_avg"]) for r in trained)
+    if kind == "ppo":  # held out before, at every step, after: episodes too
+        held_out = [r for r in rows if r["split"] == "eval"]
+        assert len(held_out) >= 3 and all(1 <= r["tools/turns_per_episode"] <= 2 for r in held_out)
 
 
 def test_tool_settings_are_checked_together():
@@ -279,3 +299,114 @@ def test_multi_turn_grpo_learns_a_scripted_environment(hf_checkpoint, monkeypatc
     rewards = [h["reward"] for h in history]
     assert np.mean(rewards[-5:]) >= np.mean(rewards[:5]) + 0.15, rewards
     assert np.mean([e.turns for e in episodes]) > 1.2  # the episodes really had several turns
+
+
+def test_multi_turn_ppo_masks_logprobs_and_gae_against_pytorch(hf_checkpoint, monkeypatch):
+    """A PPO step on a rollout of several turns: the trained mask is the policy's tokens only; the
+    sampler's and the reference's log-probs of those tokens equal transformers' log-softmax over the
+    whole row (tool tokens as context); the KL and the rewards are 0 on tool tokens, the score sits
+    on the last policy token (the final EOS); and the advantages equal the plain GAE loop (numpy) on
+    each row's policy tokens taken out as one sequence, before whitening."""
+    from helpers import numpy_reference as ref
+
+    from jaxrlhf.losses import masked_whiten
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.parallel import make_mesh
+    from jaxrlhf.train.config import PPOConfig
+    from jaxrlhf.train.ppo import PPOEngine
+    from jaxrlhf.train.step import make_optimizer, make_schedule
+
+    hf, path = hf_checkpoint("llama")
+    eos = list(range(1, 30))
+    cfg = PPOConfig(response_length=16, temperature=0.8, kl_coef=0.1, missing_eos_penalty=None,
+                    num_ppo_epochs=1, gamma=0.99, lam=0.9, rescore_policy=True)  # fmt: skip
+    mesh = make_mesh(devices=jax.devices()[:1])
+    policy = from_pretrained(path, mesh=mesh)
+    critic = from_pretrained(path, head="score", init_score_head=True, mesh=mesh)
+    engine = PPOEngine(policy, critic, None, cfg, make_optimizer(make_schedule(0.0, 10)), mesh,
+                       eos_token_ids=eos, pad_token_id=0)  # fmt: skip
+    monkeypatch.setattr(multiturn, "parse_tool_calls", lambda text: [ToolCall("t")] if text else [])
+    prompts, mask = random_prompts(n=4, length=5, seed=2)
+    episodes = []
+    engine.rollout = scripted_rollout(episodes, eos, turn_tokens=5)
+    metrics = engine.step(prompts, mask, lambda ids, m: np.linspace(-1, 1, len(ids)))
+    assert np.isfinite(metrics["loss/policy_avg"]) and any(e.turns >= 2 for e in episodes)
+    r = jax.tree.map(np.asarray, engine.last_rollout)
+    policy_mask = episode_arrays(episodes, 16, 0)["policy_mask"]
+    np.testing.assert_array_equal(r.response_mask, policy_mask)
+    assert np.all(r.kl[policy_mask == 0] == 0) and np.all(r.advantages[policy_mask == 0] == 0)
+    p = prompts.shape[1]
+    raw = np.zeros_like(r.advantages, np.float64)
+    for i, e in enumerate(episodes):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompts[i].tolist() + e.tokens])).logits[0].double() / cfg.temperature
+        logp = torch.log_softmax(logits, -1)
+        want = np.array([float(logp[p + t - 1, tok]) for t, tok in enumerate(e.tokens)])
+        k = np.array(e.policy, bool)
+        np.testing.assert_allclose(np.array(e.logprobs)[k], want[k], atol=2e-4)  # the sampler's
+        np.testing.assert_allclose(r.logprobs[i, : len(k)][k], want[k], atol=2e-4)  # rescored
+        np.testing.assert_allclose(r.ref_logprobs[i, : len(k)][k], want[k], atol=2e-4)  # reference = policy
+        last = np.flatnonzero(policy_mask[i])[-1]
+        assert r.rewards[i, last] == pytest.approx(r.scores[i] - cfg.kl_coef * r.kl[i, last], abs=1e-5)
+        m = policy_mask[i] == 1
+        adv, _ = ref.gae(r.rewards[i, m][None], r.values[i, m][None], np.ones((1, m.sum())), gamma=0.99,
+                         lam=0.9)  # fmt: skip
+        raw[i, m] = adv[0]
+    whitened = np.asarray(masked_whiten(jax.numpy.asarray(raw, jax.numpy.float32), policy_mask))
+    np.testing.assert_allclose(r.advantages, whitened, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_tool_runs_resume_exactly_mid_run(tiny_dir, tmp_path, kind):
+    """A multi-turn run (every turn answered by `helpers.tool_envs:EveryTurnIsACall`) killed after
+    its step-2 checkpoint and resumed logs what the run that went straight through logged: the
+    losses, the rewards and the tool metrics (turns per episode) of every step. The CLI runs in a
+    subprocess where every 4th token id counts as an EOS, so that the tiny random model ends turns."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers.runs import GRPO_DATA
+
+    script = ("import sys; from jaxrlhf.train.algorithms.base import Context; "
+              "Context.eos_ids = property(lambda self: list(range(0, len(self.tokenizer), 4))); "
+              "from jaxrlhf.cli import main; sys.exit(main(['train', *sys.argv[1:]]))")  # fmt: skip
+
+    def run_cli(argv, env=None):
+        return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, **(env or {})})  # fmt: skip
+
+    config, s, budget, extra = TOOL_RUNS[kind]
+
+    def args(out: str) -> list[str]:
+        return ["--config", os.path.join("configs", config), kind, f"model.path={tiny_dir}",
+                f"train.output_dir={out}", "train.max_steps=3", "train.save_every=2", "train.batch_size=2",
+                "train.tensorboard=false",
+                "train.export=false", "task_eval.enabled=false", f"data.train_files={GRPO_DATA}/test.jsonl",
+                f"{s}.{budget}=64", f"{s}.max_turn_tokens=4", f"{s}.max_turns=3", "optim.learning_rate=1e-3",
+                f"{s}.environment=helpers.tool_envs:EveryTurnIsACall", "train.eval_every=0",
+                *[e for e in extra if not e.startswith("train.eval_every")]]  # fmt: skip
+
+    def train_rows(out: str) -> dict[int, dict[str, float]]:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+
+        def timing(k: str) -> bool:
+            return k in ("time", "step_seconds", "mfu") or k.startswith(("time/", "perf/")) or "second" in k
+
+        return {r["step"]: {k: v for k, v in r.items() if not timing(k)}
+                for r in rows if r["split"] == "train"}  # fmt: skip
+
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    proc = run_cli(args(straight))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_cli(args(crashed), env={"JAXRLHF_CRASH_AFTER_STEP": "2"}).returncode == 17
+    proc = run_cli(args(crashed))
+    assert proc.returncode == 0 and "resumed from step 2" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    want, got = train_rows(straight), train_rows(crashed)
+    assert sorted(got) == [1, 2, 3] and max(r["tools/turns_per_episode"] for r in want.values()) > 1.5
+    for step in (1, 2, 3):
+        assert set(got[step]) == set(want[step])
+        for k, v in want[step].items():
+            assert got[step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)

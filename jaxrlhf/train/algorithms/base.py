@@ -82,6 +82,16 @@ class Context:
             load_adapter(model, self.cfg.model.adapter)
         return model
 
+    def tool_rollout(self, section: Any, max_tokens: int) -> Any:
+        """The multi-turn rollout of an online method's section (`tool_use.ToolSettings`) when it
+        allows more than one turn, else None; `max_tokens` is its completion budget."""
+        if section.max_turns == 1:
+            return None
+        from jaxrlhf.train.algorithms.tool_use import ToolRollout  # the online methods' module
+
+        return ToolRollout(self.tokenizer, section, max_tokens=max_tokens, eos_ids=self.eos_ids,
+                           pad_id=self.pad_id)  # fmt: skip
+
     def load_frozen(self, path: str, *, head: str = "score") -> CausalLM:
         """A frozen model (a reward model) in `model.frozen_dtype`, sharded like the policy."""
         kw = model_kwargs(self.cfg, self.mesh, self.rules)

@@ -13,34 +13,24 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
-import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 from pydantic import Field, field_validator, model_validator
 
 from jaxrlhf.data import DataError
-from jaxrlhf.generation.sampling import Generation
 from jaxrlhf.parallel import host_array
-from jaxrlhf.tools import Environment, ToolEnvironment, tool_schema
 from jaxrlhf.train.algorithms.base import Algorithm, Context, Learner
+from jaxrlhf.train.algorithms.tool_use import ToolRollout, ToolSettings, tool_rows
 from jaxrlhf.train.common import import_function, model_directory
-from jaxrlhf.train.config import ConfigError, Section, fail
+from jaxrlhf.train.config import ConfigError, fail
 from jaxrlhf.train.grpo import GRPOEngine, RewardFn
-from jaxrlhf.train.multiturn import (
-    Episode,
-    ToolTurnTemplate,
-    episode_arrays,
-    episode_metrics,
-    reset_environments,
-    run_episodes,
-)
+from jaxrlhf.train.multiturn import episode_metrics
 from jaxrlhf.train.online import EngineLearner, decode_rollout, load_prompt_rows, prompt_batches
 from jaxrlhf.train.pipeline import resolve_data_files
 
 if TYPE_CHECKING:
     from jaxrlhf.train.algorithms import ExperimentConfig
 
-class GRPOConfig(Section):
+class GRPOConfig(ToolSettings):
     """Critic-free online RL (kind: grpo or rloo): `num_generations` samples per prompt, advantages
     from each prompt's group of rewards, and the clipped surrogate of `jaxrlhf.losses.grpo_loss`.
 
@@ -94,20 +84,6 @@ class GRPOConfig(Section):
     pack_groups: bool = True
     """Train on one packed row per prompt (the prompt once, then its G completions, each attending to the
     prompt and itself): Lp + G N tokens instead of G (Lp + N); same numbers."""
-    max_turns: int = Field(1, ge=1)
-    """Assistant turns per episode: 1 is single-turn; more lets the policy call `tools` (or talk to an
-    `environment`) and read the results before it answers (docs/tools.md)."""
-    tools: list[str] = Field(default_factory=list)
-    """Tools the policy may call, `module:function` (e.g. `jaxrlhf.tools:calculator`): plain functions whose
-    JSON schemas, from type hints and docstrings, go to the chat template (`tools=`)."""
-    environment: str | None = None
-    """Instead of `tools`: `module:factory` of an environment (`jaxrlhf.tools.Environment`: `tools`,
-    `reset(row)`, `step(calls)`), called once per completion."""
-    max_turn_tokens: int | None = Field(None, gt=0)
-    """New tokens per turn (None: max_completion_length); all turns and the tool messages share
-    max_completion_length."""
-    tool_timeout: float = Field(5.0, gt=0)
-    """Seconds a tool call may take before the model is told it timed out (`tools` only)."""
 
     @property
     def response_length(self) -> int:  # the sampler's name
@@ -123,11 +99,6 @@ class GRPOConfig(Section):
 
     @model_validator(mode="after")
     def _cross_check(self) -> Self:
-        if self.tools and self.environment is not None:
-            raise ConfigError("grpo: give grpo.tools or grpo.environment, not both")
-        if bool(self.tools or self.environment is not None) != (self.max_turns > 1):
-            raise ConfigError("grpo: tools (grpo.tools or grpo.environment) need grpo.max_turns >= 2, and "
-                              "grpo.max_turns >= 2 needs tools")  # fmt: skip
         n = len(self.reward_funcs) + (self.reward_model is not None)
         if self.reward_weights is not None and len(self.reward_weights) != n:
             raise ConfigError(
@@ -192,7 +163,7 @@ class GroupLearner(EngineLearner):
         index = host_array(batch["index"])  # the global batch's rows: their reward-function columns
         fn, completions_of, tools = None, None, self.tool_rollout
         if tools is not None:  # one environment per completion, reset with its prompt row
-            rows = [self.columns[i] if i >= 0 else {} for i in np.repeat(index, self.group_size)]
+            rows = tool_rows(self.columns, index, self.group_size)
             self.engine.rollout = functools.partial(tools, rows)
             completions_of = tools.completions
         if self.funcs:
@@ -207,48 +178,6 @@ class GroupLearner(EngineLearner):
 
     def shown_rows(self, n: int) -> range:  # the first completion of the first three groups
         return range(0, min(3 * self.group_size, n), self.group_size)
-
-
-class ToolRollout:
-    """The multi-turn rollout of a batch (`jaxrlhf.train.multiturn`), called by the engine in place
-    of its single-turn sampler: `ToolRollout(rows)(engine, prompt_ids, prompt_mask)`."""
-
-    def __init__(self, ctx: Context, cfg: GRPOConfig, factory: Callable[[], Environment]):
-        self.ctx, self.cfg, self.factory = ctx, cfg, factory
-        self.schemas = [tool_schema(fn) for fn in factory().tools]
-        kwargs = {"tools": self.schemas} if self.schemas else {}
-        self.template = ToolTurnTemplate.of(ctx.tokenizer, **kwargs)
-        self.episodes: list[Episode] = []
-
-    def completions(self) -> list[list[dict[str, str]]]:
-        return [e.messages for e in self.episodes]
-
-    def __call__(self, rows: list[dict[str, Any]], engine: GRPOEngine, prompt_ids: Any, prompt_mask: Any
-                 ) -> Generation:  # fmt: skip
-        ids, mask = host_array(prompt_ids), host_array(prompt_mask)
-        prompts = [row[m == 1].tolist() for row, m in zip(ids, mask, strict=True)]
-        c = self.cfg
-
-        def sample(ids: np.ndarray, mask: np.ndarray, n: int) -> Generation:
-            return engine.generate(ids, mask, max_new_tokens=n)
-
-        self.episodes = run_episodes(
-            sample, self.ctx.tokenizer, prompts, reset_environments(self.factory, rows),
-            eos_ids=self.ctx.eos_ids, pad_id=self.ctx.pad_id, max_turns=c.max_turns,
-            max_tokens=c.max_completion_length, turn_tokens=c.max_turn_tokens or c.max_completion_length,
-            template=self.template,
-        )  # fmt: skip
-        arrays = episode_arrays(self.episodes, c.max_completion_length, self.ctx.pad_id)
-        replicated = NamedSharding(engine.mesh, PartitionSpec())
-        return Generation(**{k: jax.device_put(v, replicated) for k, v in arrays.items()})
-
-
-def environment_factory(cfg: GRPOConfig) -> Callable[[], Environment]:
-    """The per-completion environment of `grpo.environment`, or a `ToolEnvironment` of `grpo.tools`."""
-    if cfg.environment is not None:
-        return import_function(cfg.environment, "grpo.environment")
-    tools = [import_function(spec, "grpo.tools") for spec in cfg.tools]
-    return functools.partial(ToolEnvironment, tools, timeout=cfg.tool_timeout)
 
 
 def load_group_data(
@@ -297,9 +226,9 @@ class GRPO(Algorithm):
 
     def build(self, ctx: Context) -> Learner:
         cfg, g = ctx.cfg, ctx.cfg.grpo
-        tools = ToolRollout(ctx, g, environment_factory(g)) if g.max_turns > 1 else None
-        schemas = {"tools": tools.schemas} if tools is not None and tools.schemas else None
-        rows, funcs = load_group_data(ctx, g.reward_funcs, g.reward_model, "grpo", schemas)
+        tools = ctx.tool_rollout(g, g.max_completion_length)
+        rows, funcs = load_group_data(ctx, g.reward_funcs, g.reward_model, "grpo",
+                                      tools.template_kwargs() if tools is not None else None)  # fmt: skip
         ctx.say(f"{self.name}: {len(rows)} prompts x {g.num_generations} completions per step")
         total_steps = ctx.total_steps(len(rows))
         optimizer, _ = ctx.optimizer(total_steps * g.num_iterations * g.num_mini_batches)

@@ -22,7 +22,8 @@ from jaxrlhf.losses import dpo_loss
 from jaxrlhf.parallel import host_array
 from jaxrlhf.train.algorithms.base import Algorithm, Context, Learner
 from jaxrlhf.train.algorithms.grpo import GroupLearner, GRPOConfig, load_group_data
-from jaxrlhf.train.config import ConfigError, Section
+from jaxrlhf.train.algorithms.tool_use import ToolSettings
+from jaxrlhf.train.config import ConfigError
 from jaxrlhf.train.grpo import GroupRollout, GRPOEngine
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 Array = jax.Array
 
 
-class OnlineDPOConfig(Section):
+class OnlineDPOConfig(ToolSettings):
     """Online DPO (kind: online_dpo): two sampled completions per prompt, ranked by the rewards, one
     DPO step on the pair. `train.batch_size` is the number of prompts per step. Names follow TRL's
     `OnlineDPOConfig`."""
@@ -65,7 +66,7 @@ class OnlineDPOConfig(Section):
             reward_funcs=self.reward_funcs, reward_model=self.reward_model,
             reward_weights=self.reward_weights, num_generations=2, max_completion_length=self.max_new_tokens,
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, beta=self.beta,
-            scale_rewards="none",
+            scale_rewards="none", **self.tool_keys(),
         )  # fmt: skip
 
 
@@ -100,7 +101,7 @@ class OnlineDPOEngine(GRPOEngine):
         super().__init__(policy, cfg.engine_config(), optimizer, mesh, estimator="grpo", **kw)
 
     def _loss(self, logps: Array, batch: GroupRollout) -> tuple[Array, dict[str, Array]]:
-        mask = batch.completion_mask.astype(jnp.float32)
+        mask = batch.loss_mask.astype(jnp.float32)  # the policy's tokens (not a rollout's tool messages)
         seq, ref = jnp.sum(logps * mask, axis=2), jnp.sum(batch.ref_logprobs * mask, axis=2)  # [P, 2]
         o = self.dpo
         loss, metrics = online_dpo_loss(seq, ref, batch.rewards, beta=o.beta, loss_type=o.loss_type)
@@ -149,7 +150,9 @@ class OnlineDPO(Algorithm):
 
     def build(self, ctx: Context) -> Learner:
         cfg, o = ctx.cfg, ctx.cfg.online_dpo
-        rows, funcs = load_group_data(ctx, o.reward_funcs, o.reward_model, "online_dpo")
+        tools = ctx.tool_rollout(o, o.max_new_tokens)
+        rows, funcs = load_group_data(ctx, o.reward_funcs, o.reward_model, "online_dpo",
+                                      tools.template_kwargs() if tools is not None else None)  # fmt: skip
         ctx.say(f"online_dpo: {len(rows)} prompts x 2 completions per step")
         total_steps = ctx.total_steps(len(rows))
         optimizer, _ = ctx.optimizer(total_steps)  # one update per rollout
@@ -159,4 +162,6 @@ class OnlineDPO(Algorithm):
             reward_model=reward_model, reward_weights=o.reward_weights, num_reward_funcs=len(funcs),
             seed=cfg.train.seed, frozen_dtype=cfg.model.frozen_dtype,
         )  # fmt: skip
-        return GroupLearner(ctx, engine, rows, funcs, total_steps)
+        learner = GroupLearner(ctx, engine, rows, funcs, total_steps)
+        learner.tool_rollout = tools
+        return learner
