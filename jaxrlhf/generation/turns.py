@@ -173,8 +173,9 @@ class TurnCache:
     @staticmethod
     def size(prompt_width: int, max_tokens: int, turn_tokens: int,
              buckets: Sequence[int] | None = None) -> int:  # fmt: skip
-        """Slots per row: room for the completion budget twice over (segment padding) and one turn;
-        at least what a rebuild of the longest context and one turn need."""
+        """The most slots per row (C): the prompt's bucket, the completion budget and two turns (room
+        for the segments' padding), rounded up to 64; at least what a rebuild of the longest context
+        and one turn need."""
         width = bucket_length(prompt_width, buckets)  # one size per prompt bucket
         room = -(-(width + max_tokens + 2 * turn_tokens) // 64) * 64
         return max(room, bucket_length(width + max_tokens, buckets) + turn_tokens)

@@ -1,9 +1,10 @@
-"""Multi-turn rollouts with tools (`grpo.max_turns > 1`): the policy writes a turn, its tool calls are
-run by the episode's environment, the results are appended as a tool message, and the policy goes on,
-until a turn without a call, `max_turns` turns, or `max_completion_length` tokens.
+"""Multi-turn rollouts with tools (`max_turns > 1` in the grpo, ppo or online_dpo section): the
+policy writes a turn, its tool calls are run by the episode's environment, the results are appended
+as a tool message, and the policy goes on, until a turn without a call, `max_turns` turns, or the
+completion budget.
 
-Layout: everything after the prompt is the "completion" of the group engine's `[B, N]` arrays
-(`N = max_completion_length`): the policy's turns and, between them, the tool messages with the
+Layout: everything after the prompt is the "completion" of the engine's `[B, N]` arrays (N = the
+completion budget): the policy's turns and, between them, the tool messages with the
 template's tokens around them. `completion_mask` is 1 on all of it (the context every later token
 was sampled in), `policy_mask` only on the policy's own tokens, which alone enter the loss, the KL and
 the token counts of the loss's normalisation. The sampler's log-probs of a policy token are those of

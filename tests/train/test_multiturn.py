@@ -1,7 +1,9 @@
 """Multi-turn rollouts with tools (`jaxrlhf.train.multiturn`, `jaxrlhf.tools`): tool calls parsed,
 tools that raise, hang or return garbage answered with an error message, the episode loop on a
-scripted sampler, and a GRPO rollout of several turns on a tiny model whose policy log-probs and
-masks are recomputed with transformers in PyTorch."""
+scripted sampler, GRPO and PPO rollouts of several turns on a tiny model whose policy log-probs and
+masks are recomputed with transformers in PyTorch (PPO's advantages with the numpy GAE loop on the
+policy's tokens), a scripted environment trained to its optimum, CLI runs of every online method
+with the calculator, and exact resume mid-run."""
 
 from __future__ import annotations
 
