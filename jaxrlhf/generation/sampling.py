@@ -77,6 +77,18 @@ def sample_tokens(
     return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], entropy
 
 
+def record_step(i: Array, step: tuple[Array, Array, Array], done: Array, out: tuple[Array, Array, Array],
+                pad_id: Array) -> tuple[Array, Array, Array, Array]:  # fmt: skip
+    """Decode step i's `(token, logp, entropy)` `[B]` written into column i of `out` (`[B, N]` tokens,
+    log-probs, entropies): padding and zeros for rows already `done`. Returns the token and `out`."""
+    token, logp, ent = step
+    token = jnp.where(done, pad_id, token)
+    logp, ent = jnp.where(done, 0.0, logp), jnp.where(done, 0.0, ent)
+    tokens, logps, ents = (jax.lax.dynamic_update_slice_in_dim(x, v[:, None], i, axis=1)
+                           for x, v in zip(out, (token, logp, ent), strict=True))  # fmt: skip
+    return token, tokens, logps, ents
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
 def _generate(
     graphdef,
@@ -120,12 +132,8 @@ def _generate(
         positions = jax.lax.dynamic_slice_in_dim(gen_pos_BxN, i - 1, 1, axis=1)
         hidden, cache = model.cached_hidden_states(previous, positions, cache, p + i - 1, key_valid, key_pos)
         rng, key = jax.random.split(rng)
-        token, logp, ent = sample(model.apply_head(hidden)[:, 0], key)
-        token = jnp.where(done, pad_id, token)
-        logp, ent = jnp.where(done, 0.0, logp), jnp.where(done, 0.0, ent)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i, axis=1)
-        logps = jax.lax.dynamic_update_slice_in_dim(logps, logp[:, None], i, axis=1)
-        ents = jax.lax.dynamic_update_slice_in_dim(ents, ent[:, None], i, axis=1)
+        step = sample(model.apply_head(hidden)[:, 0], key)
+        token, tokens, logps, ents = record_step(i, step, done, (tokens, logps, ents), pad_id)
         return i + 1, tokens, logps, ents, done | jnp.isin(token, eos_ids), cache, rng
 
     _, tokens, logps, ents, _, _, _ = jax.lax.while_loop(

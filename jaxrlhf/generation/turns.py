@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx, struct
 
 from jaxrlhf.data import bucket_length, left_pad
-from jaxrlhf.generation.sampling import Generation, sample_tokens
+from jaxrlhf.generation.sampling import Generation, record_step, sample_tokens
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.parallel import host_array
 
@@ -106,12 +106,8 @@ def _extend(graphdef, state, cache: CacheArrays, seen_B, write, ids_BxW, mask_Bx
         key_pos = jax.lax.dynamic_update_slice_in_dim(key_pos, positions.astype(jnp.int32), slot, 1)
         hidden, kv = model.cached_hidden_states(previous, positions, kv, slot, key_valid, key_pos)
         rng, key = jax.random.split(rng)
-        token, logp, ent = sample(model.apply_head(hidden)[:, 0], key)
-        token = jnp.where(done, pad_id, token)
-        logp, ent = jnp.where(done, 0.0, logp), jnp.where(done, 0.0, ent)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i, axis=1)
-        logps = jax.lax.dynamic_update_slice_in_dim(logps, logp[:, None], i, axis=1)
-        ents = jax.lax.dynamic_update_slice_in_dim(ents, ent[:, None], i, axis=1)
+        step = sample(model.apply_head(hidden)[:, 0], key)
+        token, tokens, logps, ents = record_step(i, step, done, (tokens, logps, ents), pad_id)
         return i + 1, tokens, logps, ents, kv, key_valid, key_pos, done | jnp.isin(token, eos_ids), rng
 
     carry = (jnp.int32(1), tokens, logps, ents, kv, key_valid, key_pos, done, rng)

@@ -125,7 +125,7 @@ def reward_table(
     each repeated for the row's `group_size` completions), None -> NaN. `index` [P]: the rows.
     `completions_of()`: the completions as conversations instead (a multi-turn rollout's messages,
     tool results included; TRL's form, whose last message is the final answer)."""
-    rows = [columns[i] if i >= 0 else {} for i in np.repeat(index, group_size)]
+    rows = tool_rows(columns, index, group_size)
     keys = sorted({k for r in rows for k in r})
     by_column = {k: [r.get(k) for r in rows] for k in keys}
 
