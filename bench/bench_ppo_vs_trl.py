@@ -41,6 +41,7 @@ DIR is put first on `sys.path` of the TRL subprocess only.
     python bench/bench_ppo_vs_trl.py --trl-path /tmp/trl112                # both, N=24 E=2 M=2, 2 threads
     python bench/bench_ppo_vs_trl.py --trl-path /tmp/trl112 --threads 1
     python bench/bench_ppo_vs_trl.py --only jax
+    python bench/bench_ppo_vs_trl.py --trl-path /tmp/trl112 --frozen-layers 20   # the top 10 of 30 trained
 
 Not part of the test suite.
 """
@@ -108,14 +109,15 @@ def run_jax(args) -> dict:
     from jaxrlhf.parallel import make_mesh
     from jaxrlhf.train.config import PPOConfig
     from jaxrlhf.train.ppo import PPOEngine
-    from jaxrlhf.train.step import make_optimizer, make_schedule
+    from jaxrlhf.train.step import frozen_params, make_optimizer, make_schedule
 
     ids, mask, tok, path = load_prompts(args.batch_size)
     mesh = make_mesh(devices=jax.devices()[:1])
     t0 = time.perf_counter()
-    policy = from_pretrained(path, mesh=mesh)
-    critic = from_pretrained(path, head="score", init_score_head=True, mesh=mesh)
-    reward = from_pretrained(path, head="score", init_score_head=True, mesh=mesh)
+    n = args.frozen_layers
+    policy = from_pretrained(path, mesh=mesh, frozen_layers=n)
+    critic = from_pretrained(path, head="score", init_score_head=True, mesh=mesh, frozen_layers=n)
+    reward = from_pretrained(path, head="score", init_score_head=True, mesh=mesh, frozen_layers=n)
     cfg = PPOConfig(
         response_length=args.response_length,
         temperature=0.7,
@@ -123,12 +125,14 @@ def run_jax(args) -> dict:
         num_mini_batches=args.mini_batches,
         missing_eos_penalty=None,
     )
-    optimizer = make_optimizer(make_schedule(LR, 100, kind="constant"), eps=1e-5)
+    optimizer = make_optimizer(make_schedule(LR, 100, kind="constant"), eps=1e-5,
+                               frozen=frozen_params(n) if n else None)  # fmt: skip
     engine = PPOEngine(
         policy, critic, reward, cfg, optimizer, mesh,
         eos_token_ids=[int(tok.eos_token_id)], pad_token_id=int(tok.pad_token_id), seed=0,
     )  # fmt: skip
     load_s = time.perf_counter() - t0
+    print(f"jax: frozen_layers={n}, one shared trunk: {engine.trunk}", file=sys.stderr, flush=True)
     iters = []
     for i in range(1 + args.iters):
         start = time.perf_counter()
@@ -180,6 +184,10 @@ def run_trl(args) -> dict:
     reward = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
     for m in (policy, ref, value, reward):
         m.config.pad_token_id = tok.pad_token_id
+    for m in (policy, value):  # --frozen-layers: the embeddings (and tied head) and the first layers
+        frozen = [m.model.embed_tokens, *m.model.layers[: args.frozen_layers]] if args.frozen_layers else []
+        for module in frozen:
+            module.requires_grad_(False)  # the Trainer's optimizer takes only parameters that need grads
 
     n_iter = 1 + args.iters
     micro = args.batch_size // args.mini_batches
@@ -299,7 +307,8 @@ def spawn(framework: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", framework,
            "--response-length", str(args.response_length), "--epochs", str(args.epochs),
            "--mini-batches", str(args.mini_batches), "--iters", str(args.iters),
-           "--batch-size", str(args.batch_size), "--threads", str(args.threads)]  # fmt: skip
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+           "--frozen-layers", str(args.frozen_layers)]  # fmt: skip
     if args.trl_path:
         cmd += ["--trl-path", args.trl_path]
     env = dict(os.environ)
@@ -342,6 +351,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--iters", type=int, default=3, help="timed iterations after 1 warm-up")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--frozen-layers", type=int, default=0,
+                   help="train above the first N layers (jaxrlhf: frozen_layers; TRL: requires_grad off)")
     p.add_argument("--trl-path", default=None, help="directory with an unpacked TRL that has PPO")
     p.add_argument("--only", choices=["jax", "trl"], default=None)
     p.add_argument("--json", default=None, help="write all results here")

@@ -5,6 +5,7 @@ reference, at each evaluation of each run.
     python bench/sentiment_frontier.py                    # the whole sweep (~90 min on 2 CPU cores)
     python bench/sentiment_frontier.py --only dpo_b0.1    # one run (others already done are reused)
     python bench/sentiment_frontier.py --plot-only        # redraw from what is there
+    python bench/sentiment_frontier.py --plot-only --include bench/results/sentiment_*.json  # + recorded
 
 Runs, all on the prompts of `asset:sentiment` (jaxrlhf/assets/sentiment/make_data.py), each a
 `jaxrlhf train` subprocess on a shipped config with overrides:
@@ -20,8 +21,9 @@ Resumable: a run whose `summary.json` exists is not run again, and an interrupte
 its last checkpoint. Every run evaluates with the same `reward_eval` settings (held-out prompts,
 samples per prompt, seed, temperature 1), so the points are comparable. Writes
 `<out>/frontier.json` (every point, the reward model's accuracy, the wall time of each run) and
-`<out>/frontier.png`. `--model`, `--data` and `--set` make a small version (the test suite runs one on
-a tiny random model).
+`<out>/frontier.png`. `--include` adds the runs of recorded `frontier.json` files (bench/results/)
+to the table and the plot. `--model`, `--data` and `--set` make a small version (the test suite runs
+one on a tiny random model).
 """
 
 from __future__ import annotations
@@ -135,6 +137,19 @@ def collect(runs: Sequence[Run], out: str) -> dict:
     return result
 
 
+def include(result: dict, paths: Sequence[str]) -> dict:
+    """`result` with the runs of recorded `frontier.json` files added; a run whose name is taken
+    is added as `<name> (<file stem>)`."""
+    runs = dict(result["runs"])
+    for path in paths:
+        with open(path) as f:
+            recorded = json.load(f)["runs"]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for name, entry in recorded.items():
+            runs[name if name not in runs else f"{name} ({stem})"] = {**entry, "recorded_in": path}
+    return {**result, "runs": runs}
+
+
 def draw(result: dict, path: str) -> None:
     """Reward against KL (± one standard error each), one colour per method; runs of one method share
     the colour (markers differ)."""
@@ -158,7 +173,8 @@ def draw(result: dict, path: str) -> None:
         seen[method] = k + 1
         kl = [p["kl"] for p in points]
         reward = [p["reward"] for p in points]
-        ax.errorbar(kl, reward, xerr=[p["kl_sem"] for p in points], yerr=[p["reward_sem"] for p in points],
+        xerr = [p["kl_sem"] or 0.0 for p in points]  # recorded runs may lack it (None)
+        ax.errorbar(kl, reward, xerr=xerr, yerr=[p["reward_sem"] for p in points],
                     color=colours.get(method, "gray"), marker=markers[k % len(markers)], lw=0.8, ms=5,
                     elinewidth=0.5, capsize=2, alpha=0.85, label=f"{method}: {name}")  # fmt: skip
     ax.set_xlabel("KL(policy || reference), nats per continuation (held-out prompts)")
@@ -185,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides for every run")
     ap.add_argument("--png", default=None, help="where to draw the plot (default: <out>/frontier.png)")
+    ap.add_argument("--include", nargs="*", default=[],
+                    help="recorded frontier.json files whose runs join the table and the plot")
     args = ap.parse_args(argv)
     kl_coefs = [float(c) for c in args.kl_coefs.split(",") if c]
     runs = plan(kl_coefs, [float(b) for b in args.betas.split(",") if b], not args.no_grpo)
@@ -204,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = collect(runs, args.out)
     with open(os.path.join(args.out, "frontier.json"), "w") as f:
         json.dump(result, f, indent=1)
+    result = include(result, args.include)
     draw(result, args.png or os.path.join(args.out, "frontier.png"))
     print(table(result), flush=True)
     return result
@@ -211,16 +230,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def table(result: dict) -> str:
     """One line per run: the first and the last evaluation, and the best reward seen."""
-    lines = [f"{'run':<14}{'method':<28}{'reward before':>14}{'after':>8}{'KL after':>10}{'minutes':>9}"]
+    w = max([14, *(len(name) + 2 for name in result["runs"])])
+    lines = [f"{'run':<{w}}{'method':<28}{'reward before':>14}{'after':>8}{'KL after':>10}{'minutes':>9}"]
     for name, e in result["runs"].items():
         minutes = f"{e['wall_seconds'] / 60:.1f}" if "wall_seconds" in e else "-"
         if "accuracy" in e:
             acc = e["accuracy"]
             first, last = (f"{acc[0]['accuracy']:.3f}", f"{acc[-1]['accuracy']:.3f}") if acc else ("-", "-")
-            lines.append(f"{name:<14}{'pairwise accuracy':<28}{first:>14}{last:>8}{'':>10}{minutes:>9}")
+            lines.append(f"{name:<{w}}{'pairwise accuracy':<28}{first:>14}{last:>8}{'':>10}{minutes:>9}")
         elif e.get("points"):
             p0, p1 = e["points"][0], e["points"][-1]
-            lines.append(f"{name:<14}{e['method']:<28}{p0['reward']:>+14.3f}{p1['reward']:>+8.3f}"
+            lines.append(f"{name:<{w}}{e['method']:<28}{p0['reward']:>+14.3f}{p1['reward']:>+8.3f}"
                          f"{p1['kl']:>10.2f}{minutes:>9}")  # fmt: skip
     return "\n".join(lines)
 

@@ -29,17 +29,34 @@ from jaxrlhf.data import left_pad
 from jaxrlhf.evaluation.tasks import _place
 from jaxrlhf.generation import generate
 from jaxrlhf.models.decoder import default_positions
+from jaxrlhf.models.trunk import shared_trunk
 from jaxrlhf.parallel import host_array
 
 RewardFunc = Callable[..., Sequence[float | None]]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "temperature"))
-def _response_logprobs(graphdef, state, ids, mask, *, prompt_len: int, temperature: float):
-    model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("graphdefs", "prompt_len", "temperature", "shared"))
+def _response_logprobs(graphdefs, states, ids, mask, *, prompt_len: int, temperature: float, shared: bool):
+    """Each model's `[B, N]` completion log-probs; with `shared`, one trunk for all of them."""
+    models = [nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True)]
     positions = default_positions(mask, *mask.shape)
-    hidden = model.hidden_states(ids, mask, positions)[:, prompt_len - 1 : -1]
-    return model.token_logprobs(hidden, ids[:, prompt_len:], temperature=temperature)
+    trunk = models[0].trunk_states(ids, mask, positions) if shared else None
+    out = []
+    for model in models:
+        hidden = model.hidden_states(ids, mask, positions, trunk=trunk)[:, prompt_len - 1 : -1]
+        out.append(model.token_logprobs(hidden, ids[:, prompt_len:], temperature=temperature))
+    return out
+
+
+def _completion_logprobs(models: Sequence[Any], prompt_ids: Any, prompt_mask: Any, tokens: Any,
+                         completion_mask: Any, temperature: float) -> list[jax.Array]:  # fmt: skip
+    ids = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(tokens, jnp.int32)], axis=1)
+    cmask = jnp.asarray(completion_mask, jnp.int32)
+    mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), cmask], axis=1)
+    graphdefs, states = zip(*(nnx.split(m) for m in models), strict=True)
+    logps = _response_logprobs(graphdefs, states, ids, mask, prompt_len=int(prompt_ids.shape[1]),
+                               temperature=float(temperature), shared=shared_trunk(*models))  # fmt: skip
+    return [jnp.where(cmask == 1, x, 0.0) for x in logps]
 
 
 def response_logprobs(
@@ -48,13 +65,7 @@ def response_logprobs(
 ) -> jax.Array:  # fmt: skip
     """`[B, N]` log-probs of the completion tokens under `softmax(logits / temperature)` of `model`,
     given left-padded prompts `[B, P]`; 0 where `completion_mask` is 0."""
-    ids = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(tokens, jnp.int32)], axis=1)
-    cmask = jnp.asarray(completion_mask, jnp.int32)
-    mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), cmask], axis=1)
-    graphdef, state = nnx.split(model)
-    logps = _response_logprobs(graphdef, state, ids, mask, prompt_len=int(prompt_ids.shape[1]),
-                               temperature=float(temperature))  # fmt: skip
-    return jnp.where(cmask == 1, logps, 0.0)
+    return _completion_logprobs([model], prompt_ids, prompt_mask, tokens, completion_mask, temperature)[0]
 
 
 def response_kl(
@@ -62,10 +73,11 @@ def response_kl(
     *, temperature: float = 1.0,
 ) -> np.ndarray:  # fmt: skip
     """Per row `[B]`: the summed log-ratio `sum_t log pi_T(y_t) - log pi_ref,T(y_t)` over the
-    completion tokens (the k1 estimate of the sequence KL when the rows were sampled from pi_T)."""
+    completion tokens (the k1 estimate of the sequence KL when the rows were sampled from pi_T).
+    A policy trained above the reference's frozen layers (`model.frozen_layers`) shares its trunk:
+    computed once (`jaxrlhf.models.shared_trunk`)."""
     args = (prompt_ids, prompt_mask, tokens, completion_mask)
-    policy_BxN = response_logprobs(policy, *args, temperature=temperature)
-    reference_BxN = response_logprobs(reference, *args, temperature=temperature)
+    policy_BxN, reference_BxN = _completion_logprobs([policy, reference], *args, temperature)
     return host_array(jnp.sum(policy_BxN - reference_BxN, axis=1)).astype(np.float64)
 
 

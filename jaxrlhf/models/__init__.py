@@ -35,6 +35,7 @@ from jaxrlhf.models.pretrained import (
     save_pretrained,
     to_hf_config,
 )
+from jaxrlhf.models.trunk import shared_trunk, trunk_arrays
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -70,7 +71,9 @@ __all__ = [
     "router_aux_loss",
     "save_adapter",
     "save_pretrained",
+    "shared_trunk",
     "splash_attention",
     "to_hf_config",
+    "trunk_arrays",
     "xla_attention",
 ]

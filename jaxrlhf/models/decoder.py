@@ -372,21 +372,48 @@ class CausalLM(nnx.Module):
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype=x.dtype)
         if self.embed_positions is not None:
             return x + self.embed_positions(positions), None
+        return x, self._rope(positions)
 
+    def _rope(self, positions: Array) -> Rope:
+        cfg = self.config
+        if self.embed_positions is not None:
+            return None
         local = None
         if cfg.local_rope_theta is not None:
             local = rope_tables(positions, rope_inv_freq(cfg, local=True))
-        return x, (rope_tables(positions, rope_inv_freq(cfg)), local)
+        return (rope_tables(positions, rope_inv_freq(cfg)), local)
+
+    def trunk_states(
+        self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None
+    ) -> Array:
+        """The frozen trunk's output `[B, T, D]` (compute dtype): the residual stream after the
+        embeddings and the first `config.frozen_layers` decoder layers, the part no gradient reaches.
+        Models that share those weights (a policy, its reference, a critic and a reward model
+        trained above the same frozen base) compute it once: `hidden_states(..., trunk=x)` goes on
+        from it and gives what the whole pass gives."""
+        n = self.config.frozen_layers
+        if n == 0:
+            raise ValueError("trunk_states needs a model with frozen_layers > 0")
+        if self.config.num_experts:
+            raise ValueError("trunk_states: mixture-of-experts models record router statistics per layer")
+        b, t = input_ids.shape
+        if positions is None:
+            positions = default_positions(attention_mask, b, t)
+        x, rope = self._embed(input_ids, positions)
+        return self._layers(x, attention_mask, positions, rope, self.dropout_key, stop=n)[0]
 
     def hidden_states(
         self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None, *,
-        dropout_key: Any = None,
+        dropout_key: Any = None, trunk: Array | None = None,
     ) -> Array:
         """Final-norm hidden states `[B, T, D]` (compute dtype).
 
         `dropout_key`: the PRNG key of LoRA dropout in this pass (train steps only), folded with the
         layer number for each layer and with the projection in each adapter; default: the key bound
         by `with_lora_dropout`, and without one no dropout (sampling, scoring, evaluation).
+
+        `trunk`: `trunk_states` of these inputs (of this model or of one with the same frozen
+        weights): the pass starts above the frozen layers instead of at the embeddings.
 
         An MoE model's router statistics of the pass (`moe.RouterStats`) are sown on the model under
         `nnx.capture(fn, RouterStats)`, which returns them; a plain call records nothing."""
@@ -395,31 +422,48 @@ class CausalLM(nnx.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = default_positions(attention_mask, b, t)
+        if trunk is not None:
+            if cfg.frozen_layers == 0 or cfg.num_experts:
+                raise ValueError("hidden_states(trunk=...) needs a dense model with frozen_layers > 0")
+            x, _ = self._layers(jax.lax.stop_gradient(trunk), attention_mask, positions,
+                                self._rope(positions), key, start=cfg.frozen_layers)  # fmt: skip
+            return self.norm(x)
         x, rope = self._embed(input_ids, positions)
+        x, sums = self._layers(x, attention_mask, positions, rope, key)
+        if sums is not None:  # MoE: the router statistics, as a value an nnx.capture collects
+            moe_layers = sum(cfg.layer_is_moe(i) for i in range(cfg.num_layers))
+            full_mask = make_attention_mask(attention_mask, positions)
+            tokens = jnp.sum(jnp.diagonal(full_mask, axis1=1, axis2=2).astype(jnp.float32))
+            sow_router_stats(self, *sums, moe_layers * tokens)
+        return self.norm(x)
+
+    def _layers(
+        self, x: Array, attention_mask: Array | None, positions: Array, rope: Rope, key: Any, *,
+        start: int = 0, stop: int | None = None,
+    ) -> tuple[Array, RouterSums]:
+        """Decoder layers `start .. stop - 1` on the residual stream `x`; the gradient stops above
+        the frozen layers. Returns the stream (before the final norm) and the MoE router sums."""
+        cfg = self.config
+        stop = cfg.num_layers if stop is None else stop
         full_mask = make_attention_mask(attention_mask, positions)
         window_mask = None
         if cfg.sliding_window is not None:
             window_mask = make_attention_mask(attention_mask, positions, window=cfg.sliding_window)
         if cfg.scan_layers:
-            x, sums = self._scanned(x, full_mask, window_mask, rope, key)
-        else:
-            layer_fn = DecoderLayer.__call__
-            if cfg.effective_remat != "none":
-                layer_fn = _checkpointed(remat_policy(cfg.effective_remat))
-            x, sums = self._constrain(x), None
-            for i, layer in enumerate(self.layers):
-                windowed = cfg.layer_uses_window(i)
-                mask = window_mask if windowed else full_mask
-                x, layer_sums = layer_fn(layer, x, mask, *_pick_rope(rope, windowed), _layer_key(key, i))
-                x = self._constrain(x)
-                sums = _add_sums(sums, layer_sums)
-                if i + 1 == cfg.frozen_layers:  # frozen below: their backward pass is never computed
-                    x = jax.lax.stop_gradient(x)
-        if sums is not None:  # MoE: the router statistics, as a value an nnx.capture collects
-            moe_layers = sum(cfg.layer_is_moe(i) for i in range(cfg.num_layers))
-            tokens = jnp.sum(jnp.diagonal(full_mask, axis1=1, axis2=2).astype(jnp.float32))
-            sow_router_stats(self, *sums, moe_layers * tokens)
-        return self.norm(x)
+            return self._scanned(x, full_mask, window_mask, rope, key, start=start, stop=stop)
+        layer_fn = DecoderLayer.__call__
+        if cfg.effective_remat != "none":
+            layer_fn = _checkpointed(remat_policy(cfg.effective_remat))
+        x, sums = self._constrain(x), None
+        for i in range(start, stop):
+            windowed = cfg.layer_uses_window(i)
+            mask = window_mask if windowed else full_mask
+            x, layer_sums = layer_fn(self.layers[i], x, mask, *_pick_rope(rope, windowed), _layer_key(key, i))
+            x = self._constrain(x)
+            sums = _add_sums(sums, layer_sums)
+            if i + 1 == cfg.frozen_layers:  # frozen below: their backward pass is never computed
+                x = jax.lax.stop_gradient(x)
+        return x, sums
 
     def _window_flags(self) -> Array | None:
         """Per layer `[L]`: does the sliding window apply? None when every layer is alike."""
@@ -438,11 +482,13 @@ class CausalLM(nnx.Module):
         return (self.config.sliding_window is not None) if flag is None else flag
 
     def _scanned(
-        self, x: Array, full_mask: Array, window_mask: Array | None, rope: Rope, key: Any
+        self, x: Array, full_mask: Array, window_mask: Array | None, rope: Rope, key: Any, *,
+        start: int, stop: int,
     ) -> tuple[Array, RouterSums]:
-        """All decoder layers as one `lax.scan` over the stacked parameters: traced and compiled once
-        whatever the depth; the remat policy applies inside the scanned body (per layer). Returns
-        the hidden states and the MoE router sums over layers (None for dense layers)."""
+        """Decoder layers `start .. stop - 1` as `lax.scan`s over the stacked parameters (one below
+        the frozen layers' top, one above): traced and compiled once whatever the depth; the remat
+        policy applies inside the scanned body (per layer). Returns the hidden states and the MoE
+        router sums over layers (None for dense layers)."""
         cfg = self.config
         graphdef, stacked = nnx.split(self.layers)
         flags = self._window_flags()
@@ -466,13 +512,13 @@ class CausalLM(nnx.Module):
             return x, None if sums is None else jax.tree.map(lambda a: jnp.sum(a, axis=0), sums)
 
         x, n = self._constrain(x), cfg.frozen_layers
-        if n == 0:
-            return run(x, 0, cfg.num_layers)
-        x, sums = run(x, 0, n)
+        if not start < n <= stop:  # no frozen top inside these layers
+            return run(x, start, stop) if start < stop else (x, None)
+        x, sums = run(x, start, n)
         x = jax.lax.stop_gradient(x)  # frozen below: their backward pass is never computed
-        if n == cfg.num_layers:
+        if n == stop:
             return x, sums
-        x, upper = run(x, n, cfg.num_layers)
+        x, upper = run(x, n, stop)
         return x, _add_sums(sums, upper)
 
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> Any:
@@ -589,8 +635,9 @@ class CausalLM(nnx.Module):
 
     def __call__(
         self, input_ids: Array, attention_mask: Array | None = None, positions: Array | None = None, *,
-        dropout_key: Any = None,
+        dropout_key: Any = None, trunk: Array | None = None,
     ) -> Array:
-        """Logits `[B, T, V]` or scores `[B, T]`; `dropout_key` as in `hidden_states`."""
-        hidden = self.hidden_states(input_ids, attention_mask, positions, dropout_key=dropout_key)
+        """Logits `[B, T, V]` or scores `[B, T]`; `dropout_key` and `trunk` as in `hidden_states`."""
+        hidden = self.hidden_states(input_ids, attention_mask, positions, dropout_key=dropout_key,
+                                    trunk=trunk)  # fmt: skip
         return self.apply_head(hidden)

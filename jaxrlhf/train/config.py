@@ -169,8 +169,9 @@ class ModelConfig(Section):
     bfloat16 halves their memory. None: `param_dtype`."""
     frozen_layers: int = Field(0, ge=0)
     """Train only above the first N decoder layers: the embeddings (and a tied LM head) and layers 0..N-1 get
-    no gradient, no optimizer state and no update, and the backward pass stops above them (cheaper steps). 0:
-    train everything."""
+    no gradient, no optimizer state and no update, and the backward pass stops above them (cheaper steps). PPO
+    runs the frozen part once per rollout for the policy, reference, critic and reward model when they share
+    it (a reward model trained with the same N from the same base). 0: train everything."""
 
     @field_validator("remat")
     @classmethod

@@ -28,6 +28,7 @@ from jaxrlhf.generation.sampling import Generation
 from jaxrlhf.losses import group_advantages, grpo_loss, masked_mean
 from jaxrlhf.models.decoder import CausalLM, default_positions
 from jaxrlhf.models.moe import RouterStats, add_router_aux
+from jaxrlhf.models.trunk import shared_trunk
 from jaxrlhf.train.objectives import packed_mask
 from jaxrlhf.train.rollout import RolloutEngine, response_logprobs, sequence_scores
 
@@ -52,6 +53,7 @@ class GroupRollout:
     ref_logprobs: Array | None  # [P, G, N] the reference's, when beta > 0
     rewards: Array  # [P, G] weighted sum of the rewards
     advantages: Array  # [P, G]
+    trunk: Array | None = None  # the policy's frozen trunk of the rows, P first (`group_trunk`), or None
 
     def flat(self) -> dict[str, Array]:
         """Prompt-major rows `[P * G, ...]` (row p * G + g): the prompt repeated, then completion g."""
@@ -91,18 +93,34 @@ def packed_rows(prompt_ids: Array, prompt_mask: Array, tokens: Array, completion
     return ids, segment, positions
 
 
+def group_trunk(model: CausalLM, prompt_ids: Array, prompt_mask: Array, tokens: Array,
+                completion_mask: Array, *, pack: bool) -> Array:  # fmt: skip
+    """The frozen trunk (`CausalLM.trunk_states`) of the rows `group_logprobs` runs, prompt first:
+    `[P, Lp + G N, D]` packed, `[P, G, Lp + N, D]` one row per completion."""
+    p, g, n = tokens.shape
+    if not pack:
+        ids, mask, positions = unpacked_rows(prompt_ids, prompt_mask, tokens, completion_mask)
+        x = model.trunk_states(ids, mask, positions)
+        return x.reshape(p, g, *x.shape[1:])
+    ids, segment, positions = packed_rows(prompt_ids, prompt_mask, tokens, completion_mask)
+    return model.trunk_states(ids, packed_mask(segment), positions)
+
+
 def group_logprobs(model: CausalLM, prompt_ids: Array, prompt_mask: Array, tokens: Array,
-                   completion_mask: Array, temperature: float, *, pack: bool) -> Array:  # fmt: skip
+                   completion_mask: Array, temperature: float, *, pack: bool,
+                   trunk: Array | None = None) -> Array:  # fmt: skip
     """Log-probs `[P, G, N]` of every completion token under `softmax(logits / temperature)`, from
     packed rows (the prompt computed once per group: `Lp + G N` tokens instead of `G (Lp + N)`) or
-    from one row per completion; both give the same numbers."""
+    from one row per completion; both give the same numbers. `trunk`: the rows' `group_trunk`
+    (of this model, or of one with the same frozen layers), the pass starts above it."""
     p, g, n = tokens.shape
     lp = prompt_ids.shape[1]
     if not pack:
         ids, mask, positions = unpacked_rows(prompt_ids, prompt_mask, tokens, completion_mask)
-        return response_logprobs(model, ids, mask, positions, lp, temperature).reshape(p, g, n)
+        flat = None if trunk is None else trunk.reshape(p * g, *trunk.shape[2:])
+        return response_logprobs(model, ids, mask, positions, lp, temperature, trunk=flat).reshape(p, g, n)
     ids, segment, positions = packed_rows(prompt_ids, prompt_mask, tokens, completion_mask)
-    hidden = model.hidden_states(ids, packed_mask(segment), positions)
+    hidden = model.hidden_states(ids, packed_mask(segment), positions, trunk=trunk)
     # the slot that predicts token j of completion k: the prompt's last slot for j = 0, else the
     # completion's own previous token
     k, j = np.arange(g)[:, None], np.arange(n)[None, :]
@@ -118,6 +136,7 @@ class GRPOEngine(RolloutEngine):
 
     logprob_temperature: float | None = None
     missing_eos_penalty: float | None = None
+    trunk: bool = False  # the policy's frozen trunk computed once per rollout (`shared_trunk`)
 
     def __init__(
         self,
@@ -136,6 +155,11 @@ class GRPOEngine(RolloutEngine):
         frozen_dtype: Any = None,
     ):
         self.cfg, self.optimizer, self.mesh, self.estimator = cfg, optimizer, mesh, estimator
+        # trained above frozen layers, the policy computes its reference's trunk too: once per
+        # rollout, kept in it for the updates (which then run the trained layers only) -- less work
+        # when something besides one update pass reads it
+        reuse = cfg.beta > 0 or cfg.rescore_policy or cfg.num_iterations > 1
+        self.trunk = reuse and shared_trunk(policy)
         params = self._init_policy(
             policy, reference=cfg.beta > 0, frozen_dtype=frozen_dtype, eos_token_ids=eos_token_ids,
             pad_token_id=pad_token_id,
@@ -179,9 +203,14 @@ class GRPOEngine(RolloutEngine):
         if cfg.mask_truncated_completions:  # DAPO: a cut-off completion says nothing about its reward
             loss_mask = loss_mask * has_eos[..., None].astype(loss_mask.dtype)
 
+        trunk = None
+        if self.trunk:
+            rows = (prompt_ids, prompt_mask, tokens, completion_mask)
+            trunk = group_trunk(self._policy(params, frozen), *rows, pack=cfg.pack_groups)
+
         def logprobs(model: CausalLM) -> Array:
             return group_logprobs(model, prompt_ids, prompt_mask, tokens, completion_mask,
-                                  self.train_temperature, pack=cfg.pack_groups)  # fmt: skip
+                                  self.train_temperature, pack=cfg.pack_groups, trunk=trunk)  # fmt: skip
 
         if cfg.rescore_policy:
             old = logprobs(self._policy(params, frozen))
@@ -208,7 +237,7 @@ class GRPOEngine(RolloutEngine):
         }
         rollout = GroupRollout(
             prompt_ids, prompt_mask, tokens, completion_mask, loss_mask, old, ref, rewards_B.reshape(p, g),
-            advantages.reshape(p, g),
+            advantages.reshape(p, g), trunk,
         )  # fmt: skip
         return rollout, metrics
 
@@ -226,7 +255,7 @@ class GRPOEngine(RolloutEngine):
             policy = policy.with_lora_dropout(key)
             logps, aux = nnx.capture(group_logprobs, RouterStats)(
                 policy, batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.completion_mask,
-                self.train_temperature, pack=cfg.pack_groups,
+                self.train_temperature, pack=cfg.pack_groups, trunk=batch.trunk,
             )  # fmt: skip
             loss, metrics = self._loss(logps, batch)
             metrics = {**metrics, "loss": loss}

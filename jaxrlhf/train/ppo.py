@@ -10,7 +10,10 @@ Implementation Details of RLHF with PPO" (arXiv:2403.17031), is listed in docs/p
 that does it.
 
 With LoRA (a policy loaded with `lora=`), only the adapters are trained and the reference is the
-policy with its adapters switched off: no copy of the base. A LoRA critic (adapters and a trained
+policy with its adapters switched off: no copy of the base. With `frozen_layers` the frozen layers
+hold no gradients and no Adam moments, the reference copies only the layers above them, and when
+the four models share those frozen weights their trunk runs once per rollout (`shared_trunk`): the
+scoring and the updates run only the trained layers from it. A LoRA critic (adapters and a trained
 score head) shares the frozen base arrays of the policy (critic from the policy) or of the reward
 model (critic from the reward model) when they are the same weights: one base in memory.
 """
@@ -40,6 +43,7 @@ from jaxrlhf.losses import (
 )
 from jaxrlhf.models.decoder import CausalLM, default_positions
 from jaxrlhf.models.moe import RouterStats, add_router_aux
+from jaxrlhf.models.trunk import shared_trunk
 from jaxrlhf.parallel import host_array
 from jaxrlhf.train.rollout import (
     RolloutEngine,
@@ -74,17 +78,21 @@ class Rollout:
     scores: Array  # [B] reward (after the missing-EOS penalty)
     rewards: Array  # [B, N] per-token rewards: -kl_coef * kl, plus the score at the last token
     kl: Array  # [B, N] per-token KL estimate (masked)
+    trunk: Array | None = None  # [B, P+N, D] the shared frozen trunk's output (`shared_trunk`), or None
 
 
-def response_values(critic: CausalLM, ids: Array, mask: Array, positions: Array, prompt_len: int) -> Array:
+def response_values(critic: CausalLM, ids: Array, mask: Array, positions: Array, prompt_len: int, *,
+                    trunk: Array | None = None) -> Array:  # fmt: skip
     """Critic values `[B, N]`, read at the slot before each response token (the state it acts from)."""
-    return critic(ids, mask, positions)[:, prompt_len - 1 : -1]
+    return critic(ids, mask, positions, trunk=trunk)[:, prompt_len - 1 : -1]
 
 
 class PPOEngine(RolloutEngine):
     """Compiled PPO on a mesh. Models are given as loaded `CausalLM`s; the reference is a frozen copy
     of the initial policy (stored in `frozen_dtype` when given), or with LoRA the policy with its
     adapters off."""
+
+    trunk: bool = False  # one frozen trunk for the four models (`shared_trunk`), computed once per rollout
 
     def __init__(
         self,
@@ -102,6 +110,9 @@ class PPOEngine(RolloutEngine):
         critic_frozen_from: str = "policy",
     ):
         self.cfg, self.optimizer, self.mesh = cfg, optimizer, mesh
+        # Trained above one frozen base (model.frozen_layers), the four models compute the same
+        # trunk: once per rollout, kept in it for the updates (which run the trained layers only).
+        self.trunk = shared_trunk(policy, critic, reward_model)
         policy_params = self._init_policy(
             policy, reference=True, frozen_dtype=frozen_dtype, eos_token_ids=eos_token_ids,
             pad_token_id=pad_token_id,
@@ -126,13 +137,19 @@ class PPOEngine(RolloutEngine):
     def _critic(self, params: dict[str, nnx.State], frozen: dict[str, Any]) -> CausalLM:
         return self._model(self.critic_def, params["critic"], frozen["critic"])
 
-    def _final_scores(self, rm_params, ids, mask, positions, response_mask, host_scores, prompt_len: int):
+    def _trunk(self, params, frozen, ids, mask, positions) -> Array | None:
+        """The rows' frozen trunk, shared by the four models (None unless `self.trunk`)."""
+        return self._policy(params, frozen).trunk_states(ids, mask, positions) if self.trunk else None
+
+    def _final_scores(self, rm_params, ids, mask, positions, response_mask, host_scores, prompt_len: int,
+                      trunk: Array | None = None):  # fmt: skip
         """Scores `[B]` (the reward model's at the last real token, or the host's, then the missing-EOS
         rule) and whether each response ends with an EOS `[B]` (`response_mask`: all of the
         completion, a multi-turn rollout's tool messages included)."""
         cfg = self.cfg
         if rm_params is not None:
-            scores = sequence_scores(nnx.merge(self.rm_def, rm_params), ids, mask, positions, prompt_len)
+            rm = nnx.merge(self.rm_def, rm_params)
+            scores = sequence_scores(rm, ids, mask, positions, prompt_len, trunk=trunk)
         else:
             scores = host_scores
         response = ids[:, prompt_len:]
@@ -153,18 +170,20 @@ class PPOEngine(RolloutEngine):
         # tool messages between them (context, not actions: out of the KL, the losses and GAE)
         response_mask = completion_mask if gen.policy_mask is None else gen.policy_mask
         positions = default_positions(mask, *mask.shape)
+        trunk = self._trunk(params, frozen, ids, mask, positions)
         ref = self._reference(params, frozen, ref_params)
         if cfg.rescore_policy:
             policy = self._policy(params, frozen)
             logprobs, entropy = response_logprobs(
-                policy, ids, mask, positions, prompt_len, cfg.temperature, with_entropy=True
+                policy, ids, mask, positions, prompt_len, cfg.temperature, with_entropy=True, trunk=trunk
             )
         else:  # the sampler computed both from the same policy: one forward fewer (as TRL does)
             logprobs, entropy = gen.logprobs, gen.entropy
-        ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, cfg.temperature)
-        values = response_values(self._critic(params, frozen), ids, mask, positions, prompt_len)
+        ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, cfg.temperature, trunk=trunk)
+        critic = self._critic(params, frozen)
+        values = response_values(critic, ids, mask, positions, prompt_len, trunk=trunk)
         scores, _ = self._final_scores(
-            rm_params, ids, mask, positions, completion_mask, host_scores, prompt_len
+            rm_params, ids, mask, positions, completion_mask, host_scores, prompt_len, trunk
         )
         response = ids[:, prompt_len:]
         rewards, non_score, kl = per_token_rewards(
@@ -189,7 +208,7 @@ class PPOEngine(RolloutEngine):
         }
         rollout = Rollout(
             ids, mask, positions, response_mask, logprobs, values, advantages, returns,
-            ref_logprobs, scores, rewards, kl,
+            ref_logprobs, scores, rewards, kl, trunk,
         )  # fmt: skip
         return rollout, metrics
 
@@ -211,10 +230,11 @@ class PPOEngine(RolloutEngine):
             # LoRA dropout (when set): updates only; MoE router statistics of the policy's pass
             policy = policy.with_lora_dropout(jax.random.fold_in(key, 0))
             logprobs, aux = nnx.capture(response_logprobs, RouterStats)(
-                policy, batch.ids, batch.mask, batch.positions, prompt_len, cfg.temperature
+                policy, batch.ids, batch.mask, batch.positions, prompt_len, cfg.temperature, trunk=batch.trunk
             )
             critic = critic.with_lora_dropout(jax.random.fold_in(key, 1))
-            values = response_values(critic, batch.ids, batch.mask, batch.positions, prompt_len)
+            values = response_values(critic, batch.ids, batch.mask, batch.positions, prompt_len,
+                                     trunk=batch.trunk)  # fmt: skip
             pg, pg_m = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask,
                                        clip_eps=cfg.cliprange)  # fmt: skip
             vf, vf_m = ppo_value_loss(
@@ -321,10 +341,12 @@ class PPOEngine(RolloutEngine):
         response_mask = gen.completion_mask
         policy_mask = response_mask if gen.policy_mask is None else gen.policy_mask
         positions = default_positions(mask, *mask.shape)
+        trunk = self._trunk(params, frozen, ids, mask, positions)
         ref = self._reference(params, frozen, ref_params)
-        ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, self.cfg.temperature)
+        ref_logprobs = response_logprobs(ref, ids, mask, positions, prompt_len, self.cfg.temperature,
+                                         trunk=trunk)  # fmt: skip
         scores, has_eos = self._final_scores(
-            rm_params, ids, mask, positions, response_mask, host_scores, prompt_len
+            rm_params, ids, mask, positions, response_mask, host_scores, prompt_len, trunk
         )
         kl = kl_penalty(gen.logprobs, ref_logprobs, self.cfg.kl_estimator) * policy_mask
         return {

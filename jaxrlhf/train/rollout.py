@@ -26,7 +26,7 @@ from jaxrlhf.losses import entropy_from_logits, token_logprobs
 from jaxrlhf.models.decoder import CausalLM
 from jaxrlhf.models.lora import adapters_off, trainable
 from jaxrlhf.parallel import host_array
-from jaxrlhf.train.step import init_optimizer_state, keep_if
+from jaxrlhf.train.step import init_optimizer_state, is_frozen_path, keep_if
 
 Array = jax.Array
 
@@ -48,11 +48,13 @@ def response_logprobs(
     temperature: float,
     *,
     with_entropy: bool = False,
+    trunk: Array | None = None,
 ) -> Any:
     """Log-probs `[B, N]` of the response tokens under `softmax(logits / temperature)`: the hidden
     state at slot t predicts the token at t + 1, so the response starts from slot P - 1. With
-    `with_entropy`, also the per-token entropy `[B, N]` of that distribution (from the same pass)."""
-    hidden = model.hidden_states(ids, mask, positions)[:, prompt_len - 1 : -1]
+    `with_entropy`, also the per-token entropy `[B, N]` of that distribution (from the same pass).
+    `trunk`: the rows' shared frozen trunk (`shared_trunk`), the pass starts above it."""
+    hidden = model.hidden_states(ids, mask, positions, trunk=trunk)[:, prompt_len - 1 : -1]
     labels = ids[:, prompt_len:]
     if with_entropy:
         logits = model.apply_head(hidden)
@@ -63,12 +65,13 @@ def response_logprobs(
 
 
 def sequence_scores(
-    reward_model: CausalLM, ids: Array, mask: Array, positions: Array, prompt_len: int
+    reward_model: CausalLM, ids: Array, mask: Array, positions: Array, prompt_len: int, *,
+    trunk: Array | None = None,
 ) -> Array:
     """Reward-model scores `[B]` of `[prompt | response]` rows (the response from column
     `prompt_len`), pooled as the reward model was trained (`config.score_pooling`): at each row's
     last real token (the EOS when there is one), or the mean over the response's real tokens."""
-    scores_BxL = reward_model(ids, mask, positions)
+    scores_BxL = reward_model(ids, mask, positions, trunk=trunk)
     if reward_model.config.score_pooling == "mean":
         response_BxL = (mask != 0) & (jnp.arange(ids.shape[1]) >= prompt_len)[None, :]
         w = response_BxL.astype(jnp.float32)
@@ -79,11 +82,20 @@ def sequence_scores(
 
 def split_trainable(model: CausalLM) -> tuple[nnx.GraphDef, nnx.State, nnx.State | None]:
     """(graphdef, trained parameters, frozen parameters): with LoRA the adapters (and a score head)
-    are trained and the base is frozen; without, everything is trained."""
-    if model.config.lora is None:
-        graphdef, params = nnx.split(model, nnx.Param)
-        return graphdef, params, None
-    return nnx.split(model, trainable(model.head_type), nnx.Param)
+    are trained and the base is frozen; with `frozen_layers` (unrolled layers) the embeddings and
+    the first layers are frozen, so that neither gradients nor Adam moments exist for them; else
+    everything is trained. (Scanned layers stack the frozen with the trained: the optimizer zeroes
+    their updates, `step.frozen_params`.)"""
+    c = model.config
+    if c.lora is not None:
+        return nnx.split(model, trainable(model.head_type), nnx.Param)
+    if c.frozen_layers and not c.scan_layers:
+        def above(path: Any, value: Any) -> bool:
+            return isinstance(value, nnx.Param) and not is_frozen_path(path, c.frozen_layers)
+
+        return nnx.split(model, above, nnx.Param)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params, None
 
 
 def share_arrays(frozen: nnx.State, source: nnx.State | None) -> nnx.State:
@@ -134,10 +146,11 @@ class RolloutEngine:
         self.eos = np.asarray(eos_token_ids, np.int32)
         self.pad_id = int(pad_token_id)
         self.policy_def, params, frozen = split_trainable(policy)
-        self.lora = frozen is not None
+        self.lora = policy.config.lora is not None
         self.frozen: dict[str, Any] = {"policy": frozen}
         # The reference may be stored narrower (e.g. bfloat16): it only feeds forward passes, which
-        # compute in the model's compute dtype anyway. With LoRA it is the base: no copy.
+        # compute in the model's compute dtype anyway. With LoRA it is the base: no copy; with
+        # frozen layers, a copy of the trained layers above the policy's own frozen ones.
         self.ref_params = None
         if reference and not self.lora:
             self.ref_params = jax.tree.map(
@@ -182,7 +195,7 @@ class RolloutEngine:
     def _reference(self, params: dict[str, nnx.State], frozen: dict[str, Any], ref_params: Any) -> CausalLM:
         """The frozen reference: the copy of the initial policy, or with LoRA the base (adapters off)."""
         if ref_params is not None:
-            return nnx.merge(self.policy_def, ref_params)
+            return self._model(self.policy_def, ref_params, frozen["policy"])
         return self._model(self.policy_def, adapters_off(params["policy"]), frozen["policy"])
 
     def _policy_state(self) -> nnx.State:

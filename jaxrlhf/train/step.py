@@ -123,7 +123,21 @@ def zero_leading_layers(num_layers: int) -> optax.GradientTransformation:
 
 
 def _keys(path: Any) -> list[Any]:
-    return [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    """The plain keys of a pytree path (its `DictKey` / `GetAttrKey` / `SequenceKey` entries) or
+    of an nnx path (already plain)."""
+    return [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+
+
+def is_frozen_path(path: Any, num_layers: int) -> bool:
+    """Is the parameter at `path` (a pytree or nnx path) below the trained part of a model with
+    `frozen_layers=num_layers`: an embedding, or in decoder layer `0 .. num_layers - 1`."""
+    keys = _keys(path)
+    if num_layers <= 0:
+        return False
+    if any(k in ("embed_tokens", "embed_positions") for k in keys):
+        return True
+    pairs = zip(keys, keys[1:], strict=False)
+    return any(k == "layers" and isinstance(i, int) and i < num_layers for k, i in pairs)
 
 
 def frozen_params(num_layers: int, *, scan_layers: bool = False) -> Callable[[Any], Any]:
@@ -135,17 +149,8 @@ def frozen_params(num_layers: int, *, scan_layers: bool = False) -> Callable[[An
     `make_optimizer` then zeroes their first `num_layers` slices (`zero_leading_layers`), and their
     Adam moments exist but stay zero."""
 
-    def is_frozen(path: Any) -> bool:
-        keys = _keys(path)
-        if num_layers <= 0:
-            return False
-        if any(k in ("embed_tokens", "embed_positions") for k in keys):
-            return True
-        pairs = zip(keys, keys[1:], strict=False)
-        return any(k == "layers" and isinstance(i, int) and i < num_layers for k, i in pairs)
-
     def frozen(params: Any) -> Any:
-        return jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(path), params)
+        return jax.tree_util.tree_map_with_path(lambda path, _: is_frozen_path(path, num_layers), params)
 
     frozen.stacked_layers = num_layers if scan_layers else 0  # type: ignore[attr-defined]
     return frozen

@@ -124,3 +124,12 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_data, mini_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before") == 5
     assert json.loads((out / "frontier.json").read_text())["runs"]["dpo_b0.1"] == runs["dpo_b0.1"]
+    # recorded runs join the table and the plot (a name taken gets the file's name)
+    recorded = os.path.join(ROOT, "bench", "results", "sentiment_grpo.json")
+    png = tmp_path / "with_recorded.png"
+    plot = [*args, "--plot-only", "--png", str(png), "--include", recorded, str(out / "frontier.json")]
+    drawn = subprocess.run(plot, capture_output=True, text=True, timeout=300)
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    lines = {line.split()[0] for line in drawn.stdout.splitlines()[1:] if line.strip()}
+    assert {"grpo", "dpo_b0.1", "rm"} <= lines and drawn.stdout.count("dpo_b0.1") == 2
+    assert "done before" not in drawn.stdout and png.stat().st_size > 10_000

@@ -124,3 +124,28 @@ def test_a_model_against_itself_is_zero(models):
             policy, policy, prompt_ids, prompt_mask, tokens, completion_mask, temperature=temperature
         )
         np.testing.assert_allclose(out, np.zeros(3), atol=1e-6)
+
+
+def test_a_policy_above_the_references_frozen_layers_shares_its_trunk(tmp_path):
+    """A policy that differs from its reference only above `frozen_layers` (as one trained with
+    them does): the two share one trunk (computed once) and the KL still matches transformers."""
+    import copy
+
+    from jaxrlhf.models import shared_trunk
+
+    reference_hf = make_hf_model("llama", seed=0)
+    policy_hf = copy.deepcopy(reference_hf)
+    with torch.no_grad():
+        for p in policy_hf.model.layers[1].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    loaded = []
+    for name, hf in (("policy", policy_hf), ("reference", reference_hf)):
+        hf.save_pretrained(str(tmp_path / name))
+        loaded.append(from_pretrained(str(tmp_path / name), frozen_layers=1))
+    policy, reference = loaded
+    assert shared_trunk(policy, reference)
+    prompt_ids, prompt_mask, tokens, completion_mask, prompts, completions = _rollout()
+    expected = _reference_kl(policy_hf, reference_hf, prompts, completions, 0.7)
+    assert np.all(np.abs(expected) > 1e-3), expected
+    out = response_kl(policy, reference, prompt_ids, prompt_mask, tokens, completion_mask, temperature=0.7)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)

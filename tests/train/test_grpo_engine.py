@@ -174,3 +174,35 @@ def test_moe_policy_adds_the_router_loss(tmp_path):
     metrics = engine.step(prompts, mask, low_tokens, ["low"])
     assert 0.0 < metrics["router_aux_loss"] <= 5.0, metrics
     assert np.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "unpacked"])
+def test_a_frozen_trunk_computed_once_gives_the_same_iterations(tiny_llama, pack):
+    """A policy trained above a frozen layer shares its trunk with its reference: computed once per
+    rollout (`group_trunk`) and kept for the updates. Three iterations give the rollouts, losses and
+    parameters of the engine that runs every pass whole."""
+    from jaxrlhf.train.step import frozen_params
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    prompts, mask = random_prompts(n=4, seed=5)
+    cfg = GRPOConfig(num_generations=4, max_completion_length=6, temperature=1.0, beta=0.1, num_iterations=2,
+                     num_mini_batches=2, pack_groups=pack)  # fmt: skip
+    runs = {}
+    for share in (True, False):
+        optimizer = make_optimizer(make_schedule(3e-3, 100, kind="constant"), frozen=frozen_params(1))
+        engine = GRPOEngine(from_pretrained(tiny_llama, mesh=mesh, frozen_layers=1), cfg, optimizer, mesh,
+                            eos_token_ids=[EOS], pad_token_id=PAD, seed=2)  # fmt: skip
+        assert engine.trunk
+        engine.trunk = share
+        metrics = [engine.step(prompts, mask, low_tokens, ["low"]) for _ in range(3)]
+        runs[share] = metrics, jax.tree.map(np.asarray, engine.last_rollout), engine.state.params
+    (m1, r1, p1), (m0, r0, p0) = runs[True], runs[False]
+    assert r1.trunk is not None and r0.trunk is None
+    np.testing.assert_array_equal(r1.tokens, r0.tokens)
+    for name in ("old_logprobs", "ref_logprobs", "advantages"):
+        np.testing.assert_allclose(getattr(r1, name), getattr(r0, name), atol=2e-5, err_msg=name)
+    assert np.abs(r0.ref_logprobs - r0.old_logprobs).max() > 1e-3  # the policy has moved
+    for a, b in zip(m1, m0, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], atol=2e-5, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0), strict=True):  # see the PPO test's bound
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)

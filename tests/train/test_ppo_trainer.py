@@ -305,3 +305,62 @@ def test_ppo_trainer_cli_with_reward_function(tmp_path):
         "val/num_eos_tokens",
     ):
         assert key in names, key
+
+
+def test_a_shared_frozen_trunk_gives_the_rollouts_and_updates_of_four_whole_passes(tiny_llama):
+    """Policy, reference, critic and reward model trained above the same frozen layer: the engine
+    computes the rows' trunk once (`shared_trunk`) and the trained layers from it. Three iterations
+    give the engine without the sharing's rollouts, metrics and parameters; a reward model whose
+    frozen layer differs is not shared."""
+    from jaxrlhf.models import shared_trunk
+    from jaxrlhf.train.rollout import split_trainable
+    from jaxrlhf.train.step import frozen_params
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    prompts, mask = random_prompts(n=8, seed=11)
+    mask[:2, :2], prompts[:2, :2] = 0, PAD
+    cfg = PPOConfig(response_length=6, temperature=1.0, missing_eos_penalty=None, num_ppo_epochs=2,
+                    num_mini_batches=2)  # fmt: skip
+    runs = {}
+    for share in (True, False):
+        policy = from_pretrained(tiny_llama, mesh=mesh, frozen_layers=1)
+        score = dict(head="score", init_score_head=True, mesh=mesh, frozen_layers=1)
+        critic, rm = from_pretrained(tiny_llama, **score), from_pretrained(tiny_llama, seed=5, **score)
+        rm.config = rm.config.replace(score_pooling="mean")
+        optimizer = make_optimizer(make_schedule(3e-3, 100, kind="constant"), frozen=frozen_params(1))
+        engine = PPOEngine(policy, critic, rm, cfg, optimizer, mesh, eos_token_ids=[EOS], pad_token_id=PAD,
+                           seed=4)  # fmt: skip
+        assert engine.trunk
+        engine.trunk = share  # off: every model runs its whole pass, as without frozen layers
+        metrics = [engine.step(prompts, mask) for _ in range(3)]
+        runs[share] = metrics, jax.tree.map(np.asarray, engine.last_rollout), engine
+    (m_shared, r_shared, e_shared), (m_whole, r_whole, e_whole) = runs[True], runs[False]
+    assert r_shared.trunk is not None and r_whole.trunk is None
+    np.testing.assert_array_equal(r_shared.ids, r_whole.ids)
+    for name in ("logprobs", "ref_logprobs", "values", "scores", "advantages", "returns"):
+        np.testing.assert_allclose(getattr(r_shared, name), getattr(r_whole, name), atol=2e-5, err_msg=name)
+    assert np.abs(r_whole.ref_logprobs - r_whole.logprobs).max() > 1e-3  # the policy has moved
+    for a, b in zip(m_shared, m_whole, strict=True):
+        for k in ("loss/policy_avg", "loss/value_avg", "objective/kl", "objective/scores"):
+            np.testing.assert_allclose(a[k], b[k], atol=2e-5, rtol=1e-4, err_msg=k)
+    # Adam moves each weight by up to lr = 3e-3 a step, whatever its gradient's size: where that is
+    # near zero, float noise in the gradient shows; 1e-4 is a thirtieth of one step
+    leaves = jax.tree.leaves
+    for a, b in zip(leaves(e_shared.state.params), leaves(e_whole.state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+    # only the layer above the frozen one (and the heads) are trained: no gradients, no Adam moments
+    # for the embeddings and layer 0
+    trained = e_whole.state.params["policy"]
+    assert "embed_tokens" not in trained and 0 not in trained["layers"] and 1 in trained["layers"]
+    init = jax.tree.leaves(split_trainable(from_pretrained(tiny_llama, frozen_layers=1))[1])
+    now = jax.tree.leaves(e_whole.state.params["policy"])
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(now, init, strict=True))
+    assert moved > 3e-3
+    # a reward model with another frozen layer 0 cannot share the policy's trunk
+    other = from_pretrained(tiny_llama, head="score", init_score_head=True, mesh=mesh, frozen_layers=1)
+    kernel = other.layers[0].mlp.up_proj.kernel
+    kernel.set_value(kernel.get_value() * 1.01)
+    policy = from_pretrained(tiny_llama, mesh=mesh, frozen_layers=1)
+    assert shared_trunk(policy, other) is False
+    assert shared_trunk(policy, from_pretrained(tiny_llama, mesh=mesh, frozen_layers=0)) is False
+    assert shared_trunk(from_pretrained(tiny_llama, mesh=mesh), None) is False
