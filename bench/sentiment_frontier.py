@@ -2,7 +2,7 @@
 arXiv:2305.18290, Figure 2 left): every method's held-out ground-truth reward against its KL to the
 reference, at each evaluation of each run.
 
-    python bench/sentiment_frontier.py                    # the whole sweep (~90 min on 2 CPU cores)
+    python bench/sentiment_frontier.py                    # the whole sweep (70 min on 2 CPU cores)
     python bench/sentiment_frontier.py --only dpo_b0.1    # one run (others already done are reused)
     python bench/sentiment_frontier.py --plot-only        # redraw from what is there
     python bench/sentiment_frontier.py --plot-only --include bench/results/sentiment_*.json  # + recorded
