@@ -48,14 +48,16 @@ def _response_logprobs(graphdefs, states, ids, mask, *, prompt_len: int, tempera
     return out
 
 
-def _completion_logprobs(models: Sequence[Any], prompt_ids: Any, prompt_mask: Any, tokens: Any,
-                         completion_mask: Any, temperature: float) -> list[jax.Array]:  # fmt: skip
+def _completion_logprobs(
+    models: Sequence[Any], prompt_ids: Any, prompt_mask: Any, tokens: Any, completion_mask: Any,
+    temperature: float, shared: bool = False,
+) -> list[jax.Array]:  # fmt: skip
     ids = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(tokens, jnp.int32)], axis=1)
     cmask = jnp.asarray(completion_mask, jnp.int32)
     mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), cmask], axis=1)
     graphdefs, states = zip(*(nnx.split(m) for m in models), strict=True)
     logps = _response_logprobs(graphdefs, states, ids, mask, prompt_len=int(prompt_ids.shape[1]),
-                               temperature=float(temperature), shared=shared_trunk(*models))  # fmt: skip
+                               temperature=float(temperature), shared=shared)  # fmt: skip
     return [jnp.where(cmask == 1, x, 0.0) for x in logps]
 
 
@@ -70,14 +72,16 @@ def response_logprobs(
 
 def response_kl(
     policy: Any, reference: Any, prompt_ids: Any, prompt_mask: Any, tokens: Any, completion_mask: Any,
-    *, temperature: float = 1.0,
+    *, temperature: float = 1.0, shared: bool | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Per row `[B]`: the summed log-ratio `sum_t log pi_T(y_t) - log pi_ref,T(y_t)` over the
     completion tokens (the k1 estimate of the sequence KL when the rows were sampled from pi_T).
     A policy trained above the reference's frozen layers (`model.frozen_layers`) shares its trunk:
-    computed once (`jaxrlhf.models.shared_trunk`)."""
+    computed once (`jaxrlhf.models.shared_trunk`; `shared`: that check's answer when the caller has it)."""
     args = (prompt_ids, prompt_mask, tokens, completion_mask)
-    policy_BxN, reference_BxN = _completion_logprobs([policy, reference], *args, temperature)
+    if shared is None:
+        shared = shared_trunk(policy, reference)
+    policy_BxN, reference_BxN = _completion_logprobs([policy, reference], *args, temperature, shared)
     return host_array(jnp.sum(policy_BxN - reference_BxN, axis=1)).astype(np.float64)
 
 
@@ -125,6 +129,7 @@ def evaluate_reward_kl(
     order = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
     batch_size = min(batch_size, len(order))
     rows: list[dict[str, Any]] = []
+    shared = shared_trunk(policy, reference)  # compares the frozen weights: once, not per batch
     for b, start in enumerate(range(0, len(order), batch_size)):
         index = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in index], tokenizer.pad_token_id, width=width,
@@ -134,7 +139,7 @@ def evaluate_reward_kl(
                        pad_token_id=tokenizer.pad_token_id, temperature=temperature,
                        rng=jax.random.fold_in(jax.random.key(seed), b))  # fmt: skip
         kl = response_kl(policy, reference, ids, mask, gen.tokens, gen.completion_mask,
-                         temperature=temperature)  # fmt: skip
+                         temperature=temperature, shared=shared)  # fmt: skip
         tokens, cmask = host_array(gen.tokens), host_array(gen.completion_mask)
         n = len(index)
         prompt_text = tokenizer.batch_decode(host_array(ids)[:n], skip_special_tokens=True)
