@@ -1,5 +1,6 @@
 """Data layer: load preference/SFT rows, normalise, tokenize, collate and iterate (SFT rows of
-every TRL format, and packing: `jaxrlhf.data.sft`).
+every TRL format, and packing: `jaxrlhf.data.sft`; ranked rows and a prompt's pairs packed as one
+group: `jaxrlhf.data.ranked`, `jaxrlhf.data.groups`).
 
 Typical DPO pipeline::
 
@@ -20,6 +21,7 @@ from jaxrlhf.data.collate import (
     left_pad,
     packed_attention_mask,
 )
+from jaxrlhf.data.groups import TokenizedGroup, collate_groups, group_pairs
 from jaxrlhf.data.iterator import BatchIterator, Collate
 from jaxrlhf.data.loading import DataError, Location, Rows, load_rows
 from jaxrlhf.data.preference import (
@@ -32,6 +34,7 @@ from jaxrlhf.data.preference import (
     template_kwargs,
     to_chatml,
 )
+from jaxrlhf.data.ranked import ranked_pairs
 from jaxrlhf.data.sft import (
     PackedRow,
     SFTText,
@@ -57,18 +60,22 @@ __all__ = [
     "SFTTokens",
     "STANDARD_ROLES",
     "TokenizeStats",
+    "TokenizedGroup",
     "TokenizedPair",
     "bucket_length",
     "check_roles",
+    "collate_groups",
     "collate_pairs",
     "collate_sequences",
     "collate_sft",
     "left_pad",
+    "group_pairs",
     "load_rows",
     "pack_sequences",
     "packed_attention_mask",
     "parse_preferences",
     "parse_row",
+    "ranked_pairs",
     "render_sft_row",
     "tokenize_pairs",
     "tokenize_sft",

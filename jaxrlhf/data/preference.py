@@ -20,6 +20,8 @@ Each row is read on its own; its format follows from its fields:
   (``"Q: hi\\n\\nA: Hello"`` / ``"Q: hi\\n\\nA: Hey"`` -> ``"Q: hi\\n\\nA:"`` +
   ``" Hello"`` / ``" Hey"``), so a completion starts at a word boundary. At least one
   message, id or character stays in each completion.
+* **ranked** -- ``prompt``, ``completions`` and ``scores``: all the pairs of a prompt's scored
+  completions (`jaxrlhf.data.ranked`).
 * **margin** -- an optional number (or numeric string; null or ``""`` means none), e.g.
   for reward models.
 
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jaxrlhf.data.loading import DataError, Rows
+from jaxrlhf.data.ranked import is_ranked, ranked_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +84,11 @@ def parse_preferences(
     skip_invalid: bool = False,
     drop_degenerate: bool = False,
     source: str | None = None,
+    min_score_gap: float = 0.0,
 ) -> tuple[list[PreferenceExample], ParseStats]:
-    """Normalise every row; ``tokenizer`` (with a chat template) is needed for conversations.
+    """Normalise every row; ``tokenizer`` (with a chat template) is needed for conversations. A
+    ranked row (`jaxrlhf.data.ranked`) gives one example per pair of its completions whose scores
+    differ by more than ``min_score_gap``; degenerate counts and ``kept`` count those pairs.
 
     Errors are located through ``rows.locate`` for `Rows` from `load_rows` (line of a JSON Lines /
     CSV file, else 1-based row), else as ``source, row i + 1``.
@@ -92,7 +98,8 @@ def parse_preferences(
     for index, row in enumerate(rows):
         stats.rows += 1
         try:
-            example = parse_row(row, tokenizer)
+            pair_rows = ranked_pairs(row, min_score_gap) if is_ranked(row) else [row]
+            parsed = [(pair_row, parse_row(pair_row, tokenizer)) for pair_row in pair_rows]
         except DataError as err:
             where = rows.locate(index) if isinstance(rows, Rows) else (source, index + 1, "row")
             located = err.located(*where)
@@ -101,15 +108,16 @@ def parse_preferences(
             stats.skipped += 1
             stats.errors.append(located)
             continue
-        empty = has_empty_completion(row, example)
-        identical = example.chosen == example.rejected
-        stats.empty_completion += empty
-        stats.identical += identical
-        if (empty or identical) and drop_degenerate:
-            stats.dropped_degenerate += 1
-            continue
-        stats.kept += 1
-        examples.append(example)
+        for pair_row, example in parsed:
+            empty = has_empty_completion(pair_row, example)
+            identical = example.chosen == example.rejected
+            stats.empty_completion += empty
+            stats.identical += identical
+            if (empty or identical) and drop_degenerate:
+                stats.dropped_degenerate += 1
+                continue
+            stats.kept += 1
+            examples.append(example)
     if stats.skipped:
         logger.warning("skipped %d of %d preference rows", stats.skipped, stats.rows)
     if stats.empty_completion or stats.identical:

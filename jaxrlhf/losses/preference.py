@@ -352,6 +352,7 @@ def reward_loss(
     *,
     margin: float | Array | None = None,
     center_rewards_coefficient: float | None = None,
+    weights: Array | None = None,
 ) -> tuple[Array, Metrics]:
     r"""Bradley-Terry pairwise loss for training a scalar reward model.
 
@@ -362,22 +363,31 @@ def reward_loss(
     Bradley & Terry 1952; RLHF reward model of Ouyang et al. 2022 (arXiv:2203.02155); the optional
     per-pair ``margin`` m is from Llama 2 (Touvron et al. 2023, arXiv:2307.09288); the optional
     centring term with coefficient lambda follows TRL's ``center_rewards_coefficient`` (Eisenstein
-    et al. 2023, arXiv:2312.09244).
+    et al. 2023, arXiv:2312.09244). ``weights`` (e.g. 0 for padding comparisons) make every mean a
+    weighted one, ``sum(w * x) / sum(w)``.
 
     Metrics: ``accuracy`` = mean(r_c > r_r), ``margin`` = mean(r_c - r_r), ``rewards/chosen``,
     ``rewards/rejected``.
     """
     rc, rr = _f32(chosen_rewards), _f32(rejected_rewards)
     m = 0.0 if margin is None else _f32(margin)
-    loss = jnp.mean(-jax.nn.log_sigmoid(rc - rr - m))
+    if weights is None:
+        mean = jnp.mean
+    else:
+        w = _f32(weights)
+
+        def mean(x: Array) -> Array:
+            return jnp.sum(w * x) / jnp.maximum(jnp.sum(w), 1e-12)
+
+    loss = mean(-jax.nn.log_sigmoid(rc - rr - m))
     if center_rewards_coefficient is not None:
-        loss = loss + center_rewards_coefficient * jnp.mean(jnp.square(rc + rr))
+        loss = loss + center_rewards_coefficient * mean(jnp.square(rc + rr))
 
     rc_sg, rr_sg = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
     metrics = {
-        "accuracy": jnp.mean((rc_sg > rr_sg).astype(jnp.float32)),
-        "margin": jnp.mean(rc_sg - rr_sg),
-        "rewards/chosen": jnp.mean(rc_sg),
-        "rewards/rejected": jnp.mean(rr_sg),
+        "accuracy": mean((rc_sg > rr_sg).astype(jnp.float32)),
+        "margin": mean(rc_sg - rr_sg),
+        "rewards/chosen": mean(rc_sg),
+        "rewards/rejected": mean(rr_sg),
     }
     return loss, metrics

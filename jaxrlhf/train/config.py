@@ -220,6 +220,9 @@ class DataConfig(Section):
     drop_degenerate: bool = False
     """Drop rows whose completion is empty or whose chosen equals rejected (always counted in the data report;
     kept and trained on when false)."""
+    min_score_gap: float = Field(0.0, ge=0.0)
+    """Ranked rows (`prompt`, `completions`, `scores`): two completions make a pair only when their scores
+    differ by more than this (0: any two unequal scores)."""
     buckets: list[int] | None = None
     """Padded sequence lengths (each batch is padded to the smallest bucket that fits); None: 64, 96, 128,
     192, 256, 384, 512, then multiples of 256."""

@@ -167,6 +167,43 @@ class RewardObjective:
         return loss, jnp.float32(1.0), metrics
 
 
+def group_scores(model: CausalLM, batch: Batch) -> Array:
+    """`[B, S]`: the reward-model score of every completion slot of `jaxrlhf.data.collate_groups`
+    rows (segment `k + 2` is slot k), pooled as `pair_scores` pools; 0 in empty slots."""
+    scores_BxL = model.apply_head(packed_hidden(model, batch)).astype(jnp.float32)
+    seg_BxL = batch["segment_ids"]
+    S = batch["completion_valid"].shape[1]
+    in_slot_BxLxS = seg_BxL[:, :, None] == jnp.arange(2, S + 2)[None, None, :]
+    if model.config.score_pooling == "mean":
+        w_BxLxS = in_slot_BxLxS.astype(jnp.float32)
+        return jnp.einsum("bl,bls->bs", scores_BxL, w_BxLxS) / jnp.maximum(jnp.sum(w_BxLxS, axis=1), 1.0)
+    idx_1xLx1 = jnp.arange(seg_BxL.shape[1])[None, :, None]
+    last_BxS = jnp.max(jnp.where(in_slot_BxLxS, idx_1xLx1, 0), axis=1)
+    return jnp.take_along_axis(scores_BxL, last_BxS, axis=1) * batch["completion_valid"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedRewardObjective:
+    """Bradley-Terry over every comparison of packed groups (`jaxrlhf.data.collate_groups`): each
+    completion scored once; the loss is the mean over the step's comparisons (numerator: their
+    summed loss, denominator: their number), so it equals `RewardObjective` on the same pairs."""
+
+    center_rewards_coefficient: float | None = None
+    use_margin: bool = False
+
+    def __call__(self, model: CausalLM, batch: Batch, ref_model: CausalLM | None = None):
+        scores_BxS = group_scores(model, batch)
+        chosen_BxM = jnp.take_along_axis(scores_BxS, batch["winner"], axis=1)
+        rejected_BxM = jnp.take_along_axis(scores_BxS, batch["loser"], axis=1)
+        weight_BxM = batch["comparison_weight"]
+        loss, metrics = reward_loss(
+            chosen_BxM, rejected_BxM, margin=batch["margin"] if self.use_margin else None,
+            center_rewards_coefficient=self.center_rewards_coefficient, weights=weight_BxM,
+        )  # fmt: skip
+        count = jnp.sum(weight_BxM)
+        return loss * count, count, {**metrics, "comparisons": count}
+
+
 def segment_attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
     """Bool `[B, L, L]`: a query sees the keys of its own segment (block-diagonal; 0 is padding and
     sees nothing); the model adds causality. One segment per row is the plain padding mask."""

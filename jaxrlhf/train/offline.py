@@ -40,11 +40,12 @@ def packed_length(item: Indexed) -> int:
     return item.pair.packed_length
 
 
-def eval_batch_size(ctx: Context) -> int:
-    """The global batch of evaluation passes: a micro-batch's rows, rounded up to the batch shards."""
+def eval_batch_size(ctx: Context, rows_per_example: int = 1) -> int:
+    """The global batch of evaluation passes: a micro-batch's rows (times `rows_per_example`, the
+    evaluation rows one training row holds), rounded up to the batch shards."""
     shards = ctx.mesh.shape.get("data", 1) * ctx.mesh.shape.get("fsdp", 1)
     t = ctx.cfg.train
-    per_micro = max(t.batch_size // t.grad_accum_steps, 1)
+    per_micro = max(t.batch_size // t.grad_accum_steps, 1) * rows_per_example
     return max(shards, -(-per_micro // shards) * shards)
 
 
@@ -66,13 +67,14 @@ def _gathered(values: jax.Array, idx: np.ndarray) -> np.ndarray:
 
 def eval_pass(
     ctx: Context, graphdef: Any, params: Any, fn: Callable[..., dict[str, jax.Array]],
-    examples: list[Indexed], collate: Collate, length: Any,
+    examples: list[Indexed], collate: Collate, length: Any, batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """`fn(model, batch) -> {name: [B] per-row values}` over every example, in example order
-    (padding rows left out; on several processes the rows are put back in order)."""
+    (padding rows left out; on several processes the rows are put back in order); `batch_size`
+    rows at a time (default `eval_batch_size`)."""
     compiled = make_eval_fn(graphdef, fn, ctx.mesh)
     out: dict[str, np.ndarray] = {}
-    batches = iterate_once(examples, collate, eval_batch_size(ctx), length)
+    batches = iterate_once(examples, collate, batch_size or eval_batch_size(ctx), length)
     for i, batch in enumerate(batches):
         idx = batches.global_batch_indices(0, i)
         result = compiled(params, to_global(batch, ctx.mesh, micro=None))

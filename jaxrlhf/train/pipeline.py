@@ -9,6 +9,7 @@ Every dropped or skipped row is counted and reported; nothing is dropped silentl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.resources
 import os
@@ -63,13 +64,15 @@ Parser = Callable[..., tuple[list[PreferenceExample], dict[str, int]]]
 
 
 def parse_preference_rows(
-    rows: Any, tokenizer: Any, *, skip_invalid: bool, drop_degenerate: bool, source: str
-) -> tuple[list[PreferenceExample], dict[str, int]]:
-    """Preference rows (explicit or implicit prompt, text or conversations) -> examples, and the
-    counts of skipped and degenerate rows (`parse_preferences`)."""
+    rows: Any, tokenizer: Any, *, skip_invalid: bool, drop_degenerate: bool, source: str,
+    min_score_gap: float = 0.0,
+) -> tuple[list[PreferenceExample], dict[str, int]]:  # fmt: skip
+    """Preference rows (explicit or implicit prompt, text or conversations, ranked) -> examples, and
+    the counts of skipped and degenerate rows (`parse_preferences`)."""
     parsed, stats = parse_preferences(
-        rows, tokenizer, skip_invalid=skip_invalid, drop_degenerate=drop_degenerate, source=source
-    )
+        rows, tokenizer, skip_invalid=skip_invalid, drop_degenerate=drop_degenerate, source=source,
+        min_score_gap=min_score_gap,
+    )  # fmt: skip
     counts = {"skipped": stats.skipped, "empty_completion": stats.empty_completion,
               "chosen_equals_rejected": stats.identical,
               "dropped_degenerate": stats.dropped_degenerate}  # fmt: skip
@@ -77,17 +80,20 @@ def parse_preference_rows(
 
 
 def prepare_data(
-    cfg: DataConfig, tokenizer: Any, *, parse: Parser = parse_preference_rows,
+    cfg: DataConfig, tokenizer: Any, *, parse: Parser | None = None,
     log: Callable[[str], None] = print,
     pair_up: Callable[[list[PreferenceExample]], list[PreferenceExample]] | None = None,
     tokenize: Callable[[list[Any], Any], tuple[list[Any], Any]] | None = None,
 ) -> PreparedData:
     """Load, parse (`parse(rows, tokenizer, skip_invalid=, drop_degenerate=, source=)`: a method's
-    row format), split and tokenize the train (and eval) data of `cfg`. `pair_up`: a method's
-    rewrite of each split's examples before tokenization (KTO's mismatched completions).
+    row format; default `parse_preference_rows`), split and tokenize the train (and eval) data of
+    `cfg`. `pair_up`: a method's rewrite of each split's examples before tokenization (KTO's
+    mismatched completions).
     `tokenize(examples, tokenizer) -> (items, stats)`: a method's own tokenization (SFT's
     `tokenize_sft`); default `tokenize_pairs` with `cfg`'s limits."""
     report: dict[str, int] = {}
+    if parse is None:
+        parse = functools.partial(parse_preference_rows, min_score_gap=cfg.min_score_gap)
 
     def load(files: list[str], split: str) -> list[PreferenceExample]:
         examples: list[PreferenceExample] = []

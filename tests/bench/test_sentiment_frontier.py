@@ -46,7 +46,8 @@ def test_data_script_is_deterministic_and_keeps_its_invariants(tiny_data):
     make = _module(MAKE_DATA)
     names = sorted(os.listdir(tiny_data / "a"))
     assert names == ["pairs_test.jsonl", "pairs_train.jsonl", "pairs_train_large.jsonl",
-                     "preferred_train.jsonl", "prompts_test.jsonl", "prompts_train.jsonl"]  # fmt: skip
+                     "preferred_train.jsonl", "prompts_test.jsonl", "prompts_train.jsonl",
+                     "ranked_train.jsonl"]  # fmt: skip
     for name in names:  # byte-identical reruns
         assert (tiny_data / "a" / name).read_bytes() == (tiny_data / "b" / name).read_bytes(), name
     d = tiny_data / "a"
@@ -65,6 +66,14 @@ def test_data_script_is_deterministic_and_keeps_its_invariants(tiny_data):
     assert 0 < len(large) <= 8 * make.LARGE_SAMPLES // 2
     for prompt in {p["prompt"] for p in large}:  # each sample in one pair at most
         assert sum(p["prompt"] == prompt for p in large) <= make.LARGE_SAMPLES // 2
+    ranked = _read(d / "ranked_train.jsonl")  # every non-blank sample of the large set, scored
+    assert [r["prompt"] for r in ranked] == [r["prompt"] for r in train]
+    for row in ranked:
+        assert 2 <= len(row["completions"]) == len(row["scores"]) <= make.LARGE_SAMPLES
+        scores = vader_sentiment([""] * len(row["scores"]), row["completions"])
+        assert row["scores"] == [round(s, 4) for s in scores]
+        texts = set(row["completions"])  # the matched pairs are pairs of these samples
+        assert all({p["chosen"], p["rejected"]} <= texts for p in large if p["prompt"] == row["prompt"])
     preferred = _read(d / "preferred_train.jsonl")
     assert [r["prompt"] for r in preferred] == [r["prompt"] for r in train]
     for row in preferred:  # the best sample of its prompt: no pair of that prompt has a better one
@@ -79,6 +88,12 @@ def test_make_pairs_rule():
     got = {(p["chosen"], p["rejected"]) for p in pairs}
     # 0.5 vs 0.45 is closer than MIN_MARGIN; the blank sample never enters a pair
     assert got == {("good", "bad"), ("okay", "bad")}
+
+
+def test_ranked_rule():
+    make = _module(MAKE_DATA)
+    row = make.make_ranked("p", ["a", " ", "b"], [0.12345, 1.0, -0.5])
+    assert row == {"prompt": "p", "completions": ["a", "b"], "scores": [0.1235, -0.5]}
 
 
 def test_matched_pairs_rule():

@@ -849,3 +849,20 @@ def test_ppo_value_loss(shape, clip):
     assert_f32_scalar(loss, "loss")
     assert_close(loss, want_loss, atol=1e-7, what="vf loss")
     check_metrics(metrics, want_metrics, atols={"vf_clipfrac": 0.0})
+
+
+@pytest.mark.parametrize("center", [None, 0.01])
+def test_weighted_reward_loss_is_the_loss_of_rows_repeated_by_weight(center):
+    """Integer weights: the weighted means equal numpy's plain means over each row repeated `w` times
+    (weight 0 drops it), the margin an array."""
+    rng = np.random.default_rng(77)
+    chosen, rejected = on_grid(rng.normal(0.5, 2.0, 12)), on_grid(rng.normal(-0.5, 2.0, 12))
+    margin, weights = on_grid(rng.uniform(0.0, 1.0, 12)), rng.integers(0, 3, 12).astype(np.float32)
+    loss, metrics = reward_loss(jnp.asarray(chosen), jnp.asarray(rejected), margin=jnp.asarray(margin),
+                                center_rewards_coefficient=center, weights=jnp.asarray(weights))  # fmt: skip
+    rep = np.repeat(np.arange(12), weights.astype(int))
+    want_loss, want_metrics = ref.reward_loss(chosen[rep], rejected[rep], margin=margin[rep],
+                                              center_rewards_coefficient=center)  # fmt: skip
+    assert_close(loss, want_loss, atol=1e-6, what="weighted reward loss")
+    check_metrics(metrics, want_metrics, atols={"margin": 1e-5, "rewards/chosen": 1e-5,
+                                                "rewards/rejected": 1e-5, "accuracy": 1e-6})  # fmt: skip

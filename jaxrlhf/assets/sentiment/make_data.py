@@ -155,6 +155,14 @@ def make_matched_pairs(prompt: str, completions: Sequence[str], scores: Sequence
     return pairs
 
 
+def make_ranked(prompt: str, completions: Sequence[str], scores: Sequence[float]) -> dict:
+    """One ranked row: every non-blank sample with its score (a reward model compares all of them,
+    `reward.group_by_prompt`)."""
+    keep = [k for k in range(len(completions)) if completions[k].strip()]
+    return {"prompt": prompt, "completions": [completions[k] for k in keep],
+            "scores": [round(scores[k], 4) for k in keep]}  # fmt: skip
+
+
 def write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
@@ -197,11 +205,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{split}: {len(rows)} prompts, {len(pairs)} pairs", flush=True)
     if args.large_samples:
         texts = sample(model_dir, [r["prompt"] for r in train], args.large_samples, SEED)
-        large = []
+        large, ranked = [], []
         for row, completions in zip(train, texts, strict=True):
             scores = vader_sentiment([row["prompt"]] * len(completions), completions)
             large += make_matched_pairs(row["prompt"], completions, scores)
+            ranked.append(make_ranked(row["prompt"], completions, scores))
         write_jsonl(os.path.join(args.out, "pairs_train_large.jsonl"), large)
+        write_jsonl(os.path.join(args.out, "ranked_train.jsonl"), ranked)
         print(
             f"train (large): {len(train)} prompts x {args.large_samples} samples, {len(large)} pairs",
             flush=True,
