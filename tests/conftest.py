@@ -66,6 +66,7 @@ SLOW: dict[str, str] = {
     "train/test_kto_trainer.py::test_kto_resumes_exactly_after_a_crash": "four KTO CLI runs",
     "train/test_online_dpo.py::test_online_dpo_cli_trains_resumes_exactly_and_exports": "online DPO CLI runs",
     "train/test_model_families.py": "CLI DPO runs on Gemma 2 and Qwen3-MoE",
+    "train/test_grouped_reward.py::test_ranked_rows_train_a_reward_model_grouped": "a reward-model run",
     "train/test_attention_trainers.py": "trainers twice (splash and xla)",
     "evaluation/test_trainer_task_eval.py": "trainer runs with task evaluation",
     "test_cli_errors.py": "~20 CLI subprocesses",
