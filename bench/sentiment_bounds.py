@@ -37,6 +37,11 @@ def read(name: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def first(rows: list[dict], n: int) -> list[dict]:
+    """Ranked rows cut to their first `n` samples (the 16 of the larger set come first)."""
+    return [{**r, "completions": r["completions"][:n], "scores": r["scores"][:n]} for r in rows]
+
+
 def ranked_pairs(rows: list[dict]) -> list[tuple[str, str]]:
     """Every two continuations of a ranked row with different scores, the higher first."""
     out = []
@@ -87,10 +92,12 @@ def main() -> None:
     lex = lambda t: sum(lexicon.get(w, 0.0) for w in words(t))  # noqa: E731
     accuracy = np.mean([lex(a) > lex(b) for a, b in test])
     print(f"lexicon sum: held-out accuracy {accuracy:.3f} ({len(test)} pairs)")
+    ranked = read("ranked_train.jsonl")
     sets = {
         "pairs_train.jsonl": [(r["chosen"], r["rejected"]) for r in read("pairs_train.jsonl")],
         "pairs_train_large.jsonl": [(r["chosen"], r["rejected"]) for r in read("pairs_train_large.jsonl")],
-        "ranked_train.jsonl (all pairs)": ranked_pairs(read("ranked_train.jsonl")),
+        "ranked_train.jsonl, 16 samples a prompt (all pairs)": ranked_pairs(first(ranked, 16)),
+        "ranked_train.jsonl, 32 samples a prompt (all pairs)": ranked_pairs(ranked),
     }
     for name, pairs in sets.items():
         vocab = {w: i for i, w in enumerate(sorted({w for p in pairs for t in p for w in words(t)}))}

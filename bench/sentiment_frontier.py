@@ -2,7 +2,7 @@
 arXiv:2305.18290, Figure 2 left): every method's held-out ground-truth reward against its KL to the
 reference, at each evaluation of each run.
 
-    python bench/sentiment_frontier.py                    # the whole sweep (70 min on 2 CPU cores)
+    python bench/sentiment_frontier.py                    # the whole sweep (88 min on 2 CPU cores)
     python bench/sentiment_frontier.py --only dpo_b0.1    # one run (others already done are reused)
     python bench/sentiment_frontier.py --plot-only        # redraw from what is there
     python bench/sentiment_frontier.py --plot-only --include bench/results/sentiment_*.json  # + recorded
@@ -10,7 +10,8 @@ reference, at each evaluation of each run.
 Runs, all on the prompts of `asset:sentiment` (jaxrlhf/assets/sentiment/make_data.py), each a
 `jaxrlhf train` subprocess on a shipped config with overrides:
 
-* `rm`: the reward model (configs/reward_demo.yaml); its held-out pairwise accuracy against VADER;
+* `rm`: the reward model (configs/sentiment/reward.yaml: the RLHF demo's, trained on the whole data);
+  its held-out pairwise accuracy against VADER;
 * `ppo_kl<c>`: PPO against that reward model at several `ppo.kl_coef` (configs/ppo_demo.yaml);
 * `ppo_gt`: PPO with VADER itself as the reward (configs/sentiment/ppo_gt.yaml);
 * `dpo_b<beta>`: DPO at several `dpo.beta` (configs/sentiment/dpo.yaml);
@@ -52,7 +53,7 @@ class Run:
 
 
 def plan(kl_coefs: Sequence[float], betas: Sequence[float], grpo: bool) -> list[Run]:
-    runs = [Run("rm", "reward model", "reward", "configs/reward_demo.yaml")]
+    runs = [Run("rm", "reward model", "reward", "configs/sentiment/reward.yaml")]
     runs += [Run(f"ppo_kl{c:g}", "PPO (learnt reward model)", "ppo", "configs/ppo_demo.yaml",
                  [f"ppo.kl_coef={c}"]) for c in kl_coefs]  # fmt: skip
     runs.append(Run("ppo_gt", "PPO-GT (VADER reward)", "ppo", "configs/sentiment/ppo_gt.yaml"))

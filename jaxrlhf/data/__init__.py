@@ -21,7 +21,7 @@ from jaxrlhf.data.collate import (
     left_pad,
     packed_attention_mask,
 )
-from jaxrlhf.data.groups import TokenizedGroup, collate_groups, group_pairs
+from jaxrlhf.data.groups import TokenizedGroup, collate_groups, group_pairs, group_shape
 from jaxrlhf.data.iterator import BatchIterator, Collate
 from jaxrlhf.data.loading import DataError, Location, Rows, load_rows
 from jaxrlhf.data.preference import (
@@ -70,6 +70,7 @@ __all__ = [
     "collate_sft",
     "left_pad",
     "group_pairs",
+    "group_shape",
     "load_rows",
     "pack_sequences",
     "packed_attention_mask",

@@ -25,8 +25,10 @@ step compiles once per row length.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +52,23 @@ class TokenizedGroup:
     def packed_length(self) -> int:
         """Tokens in the packed row: the prompt once, then every completion."""
         return len(self.prompt_ids) + sum(len(c) for c in self.completions)
+
+
+def group_shape(examples: Sequence[Any]) -> tuple[int, int]:
+    """``(completions, comparisons)`` of the largest group of parsed (untokenized) pairs -- what
+    `group_pairs` would make of them, read before any tokenizer runs (`jaxrlhf plan`). Examples are
+    anything with ``prompt``, ``chosen`` and ``rejected`` (`PreferenceExample`); equal values (text,
+    token ids or messages) are one prompt or one completion."""
+    key = lambda value: json.dumps(value, sort_keys=True, default=repr)  # noqa: E731
+    completions: dict[str, set[str]] = {}
+    comparisons: dict[str, int] = {}
+    for ex in examples:
+        prompt = key(ex.prompt)
+        completions.setdefault(prompt, set()).update((key(ex.chosen), key(ex.rejected)))
+        comparisons[prompt] = comparisons.get(prompt, 0) + 1
+    if not completions:
+        return 0, 0
+    return max(len(c) for c in completions.values()), max(comparisons.values())
 
 
 def group_pairs(pairs: Sequence[TokenizedPair]) -> list[TokenizedGroup]:

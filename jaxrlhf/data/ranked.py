@@ -26,8 +26,10 @@ RANKED_FIELDS = ("completions", "scores")
 
 
 def is_ranked(row: Any) -> bool:
-    """A row with ``completions`` and no ``chosen`` (`ranked_pairs` checks the rest)."""
-    return isinstance(row, Mapping) and "completions" in row and "chosen" not in row
+    """A row with ``completions`` and no ``chosen`` (`ranked_pairs` checks the rest). A file that
+    mixes ranked rows and pairs loads (through `datasets`) with every column in every row, the
+    absent ones None."""
+    return isinstance(row, Mapping) and row.get("completions") is not None and row.get("chosen") is None
 
 
 def ranked_pairs(row: Mapping[str, Any], min_score_gap: float = 0.0) -> list[dict[str, Any]]:

@@ -86,7 +86,10 @@ def specs_from_config(cfg: Any, target: Target, hf: dict[str, Any]) -> list[Plan
         raise PlanError(f"kind {algorithm.name} is not planned yet")
     for step in algorithm.plan_steps():
         spec = dataclasses.replace(base, step=step)
-        if step in ("dpo_same_step", "dpo", "reward"):  # one packed row per pair: prompt, chosen, rejected
+        if step == "reward" and cfg.reward.group_by_prompt:  # one row per prompt: all its completions
+            spec.slots, spec.comparisons = data_group_shape(d)
+            spec.seq = d.max_prompt_length + spec.slots * completion
+        elif step in ("dpo_same_step", "dpo", "reward"):  # one packed row per pair: prompt, chosen, rejected
             spec.seq, spec.target_len = d.max_length + completion, 2 * completion
         elif step in ("ppo", "score", "generate"):
             p = cfg.ppo
@@ -99,6 +102,30 @@ def specs_from_config(cfg: Any, target: Target, hf: dict[str, Any]) -> list[Plan
             spec.accum, spec.epochs = (g.num_mini_batches, g.num_iterations) if step == "grpo" else (1, None)
         specs.append(spec)
     return specs
+
+
+def data_group_shape(data: Any) -> tuple[int, int]:
+    """`(completions, comparisons)` of the largest prompt group in `data.train_files`, as the grouped
+    reward model pads every row to them (`reward.group_by_prompt`); comparisons rounded up to 8 as
+    the trainer rounds them. Text and token-id rows are read without a tokenizer; conversations
+    would need the model's chat template, which a plan does not load."""
+    from jaxrlhf.data import DataError, group_shape, load_rows
+    from jaxrlhf.train.pipeline import parse_preference_rows, resolve_data_files
+
+    examples: list[Any] = []
+    for file in resolve_data_files(data.train_files):
+        try:
+            parsed, _ = parse_preference_rows(load_rows(file), None, skip_invalid=data.skip_invalid,
+                                              drop_degenerate=data.drop_degenerate, source=file,
+                                              min_score_gap=data.min_score_gap)  # fmt: skip
+        except DataError as err:
+            raise PlanError(f"reward.group_by_prompt: the plan reads data.train_files for the size of a "
+                            f"prompt's group and could not: {err}") from None  # fmt: skip
+        examples.extend(parsed)
+    slots, comparisons = group_shape(examples)
+    if not slots:
+        raise PlanError("reward.group_by_prompt: data.train_files hold no pairs")
+    return slots, -(-comparisons // 8) * 8
 
 
 def overrides_for(spec: PlanSpec, found: dict[str, Any]) -> list[str]:
@@ -163,6 +190,9 @@ def format_row(r: dict[str, Any]) -> str:
     ]  # fmt: skip
     if r.get("attention_note"):
         lines.append(f"    {r['attention_note']}")
+    if r.get("slots"):  # reward.group_by_prompt
+        lines.append(f"    rows of one prompt and its {r['slots']} completions ({r['seq']} tokens), "
+                     f"{r['comparisons']} comparisons a row")  # fmt: skip
     if r.get("step_s"):
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         lines.append(

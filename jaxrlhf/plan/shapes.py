@@ -115,6 +115,20 @@ def dpo_batch(mesh: Mesh, a: int, b: int, length: int, targets: int, *, precompu
     return rows
 
 
+def group_batch(mesh: Mesh, a: int, b: int, length: int, slots: int, comparisons: int) -> dict[str, Any]:
+    """`collate_groups`: `[A, B/A, L]` rows of a prompt and its `slots` completions, `[A, B/A, M]`
+    comparisons (the grouped reward model, `reward.group_by_prompt`)."""
+    i32, f32 = jnp.int32, jnp.float32
+    return {
+        **{k: _rows(mesh, (a, b, length), i32, micro=True)
+           for k in ("input_ids", "positions", "segment_ids")},
+        "completion_valid": _rows(mesh, (a, b, slots), f32, micro=True),
+        **{k: _rows(mesh, (a, b, comparisons), i32, micro=True) for k in ("winner", "loser")},
+        **{k: _rows(mesh, (a, b, comparisons), f32, micro=True) for k in ("comparison_weight", "margin")},
+        "row_valid": _rows(mesh, (a, b), f32, micro=True),
+    }  # fmt: skip
+
+
 def sft_batch(mesh: Mesh, a: int, b: int, length: int) -> dict[str, Any]:
     """`collate_sft`: `[A, B/A, T]` rows of one or more sequences (segment ids)."""
     i32, f32 = jnp.int32, jnp.float32

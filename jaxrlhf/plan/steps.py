@@ -2,7 +2,8 @@
 
 Steps (`PlanSpec.step`):
   sft            `make_train_step` + `SFTObjective`
-  reward         `make_train_step` + `RewardObjective` (score head, packed pairs)
+  reward         `make_train_step` + `RewardObjective` (score head, packed pairs); with
+                 `PlanSpec.slots`, `GroupedRewardObjective` on packed prompt groups
   dpo            `make_train_step` + `DPOObjective`, precomputed reference log-probs (policy only)
   dpo_same_step  the same with a frozen reference in the state (`TrainState.ref_params`)
   ppo            `PPOEngine._update_fn` (policy + critic, clipped losses, one jit)
@@ -33,12 +34,13 @@ from jaxrlhf.plan.shapes import (
     abstract_opt_state,
     abstract_params,
     dpo_batch,
+    group_batch,
     nbytes,
     sft_batch,
 )
 from jaxrlhf.train.algorithms.grpo import GRPOConfig
 from jaxrlhf.train.algorithms.ppo import PPOConfig
-from jaxrlhf.train.objectives import DPOObjective, RewardObjective, SFTObjective
+from jaxrlhf.train.objectives import DPOObjective, GroupedRewardObjective, RewardObjective, SFTObjective
 from jaxrlhf.train.step import TrainState, make_optimizer, make_schedule, make_train_step, state_shardings
 
 STEPS = ("sft", "reward", "dpo", "dpo_same_step", "ppo", "score", "generate", "grpo", "grpo_generate")
@@ -55,7 +57,7 @@ class PlanSpec:
     step: str
     mesh: dict[str, int]  # {"data", "fsdp", "tensor"} sizes
     remat: str = "full"
-    batch: int = 64  # rows per optimizer step (DPO / reward: pairs; PPO / GRPO: prompts)
+    batch: int = 64  # rows per optimizer step (DPO / reward: pairs; grouped reward, PPO / GRPO: prompts)
     seq: int = 2048  # tokens per row (DPO: one packed pair; PPO / sampler: prompt + completion)
     accum: int = 1  # micro-batches (train steps) or num_mini_batches (ppo, grpo)
     target_len: int | None = None  # DPO completion positions per row (default: seq)
@@ -71,6 +73,8 @@ class PlanSpec:
     num_generations: int = 8  # GRPO completions per prompt
     grpo_beta: float = 0.0  # GRPO's KL weight: > 0 keeps a reference
     epochs: int | None = None  # passes over a rollout: ppo.num_ppo_epochs (4), grpo.num_iterations (1)
+    slots: int = 0  # reward.group_by_prompt: completions per row (0: one pair per row)
+    comparisons: int = 0  # reward.group_by_prompt: comparisons per row
 
     @property
     def prompt(self) -> int:
@@ -112,6 +116,9 @@ def lower_train(spec: PlanSpec, cfg: ModelConfig, mesh: Mesh) -> tuple[Any, dict
     objective: Any
     if spec.step == "sft":
         objective, batch = SFTObjective(), sft_batch(mesh, a, b, spec.seq)
+    elif spec.step == "reward" and spec.slots:
+        objective = GroupedRewardObjective()
+        batch = group_batch(mesh, a, b, spec.seq, spec.slots, spec.comparisons)
     elif spec.step == "reward":
         objective = RewardObjective()
         batch = dpo_batch(mesh, a, b, spec.seq, spec.target_len or spec.seq, precomputed=False)

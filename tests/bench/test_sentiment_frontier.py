@@ -66,10 +66,11 @@ def test_data_script_is_deterministic_and_keeps_its_invariants(tiny_data):
     assert 0 < len(large) <= 8 * make.LARGE_SAMPLES // 2
     for prompt in {p["prompt"] for p in large}:  # each sample in one pair at most
         assert sum(p["prompt"] == prompt for p in large) <= make.LARGE_SAMPLES // 2
-    ranked = _read(d / "ranked_train.jsonl")  # every non-blank sample of the large set, scored
+    ranked = _read(d / "ranked_train.jsonl")  # every non-blank sample of the large set and the extra ones
     assert [r["prompt"] for r in ranked] == [r["prompt"] for r in train]
+    assert max(len(r["completions"]) for r in ranked) > make.LARGE_SAMPLES  # the extra samples are there
     for row in ranked:
-        assert 2 <= len(row["completions"]) == len(row["scores"]) <= make.LARGE_SAMPLES
+        assert 2 <= len(row["completions"]) == len(row["scores"]) <= make.LARGE_SAMPLES + make.EXTRA_SAMPLES
         scores = vader_sentiment([""] * len(row["scores"]), row["completions"])
         assert row["scores"] == [round(s, 4) for s in scores]
         texts = set(row["completions"])  # the matched pairs are pairs of these samples

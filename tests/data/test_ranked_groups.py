@@ -10,7 +10,7 @@ from helpers.pairs import random_pairs
 
 from jaxrlhf.data import DataError, TokenizedPair, collate_pairs, load_rows, parse_preferences
 from jaxrlhf.data.collate import packed_attention_mask
-from jaxrlhf.data.groups import collate_groups, group_pairs
+from jaxrlhf.data.groups import collate_groups, group_pairs, group_shape
 from jaxrlhf.data.ranked import ranked_pairs
 
 
@@ -35,6 +35,16 @@ def test_ranked_rows_parse_next_to_pairs_and_count_their_pairs():
     assert got == [("Q:", " yes", " no"), ("R:", " y", " x"), ("R:", " z", " x"), ("R:", " y", " z"),
                    ([1, 2], [6, 7], [5])]  # fmt: skip
     assert (stats.rows, stats.kept) == (3, 5)
+
+
+def test_a_file_mixing_ranked_rows_and_pairs(tmp_path):
+    """Loaded through `datasets`, every row has every column (None where absent)."""
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": "R:", "completions": [" x", " y"], "scores": [1, 3]},
+            {"prompt": "Q:", "chosen": " yes", "rejected": " no"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, stats = parse_preferences(load_rows(str(path)))
+    assert [(e.prompt, e.chosen, e.rejected) for e in examples] == [("R:", " y", " x"), ("Q:", " yes", " no")]
 
 
 def test_ranked_conversations_render_with_the_template(tiny_dir):
@@ -87,6 +97,24 @@ def test_group_pairs_keeps_each_completion_once():
     assert a.prompt_ids.tolist() == [1, 2] and [c.tolist() for c in a.completions] == [[5], [6, 6], [9]]
     assert a.comparisons.tolist() == [[0, 1], [2, 1], [0, 2]] and a.margins.tolist() == [0.5, 0.0, 1.0]
     assert b.comparisons.tolist() == [[0, 1]] and a.packed_length == 2 + 1 + 2 + 1
+
+
+def test_group_shape_before_tokenizing_matches_the_tokenized_groups():
+    """`jaxrlhf plan` sizes grouped rows from parsed text; the groups `group_pairs` makes of the same
+    pairs tokenized (one id per character here) have the same largest group."""
+    rows = [
+        {"prompt": "R:", "completions": [" x", " yy", " z", " w"], "scores": [1, 3, 2, 2]},
+        {"prompt": "Q:", "chosen": " yes", "rejected": " no"},
+        {"prompt": "Q:", "chosen": " yes", "rejected": " maybe"},
+        {"prompt": "R:", "chosen": " x", "rejected": " new"},
+    ]
+    examples, _ = parse_preferences(rows)
+    ids = lambda text: np.asarray([ord(c) for c in text], np.int32)  # noqa: E731
+    groups = group_pairs([_pair(ids(e.prompt), ids(e.chosen), ids(e.rejected)) for e in examples])
+    # R: 5 distinct completions; 5 ranked pairs (z and w tie) + 1 plain pair
+    assert group_shape(examples) == (max(len(g.completions) for g in groups),
+                                     max(len(g.comparisons) for g in groups)) == (5, 6)  # fmt: skip
+    assert group_shape([]) == (0, 0)
 
 
 def test_group_rows_hold_each_completion_after_the_prompt():

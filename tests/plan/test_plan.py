@@ -244,3 +244,28 @@ def test_out_of_memory_message() -> None:
     parts = {"params": 1.0, "opt_state": 2.0, "batch": 3.0, "state_unsharded": 9.0}
     row = planner.out_of_memory(message, parts)
     assert row["temp"] == 297.47 * 2**30 and row["argument"] == 6.0 and row["oom"].startswith("jax.errors")
+
+
+def test_grouped_reward_model_is_planned_on_its_group_rows(tmp_path: Any, v5e: Any) -> None:
+    """`reward.group_by_prompt`: the plan reads the training rows for the largest prompt group and
+    compiles `GroupedRewardObjective` on rows of a prompt and all its completions."""
+    from jaxrlhf.plan.run import specs_from_config
+    from jaxrlhf.train import load_config
+
+    data = tmp_path / "ranked.jsonl"
+    rows = [{"prompt": "A", "completions": ["a", "b", "c", "d", "e"], "scores": [0, 1, 2, 3, 3]},
+            {"prompt": "B", "chosen": "x", "rejected": "y"}]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [f"data.train_files={data}", "data.max_length=96", "data.max_prompt_length=32",
+                 "train.batch_size=4", "reward.group_by_prompt=true"]  # fmt: skip
+    target = dataclasses.make_dataclass("T", [("count", int)])(4)
+    (spec,) = specs_from_config(load_config(None, overrides, kind="reward"), target, TINY)
+    # 5 completions, 9 comparisons (d and e tie) rounded up to 16; a row: the prompt + 5 completions
+    assert (spec.step, spec.slots, spec.comparisons, spec.seq) == ("reward", 5, 16, 32 + 5 * 64)
+    row = planner.compile_plan(dataclasses.replace(spec, mesh=MESH), v5e)
+    assert row["fits"] and row["slots"] == 5
+    # the compiled batch is the group rows' arrays, 2 rows per device (batch 4 over fsdp 2)
+    per_row = 3 * 4 * spec.seq + 4 * 5 + 4 * 4 * 16 + 4
+    assert row["inputs"]["batch"] == 2 * per_row
+    (plain,) = specs_from_config(load_config(None, overrides[:-1], kind="reward"), target, TINY)
+    assert (plain.slots, plain.seq) == (0, 96 + 64)

@@ -14,6 +14,9 @@ prompts are openings of movie reviews, a policy continues them, and VADER's comp
 4. The larger pair set for the reward model: `LARGE_SAMPLES` more samples of every training prompt,
    ranked by score and matched rank i with rank i + `LARGE_SAMPLES` / 2, so every text is in at most
    one pair (a reward model learns from distinct texts, not from the same text paired again).
+5. The ranked rows for the reward model: those `LARGE_SAMPLES` samples and `EXTRA_SAMPLES` more
+   (seed + 2) of every training prompt, each with its score; read as ranked rows, every two with
+   different scores are a pair (InstructGPT's K-wise comparisons, `reward.group_by_prompt`).
 
 Files (one JSON object per line):
 
@@ -22,8 +25,9 @@ Files (one JSON object per line):
 * ``pairs_train.jsonl`` / ``pairs_test.jsonl``: ``{"prompt", "chosen", "rejected", "score_chosen",
   "score_rejected"}`` -- for the reward model and DPO; the held-out pairs give the reward model's
   accuracy against the ground truth;
-* ``pairs_train_large.jsonl``: the same columns, from step 4 -- for the reward model of the RLHF
-  demo;
+* ``pairs_train_large.jsonl``: the same columns, from step 4;
+* ``ranked_train.jsonl``: ``{"prompt", "completions", "scores"}``, from step 5 -- for the reward
+  model of the RLHF demo;
 * ``preferred_train.jsonl``: ``{"prompt", "completion", "score"}``, the best sample of each
   training prompt -- for SFT on preferred samples ("Preferred-FT" in the paper).
 
@@ -49,6 +53,7 @@ TRAIN_PROMPTS = 384
 TEST_PROMPTS = 64
 SAMPLES = 4
 LARGE_SAMPLES = 16
+EXTRA_SAMPLES = 16
 MAX_NEW_TOKENS = 24
 MIN_MARGIN = 0.1
 BATCH = 64
@@ -179,7 +184,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--large-samples",
         type=int,
         default=LARGE_SAMPLES,
-        help="samples per training prompt for pairs_train_large.jsonl (0: skip that file)",
+        help="samples per training prompt for pairs_train_large.jsonl (0: skip it and ranked_train)",
+    )
+    ap.add_argument(
+        "--extra-samples",
+        type=int,
+        default=EXTRA_SAMPLES,
+        help="more samples per training prompt, for ranked_train.jsonl only (seed + 2)",
     )
     args = ap.parse_args(argv)
     from jaxrlhf.models.demo import demo_model_path
@@ -204,16 +215,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             write_jsonl(os.path.join(args.out, "preferred_train.jsonl"), preferred)
         print(f"{split}: {len(rows)} prompts, {len(pairs)} pairs", flush=True)
     if args.large_samples:
-        texts = sample(model_dir, [r["prompt"] for r in train], args.large_samples, SEED)
+        prompts = [r["prompt"] for r in train]
+        texts = sample(model_dir, prompts, args.large_samples, SEED)
+        more = sample(model_dir, prompts, args.extra_samples, SEED + 2) if args.extra_samples else None
         large, ranked = [], []
-        for row, completions in zip(train, texts, strict=True):
+        for i, (row, completions) in enumerate(zip(train, texts, strict=True)):
             scores = vader_sentiment([row["prompt"]] * len(completions), completions)
             large += make_matched_pairs(row["prompt"], completions, scores)
-            ranked.append(make_ranked(row["prompt"], completions, scores))
+            everything = completions + (more[i] if more else [])
+            all_scores = scores + (vader_sentiment([row["prompt"]] * len(more[i]), more[i]) if more else [])
+            ranked.append(make_ranked(row["prompt"], everything, all_scores))
         write_jsonl(os.path.join(args.out, "pairs_train_large.jsonl"), large)
         write_jsonl(os.path.join(args.out, "ranked_train.jsonl"), ranked)
         print(
-            f"train (large): {len(train)} prompts x {args.large_samples} samples, {len(large)} pairs",
+            f"train (large): {len(train)} prompts x {args.large_samples} samples, {len(large)} pairs; "
+            f"ranked: {args.large_samples + args.extra_samples} samples a prompt",
             flush=True,
         )
 
