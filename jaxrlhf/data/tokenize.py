@@ -96,9 +96,10 @@ def tokenize_pairs(
     pairs = []
     for start in range(0, len(examples), chunk_size):
         chunk = examples[start : start + chunk_size]
-        prompts = _token_ids(tokenizer, [example.prompt for example in chunk])
-        chosens = _token_ids(tokenizer, [example.chosen for example in chunk])
-        rejecteds = _token_ids(tokenizer, [example.rejected for example in chunk])
+        n = len(chunk)
+        ids = _token_ids(tokenizer, [e.prompt for e in chunk] + [e.chosen for e in chunk]
+                         + [e.rejected for e in chunk])  # fmt: skip
+        prompts, chosens, rejecteds = ids[:n], ids[n : 2 * n], ids[2 * n :]
         for example, prompt, chosen, rejected in zip(
             chunk, prompts, chosens, rejecteds, strict=True
         ):
@@ -168,10 +169,12 @@ def _check_limits(
 
 
 def _token_ids(tokenizer: Any, texts: list[Text]) -> list[list[int]]:
-    """Token ids of each text; lists of ids pass through. Strings are tokenized in one call."""
-    strings = [text for text in texts if isinstance(text, str)]
-    encoded = iter(tokenizer(strings, add_special_tokens=False)["input_ids"] if strings else [])
-    return [next(encoded) if isinstance(text, str) else list(text) for text in texts]
+    """Token ids of each text (a fresh list each); lists of ids pass through. Each distinct string
+    is tokenized once, all in one call: a ranked row's completions recur in many of its pairs."""
+    distinct = list(dict.fromkeys(text for text in texts if isinstance(text, str)))
+    encoded = tokenizer(distinct, add_special_tokens=False)["input_ids"] if distinct else []
+    ids = dict(zip(distinct, encoded, strict=True))
+    return [list(ids[text]) if isinstance(text, str) else list(text) for text in texts]
 
 
 def _with_eos(ids: list[int], eos: int) -> list[int]:

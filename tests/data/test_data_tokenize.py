@@ -113,6 +113,29 @@ def test_many_pairs_in_chunks(tokenizer):
     assert [_ids(p) for p in pairs] == [_ids(p) for p in single] and stats.kept == 25
 
 
+def test_each_distinct_text_is_tokenized_once(tokenizer):
+    """A ranked row's completions recur in many pairs: each string goes to the tokenizer once per
+    chunk, and the ids equal tokenizing every pair on its own (mixed with token-id pairs)."""
+    texts = [" good", " bad", " fine", " odd"]
+    examples = [PreferenceExample("P:", a, b) for a in texts for b in texts if a != b]
+    examples.append(PreferenceExample([5, 6], [7], [8]))
+    seen = []
+
+    class Counting:
+        eos_token_id, bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+
+        def __call__(self, strings, **kw):
+            seen.extend(strings)
+            return tokenizer(strings, **kw)
+
+    pairs, stats = tokenize_pairs(examples, Counting())
+    single = [tokenize_pairs([example], tokenizer)[0][0] for example in examples]
+    assert [_ids(p) for p in pairs] == [_ids(p) for p in single] and stats.kept == 13
+    assert sorted(seen) == sorted(["P:", *texts])
+    pairs[0].chosen_ids[0] = -1  # no two pairs share an array
+    assert all(p.chosen_ids[0] != -1 for p in pairs[1:])
+
+
 @pytest.mark.parametrize(
     ("limits", "message"),
     [
